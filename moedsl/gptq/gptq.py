@@ -1,0 +1,185 @@
+"""GPTQ (Frantar et al., 2022) for one weight matrix.
+
+Given W [out, in] and the Hessian H = 2·XᵀX of its inputs (any positive multiple works),
+quantize W one input column at a time, and after each column spread its rounding error over
+the columns not yet quantized so that X·Wᵀ changes as little as possible. The paper's three
+ingredients, in the order they appear below:
+
+  1. the inverse Hessian enters only through the upper Cholesky factor U of H⁻¹
+     (Hinv below): column i's error is divided by U[i, i] and spread along row U[i, i:];
+  2. lazy batches: inside a block of `block_size` columns updates are applied column by
+     column, the rest of the matrix gets the block's accumulated error in one matmul;
+  3. damping: λ = damp_percent · mean(diag H) is added to the diagonal, increased by
+     damp_auto_increment each time the Cholesky factorization fails.
+
+Everything runs in fp32 on W's device. See batched.py for the same algorithm over many
+matrices at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moedsl.errors import MoedslError
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, dequantize, find_params, group_grids, quantize
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantResult:
+    """Quantize W [out, in] with GPTQ against the Hessian H [in, in]."""
+    result, _ = gptq_solve(W, H, cfg)
+    return result
+
+
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[QuantResult, torch.Tensor]:
+    """gptq_quantize, also returning the loss of each row (fp32 [out]); rows are independent."""
+    check_inputs(W, H)
+    W = W.detach().to(torch.float32, copy=True)
+    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
+    rows, columns = W.shape
+    maxq = cfg.maxq
+
+    # An input that was always zero carries no information: give it a unit Hessian entry so
+    # H stays invertible, and a zero weight (the reference GPTQ convention).
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    # Grids fixed before any update: per-channel (-1), or static groups, always over the
+    # original contiguous column groups.
+    width = cfg.group_width(columns)
+    fixed_grids = cfg.group_size == -1 or cfg.static_groups
+    n_groups = cfg.n_groups(columns)
+    if fixed_grids:
+        scales, zeros = group_grids(W, cfg)
+    else:
+        scales = torch.zeros(rows, n_groups, device=W.device)
+        zeros = torch.zeros(rows, n_groups, device=W.device)
+
+    # Activation order: the columns with the largest Hessian diagonal (the most used inputs)
+    # are quantized first, while many columns remain to absorb their error.
+    if cfg.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(columns, device=W.device)
+
+    Hinv, damp = inverse_hessian_factor(H, cfg)
+
+    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
+    losses = torch.zeros(rows, device=W.device)
+    # Group of each column position in solve order.
+    if fixed_grids:
+        group_of = perm // width
+    else:
+        group_of = torch.arange(columns, device=W.device) // width
+    group_list = group_of.tolist()
+
+    for i1 in range(0, columns, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+
+        for i in range(count):
+            col = i1 + i
+            w = W1[:, i]
+            d = Hinv1[i, i]
+
+            if not fixed_grids and col % width == 0:
+                # A new group starts: its grid comes from its weights as updated so far.
+                # Columns past this block have not yet received this block's updates; add
+                # them here so the grid does not depend on block_size.
+                group = W1[:, i : i + width]
+                if col + width > i2:
+                    tail = W[:, i2 : col + width] - Err1[:, :i] @ Hinv[i1:col, i2 : col + width]
+                    group = torch.cat([group, tail], dim=1)
+                g = col // width
+                scales[:, g], zeros[:, g] = find_params(group, cfg.bits, cfg.sym, cfg.torch_scale_dtype)
+
+            g = group_list[col]
+            scale, zero = scales[:, g], zeros[:, g]
+            q_code = quantize(w, scale, zero, maxq)
+            q = dequantize(q_code, scale, zero)
+            codes[:, col] = q_code
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d**2 / 2
+
+            # Spread this column's error over the rest of the block (the OBS update).
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+
+        Q[:, i1:i2] = Q1
+        losses += Losses1.sum(dim=1)
+        # ...and the block's accumulated error over all later columns at once (lazy batch).
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    # Back to the original column order; g_idx says which group each original column used.
+    inv = torch.argsort(perm)
+    g_idx = group_of[inv].to(torch.int32)
+    result = QuantResult(
+        weight=Q[:, inv],
+        codes=codes[:, inv].to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.int32),
+        g_idx=g_idx,
+        loss=float(losses.sum()),
+        damp=damp,
+    )
+    return result, losses
+
+
+def inverse_hessian_factor(H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹, raising λ until both factorizations succeed.
+
+    Returns the factor and the damp_percent used.
+    """
+    mean_diag = torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    for attempt in damp_schedule(cfg):
+        L, info = torch.linalg.cholesky_ex(H + attempt * mean_diag * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, attempt
+    raise damp_error(cfg)
+
+
+def damp_schedule(cfg: QuantConfig) -> list[float]:
+    """damp_percent, then + k·damp_auto_increment for k = 1, 2, ... while it stays <= 1."""
+    out = [cfg.damp_percent]
+    if cfg.damp_auto_increment > 0:
+        k = 1
+        while cfg.damp_percent + k * cfg.damp_auto_increment <= 1.0 + 1e-9:
+            out.append(cfg.damp_percent + k * cfg.damp_auto_increment)
+            k += 1
+    return out
+
+
+def damp_error(cfg: QuantConfig, what: str = "the Hessian") -> MoedslError:
+    tried = damp_schedule(cfg)
+    return MoedslError(
+        f"Cholesky factorization of {what} failed for every damping tried "
+        f"(damp_percent {tried[0]:g} to {tried[-1]:g}); the Hessian is not positive definite "
+        "even when heavily damped (non-finite or corrupted calibration statistics?)",
+        code="gptq",
+    )
+
+
+def check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
+    if W.dim() != 2:
+        raise MoedslError(f"GPTQ expects a 2-D weight [out, in], got shape {tuple(W.shape)}", code="gptq")
+    n = W.shape[1]
+    if tuple(H.shape) != (n, n):
+        raise MoedslError(
+            f"Hessian shape {tuple(H.shape)} does not match the weight's {n} input columns", code="gptq"
+        )
+    if not bool(torch.isfinite(W).all()):
+        raise MoedslError("weight contains NaN or infinite values", code="gptq")
+    if not bool(torch.isfinite(H).all()):
+        raise MoedslError("Hessian contains NaN or infinite values", code="gptq")

@@ -1,0 +1,213 @@
+"""The quantization grid: its options, its min/max parameters, and round-to-nearest.
+
+A weight w in a group with scale s and integer zero-point z is stored as the unsigned code
+
+    q = clamp(round(w / s) + z, 0, maxq),      maxq = 2**bits - 1
+
+and read back as  s * (q - z).  Symmetric grids use z = (maxq + 1) / 2 (8 for 4 bits), the
+GPTQ convention, so codes are unsigned for both kinds and the writers never need signs.
+
+Scales are rounded to `QuantConfig.scale_dtype` (float16 by default, what GPTQ checkpoints
+store) the moment they are made, so GPTQ's error feedback sees the weights a loader will
+really compute, and a writer stores the scales without changing them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from moedsl.errors import MoedslError
+
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class QuantConfig(BaseModel):
+    """How to quantize one weight matrix. Bad values raise `MoedslError`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bits: int
+    group_size: int = 128  # -1: one group spanning the whole row (per-channel)
+    sym: bool = True
+    act_order: bool = False  # solve columns in order of decreasing Hessian diagonal
+    static_groups: bool = False  # grids fixed up front on the original, contiguous groups
+    damp_percent: float = 0.01  # damping = damp_percent * mean(diag H)
+    damp_auto_increment: float = 0.01  # added to damp_percent each time Cholesky fails
+    block_size: int = 128  # columns per lazy-batch block
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    def __init__(self, **data):
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+                for err in e.errors()
+            )
+            raise MoedslError(f"invalid quantization config: {problems}", code="config") from None
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError(f"group_size must be -1 (one group per row) or a positive number of columns, got {v}")
+        return v
+
+    @field_validator("damp_percent")
+    @classmethod
+    def _damp(cls, v: float) -> float:
+        if not (0.0 <= v <= 1.0) or math.isnan(v):
+            raise ValueError(f"damp_percent must be in [0, 1], got {v}")
+        return v
+
+    @field_validator("damp_auto_increment")
+    @classmethod
+    def _damp_inc(cls, v: float) -> float:
+        if not (0.0 <= v <= 1.0) or math.isnan(v):
+            raise ValueError(f"damp_auto_increment must be in [0, 1] (0 disables retries), got {v}")
+        return v
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"block_size must be positive, got {v}")
+        return v
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return _SCALE_DTYPES[self.scale_dtype]
+
+    def n_groups(self, columns: int) -> int:
+        return 1 if self.group_size == -1 else math.ceil(columns / self.group_size)
+
+    def group_width(self, columns: int) -> int:
+        return columns if self.group_size == -1 else self.group_size
+
+
+@dataclass(frozen=True, eq=False)
+class QuantResult:
+    """One quantized matrix, everything in the ORIGINAL column order.
+
+    weight  fp32 [out, in]   the dequantized weight, == dequantize_codes(codes, scales, zeros, g_idx)
+    codes   uint8 [out, in]  integer codes in [0, 2**bits - 1]
+    scales  fp32 [out, G]    values exactly representable in QuantConfig.scale_dtype
+    zeros   int32 [out, G]   integer zero-points in [0, 2**bits - 1]
+    g_idx   int32 [in]       group of each input column
+    loss    float            GPTQ's objective: sum over rows and columns of (w - q)^2 / (2 d^2),
+                             d the diagonal of the inverse-Hessian Cholesky factor (RTN: d = 1)
+    damp    float            the damp_percent actually used (after any automatic increase)
+    """
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    loss: float
+    damp: float
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_codes(self.codes, self.scales, self.zeros, self.g_idx)
+
+
+def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 scales to `dtype` and back, never to zero or infinity."""
+    if dtype == torch.float32:
+        return scale
+    info = torch.finfo(dtype)
+    least_subnormal = info.smallest_normal * info.eps
+    return scale.to(dtype).to(torch.float32).clamp(min=least_subnormal, max=info.max)
+
+
+def find_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype = torch.float32):
+    """Min/max grid of each row of w [..., rows, cols] -> (scale, zero), both fp32 [..., rows].
+
+    As in GPTQ, the range always contains 0 (so zero weights stay exactly zero). A symmetric
+    grid is centred: [-m, m] with m = max|w|, which keeps the range whole for rows that are
+    all positive (the reference code halves it there).
+    """
+    maxq = 2**bits - 1
+    xmin = w.amin(dim=-1).clamp(max=0)
+    xmax = w.amax(dim=-1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)  # an all-zero row: any grid will do
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = round_scale((xmax - xmin) / maxq, scale_dtype)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Codes (as floats) of w on the grid (scale, zero); shapes broadcast."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
+) -> torch.Tensor:
+    """fp32 [out, in] weight from codes [out, in], scales/zeros [out, G] and g_idx [in]."""
+    g = g_idx.long()
+    return dequantize(codes.to(torch.float32), scales[:, g].to(torch.float32), zeros[:, g].to(torch.float32))
+
+
+def trivial_g_idx(columns: int, cfg: QuantConfig, device=None) -> torch.Tensor:
+    return (torch.arange(columns, device=device) // cfg.group_width(columns)).to(torch.int32)
+
+
+def group_grids(W: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grids of the contiguous column groups of W [..., rows, cols] -> scales, zeros [..., rows, G]."""
+    cols = W.shape[-1]
+    width = cfg.group_width(cols)
+    grids = [
+        find_params(W[..., j : j + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype) for j in range(0, cols, width)
+    ]
+    return torch.stack([s for s, _ in grids], dim=-1), torch.stack([z for _, z in grids], dim=-1)
+
+
+def rtn_quantize(W: torch.Tensor, cfg: QuantConfig) -> QuantResult:
+    """Round-to-nearest on the same grids GPTQ uses: the baseline. act_order has no meaning here."""
+    if W.dim() != 2:
+        raise MoedslError(f"expected a 2-D weight [out, in], got shape {tuple(W.shape)}")
+    W = W.detach().to(torch.float32)
+    scales, zeros = group_grids(W, cfg)
+    g_idx = trivial_g_idx(W.shape[1], cfg, W.device)
+    g = g_idx.long()
+    codes = quantize(W, scales[:, g], zeros[:, g], cfg.maxq)
+    Q = dequantize(codes, scales[:, g], zeros[:, g])
+    loss = float(((W - Q) ** 2).sum() / 2)
+    return QuantResult(
+        weight=Q,
+        codes=codes.to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.int32),
+        g_idx=g_idx,
+        loss=loss,
+        damp=0.0,
+    )

@@ -1,0 +1,560 @@
+"""Tiny, real models built from transformers' own configs.
+
+moedsl never downloads weights. To exercise a family it takes the family's default config
+(`AutoConfig.for_model(model_type)`), shrinks every size to a few dozen (hidden 64, 8 experts,
+top-2, head_dim 16, ...), keeps enough layers that every *layer kind* of the family is present
+(dense and MoE MLPs, linear and full attention, mamba and attention, ...), and instantiates it
+with `AutoModelForCausalLM.from_config`: on the meta device for structure, or on CPU with small
+deterministic random weights for numerics. `save_tiny` writes a real checkpoint
+(`save_pretrained`, safetensors, on-disk names as the family's checkpoints spell them) plus a
+byte-level tokenizer, so the load-from-disk paths are tested too.
+
+Sizes are chosen so shapes cannot be confused: hidden 64, dense intermediate 96, routed-expert
+intermediate 32, shared-expert intermediate 48, head_dim 16, vocab 320.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moedsl.errors import MoedslError
+
+__all__ = [
+    "TINY_HIDDEN",
+    "TINY_VOCAB",
+    "TINY_NUM_EXPERTS",
+    "TINY_TOP_K",
+    "MOE_TINY",
+    "DENSE_TINY",
+    "SUPPORTED_TINY",
+    "UNSUPPORTED_TINY",
+    "available_tiny",
+    "tiny_config",
+    "build_model",
+    "save_tiny",
+    "layer_kind_lists",
+]
+
+TINY_HIDDEN = 64
+TINY_HEADS = 4
+TINY_KV_HEADS = 2
+TINY_HEAD_DIM = 16
+TINY_INTERMEDIATE = 96  # dense MLPs, and experts of families whose experts use `intermediate_size`
+TINY_MOE_INTERMEDIATE = 32  # routed experts where the config has a separate expert width
+TINY_SHARED_INTERMEDIATE = 48  # shared experts where the config has a separate width
+TINY_NUM_EXPERTS = 8
+TINY_TOP_K = 2
+TINY_VOCAB = 320  # >= the byte tokenizer's 259 ids
+TINY_MAX_POS = 256
+TINY_SLIDING_WINDOW = 8  # small enough that a 16-token test sequence really slides
+
+
+# ---------------------------------------------------------------------------------------------
+# Which families work. Every entry of SUPPORTED_TINY builds on meta and CPU, runs a forward and
+# survives save_pretrained -> from_pretrained on transformers 5.24 (CPU, torch 2.13). Types that
+# the installed transformers does not know are skipped by `available_tiny()`.
+# ---------------------------------------------------------------------------------------------
+
+MOE_TINY: tuple[str, ...] = (
+    # the families of shared/reference/transformers-moe.md
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_next",
+    "qwen3_5_moe_text",
+    "mixtral",
+    "minimax",
+    "minimax_m2",
+    "phimoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "glm4_moe_lite",
+    "dots1",
+    "ernie4_5_moe",
+    "gpt_oss",
+    "dbrx",
+    "llama4_text",
+    "granitemoe",
+    "olmoe",
+    "flex_olmo",
+    "jamba",
+    "hunyuan_v1_moe",
+    "longcat_flash",
+)
+
+DENSE_TINY: tuple[str, ...] = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+)
+
+# Families that cannot be built or run here, with the reason. Filled from the survey in
+# tests/test_models.py (`python -m moedsl.models.tiny` prints a fresh survey).
+UNSUPPORTED_TINY: dict[str, str] = {}
+
+SUPPORTED_TINY: tuple[str, ...] = MOE_TINY + DENSE_TINY
+
+
+def available_tiny(types: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The entries of `types` (default SUPPORTED_TINY) that the installed transformers knows."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return tuple(t for t in (types or SUPPORTED_TINY) if t in CONFIG_MAPPING_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shrinking
+# ---------------------------------------------------------------------------------------------
+
+# Keys set whenever the family's config has them (even when its default is None: dots1 ships
+# `n_routed_experts=None`). Value may be a callable of the number of layers.
+_ALWAYS: dict[str, Any] = {
+    # widths
+    "hidden_size": TINY_HIDDEN,
+    "d_model": TINY_HIDDEN,
+    "intermediate_size": TINY_INTERMEDIATE,
+    "ffn_hidden_size": TINY_INTERMEDIATE,
+    "intermediate_size_mlp": TINY_INTERMEDIATE,
+    "dense_intermediate_size": TINY_INTERMEDIATE,
+    "moe_intermediate_size": TINY_MOE_INTERMEDIATE,
+    "expert_ffn_hidden_size": TINY_MOE_INTERMEDIATE,
+    "shared_expert_intermediate_size": TINY_SHARED_INTERMEDIATE,
+    "shared_experts_intermediate_size": TINY_SHARED_INTERMEDIATE,
+    "moe_shared_expert_intermediate_size": TINY_SHARED_INTERMEDIATE,
+    # attention
+    "num_attention_heads": TINY_HEADS,
+    "n_heads": TINY_HEADS,
+    "num_key_value_heads": TINY_KV_HEADS,
+    "head_dim": TINY_HEAD_DIM,
+    "kv_channels": TINY_HEAD_DIM,
+    # vocabulary and positions
+    "vocab_size": TINY_VOCAB,
+    "max_position_embeddings": TINY_MAX_POS,
+    "max_seq_len": TINY_MAX_POS,
+    "model_max_length": TINY_MAX_POS,
+    # experts: every spelling
+    "num_experts": TINY_NUM_EXPERTS,
+    "num_local_experts": TINY_NUM_EXPERTS,
+    "n_routed_experts": TINY_NUM_EXPERTS,
+    "moe_num_experts": TINY_NUM_EXPERTS,
+    "num_experts_per_tok": TINY_TOP_K,
+    "num_experts_per_token": TINY_TOP_K,
+    "moe_k": TINY_TOP_K,
+    "moe_topk": TINY_TOP_K,
+    "top_k_experts": TINY_TOP_K,
+    "n_shared_experts": 1,
+    "num_shared_experts": 1,
+    "moe_num_shared_experts": 1,
+    # MLA (deepseek, glm4_moe_lite, longcat, ...)
+    "kv_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    # linear attention (qwen3_next, qwen3_5_moe, kimi, bailing, ...)
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_head_dim": 16,
+    "linear_num_heads": 4,
+    # mamba (jamba, granitemoehybrid, nemotron_h)
+    "mamba_d_state": 8,
+    "mamba_dt_rank": 8,
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 16,
+    "mamba_chunk_size": 16,
+    "ssm_state_size": 8,
+    "chunk_size": 16,
+    "use_mamba_kernels": False,
+    # sparse-attention indexers (deepseek_v32, glm_moe_dsa, ...)
+    "index_head_dim": 16,
+    "index_n_heads": 2,
+    "index_topk": 8,
+    # misc
+    "zero_expert_num": 2,
+    "max_window_layers": lambda n: n,
+}
+
+# Keys set only when the family's default is not None (None means "feature off" there).
+_IF_SET: dict[str, Any] = {
+    "q_lora_rank": 48,
+    "n_group": 2,
+    "num_expert_group": 2,
+    "topk_group": 1,
+    "sliding_window": TINY_SLIDING_WINDOW,
+    "attention_chunk_size": TINY_SLIDING_WINDOW,
+    "sliding_window_size": TINY_SLIDING_WINDOW,
+    "first_k_dense_replace": 1,
+    "num_dense_layers": 1,
+    "shared_intermediate_size": TINY_SHARED_INTERMEDIATE,
+    "original_max_position_embeddings": TINY_MAX_POS,
+    "query_pre_attn_scalar": TINY_HEAD_DIM,
+    "hidden_size_per_layer_input": 16,
+}
+
+# Per family: number of layers and extra overrides (a dict, or a callable taking the default
+# config's dict and returning one). Values here win over the generic ones above.
+_FAMILY: dict[str, tuple[int, Any]] = {
+    # dense layer 0 via mlp_only_layers; sparse step 1
+    "qwen2_moe": (2, {"mlp_only_layers": [0], "decoder_sparse_step": 1}),
+    "qwen3_moe": (2, {"mlp_only_layers": [0], "decoder_sparse_step": 1}),
+    # hybrid: 3 linear_attn + 1 self_attn (full_attention_interval 4); layer 0 dense
+    "qwen3_next": (4, {"mlp_only_layers": [0], "decoder_sparse_step": 1}),
+    "qwen3_5_moe_text": (4, {}),
+    "minimax": (2, {"block_size": 4}),
+    "deepseek_v2": (2, {"first_k_dense_replace": 1, "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}),
+    "deepseek_v3": (2, {"first_k_dense_replace": 1, "n_group": 2, "topk_group": 1}),
+    "glm4_moe": (2, {"first_k_dense_replace": 1, "n_group": 2, "topk_group": 1}),
+    "glm4_moe_lite": (2, {"mlp_layer_types": ["dense", "sparse"], "n_group": 2, "topk_group": 1}),
+    "dots1": (2, {"first_k_dense_replace": 1, "n_group": 2, "topk_group": 1}),
+    "ernie4_5_moe": (2, {"moe_layer_start_index": 1, "moe_layer_end_index": 1, "moe_layer_interval": 1}),
+    "llama4_text": (4, {"moe_layers": [1, 3], "interleave_moe_layer_step": 2, "no_rope_layer_interval": 4}),
+    # jamba: 0 mamba+dense, 1 mamba+moe, 2 attn+dense, 3 mamba+moe (the real model has no attn+moe layer)
+    "jamba": (
+        4,
+        {"attn_layer_period": 4, "attn_layer_offset": 2, "expert_layer_period": 2, "expert_layer_offset": 1},
+    ),
+    "longcat_flash": (2, {"num_layers": 2}),
+    "hunyuan_v1_moe": (2, {"head_dim": TINY_HEAD_DIM}),
+    "dbrx": (2, None),  # sub-configs: see _dbrx_overrides
+}
+
+_TOKEN_IDS = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+
+
+def _dbrx_overrides(d: dict) -> dict:
+    return {
+        "d_model": TINY_HIDDEN,
+        "n_heads": TINY_HEADS,
+        "n_layers": 2,
+        "max_seq_len": TINY_MAX_POS,
+        "vocab_size": TINY_VOCAB,
+        "attn_config": {"kv_n_heads": TINY_KV_HEADS, "clip_qkv": None},
+        "ffn_config": {
+            "ffn_hidden_size": TINY_INTERMEDIATE,
+            "moe_num_experts": TINY_NUM_EXPERTS,
+            "moe_top_k": TINY_TOP_K,
+            "hidden_size": TINY_HIDDEN,
+        },
+    }
+
+
+def _layer_count_key(d: dict) -> str:
+    for key in ("num_hidden_layers", "n_layers", "num_layers"):
+        if key in d:
+            return key
+    return "num_hidden_layers"
+
+
+def _shrink(model_type: str, d: dict, attribute_map: dict) -> dict:
+    """Overrides (kwargs for `AutoConfig.for_model`) that shrink the default config `d`."""
+    n_layers, family = _FAMILY.get(model_type, (2, {}))
+    if model_type == "dbrx":
+        return _dbrx_overrides(d)
+    kw: dict[str, Any] = {}
+
+    def settable(key: str) -> bool:
+        return key in d and key not in attribute_map
+
+    for key, value in _ALWAYS.items():
+        if settable(key):
+            kw[key] = value(n_layers) if callable(value) else value
+    for key, value in _IF_SET.items():
+        if settable(key) and d[key] is not None:
+            kw[key] = value(n_layers) if callable(value) else value
+    kw[_layer_count_key(d)] = n_layers
+
+    # MLA families: head_dim means the rope part; qk_head_dim is derived.
+    if settable("kv_lora_rank"):
+        if settable("head_dim"):
+            kw["head_dim"] = kw.get("qk_rope_head_dim", 8)
+        if settable("qk_head_dim"):
+            kw["qk_head_dim"] = kw.get("qk_nope_head_dim", 16) + kw.get("qk_rope_head_dim", 8)
+    # many MLA configs default num_key_value_heads to num_attention_heads; keep them equal there
+    if settable("kv_lora_rank") and settable("num_key_value_heads"):
+        kw["num_key_value_heads"] = TINY_HEADS
+    # token ids inside the tiny vocabulary
+    for key, value in _TOKEN_IDS.items():
+        if key in d and d[key] is not None:
+            kw[key] = value
+    for key in ("eod_token_id", "sep_token_id"):
+        if key in d and d[key] is not None:
+            kw[key] = 259 + ("eod_token_id", "sep_token_id").index(key)
+    if d.get("tie_word_embeddings") is None and "tie_word_embeddings" in d:
+        kw["tie_word_embeddings"] = False
+    # per-layer index lists that refer to the old layer count
+    if settable("moe_layer_end_index"):
+        kw["moe_layer_end_index"] = n_layers - 1
+    if settable("mlp_only_layers") and isinstance(d.get("mlp_only_layers"), list):
+        kw["mlp_only_layers"] = [i for i in d["mlp_only_layers"] if i < n_layers]
+
+    fam = family(d) if callable(family) else dict(family or {})
+    kw.update(fam)
+    return kw
+
+
+def layer_kind_lists(config) -> dict[str, list]:
+    """The per-layer lists of a config (`layer_types`, `mlp_layer_types`, ...): attribute name -> list.
+
+    A list attribute counts as per-layer when its length equals the number of layers.
+    """
+    d = config.to_dict()
+    n = d.get(_layer_count_key(d))
+    return {
+        k: v
+        for k, v in d.items()
+        if isinstance(v, list) and n is not None and len(v) == n and k not in ("architectures",)
+    }
+
+
+def _fix_layer_kinds(
+    model_type: str, base_lists: dict[str, list], tiny_lists: dict[str, list], cfg_kwargs: dict, n_layers: int
+) -> dict:
+    """Per-layer lists of the shrunk config must still contain every kind of the full one.
+
+    For each per-layer list of the default config that lost a kind in the shrunk config (and that
+    the family overrides do not set), take its distinct values in order of first appearance and
+    spread them over the tiny layer count.
+    """
+    out = {}
+    for key, values in base_lists.items():
+        if key in cfg_kwargs:
+            continue
+        try:
+            distinct = list(dict.fromkeys(values))
+            if set(distinct) <= set(tiny_lists.get(key, [])):
+                continue
+        except TypeError:  # unhashable entries
+            continue
+        if len(distinct) <= 1:
+            continue
+        if len(distinct) > n_layers:
+            raise MoedslError(
+                f"{model_type}: `{key}` has {len(distinct)} kinds, more than the {n_layers} tiny layers",
+                notes=["add the family to moedsl/models/tiny.py:_FAMILY with more layers"],
+            )
+        # keep the order of first appearance; repeat the last kind to fill
+        new = distinct + [values[-1]] * (n_layers - len(distinct))
+        # a leading-dense list (deepseek-style) must stay leading-dense
+        out[key] = new
+    return out
+
+
+def tiny_config(model_type: str, **overrides):
+    """`AutoConfig.for_model(model_type)` shrunk to a tiny size with every layer kind present.
+
+    `overrides` are applied last (any config attribute). Eager attention and eager experts are
+    selected so CPU runs are simple and deterministic.
+    """
+    from transformers import AutoConfig
+
+    try:
+        base = AutoConfig.for_model(model_type)
+    except (ValueError, KeyError) as exc:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        from moedsl.errors import nearest
+
+        raise MoedslError(
+            f"unknown model_type `{model_type}` for this transformers",
+            suggestion=nearest(model_type, CONFIG_MAPPING_NAMES),
+            notes=[str(exc).splitlines()[0]] if str(exc) else [],
+        ) from None
+    d = base.to_dict()
+    attribute_map = dict(getattr(base, "attribute_map", {}) or {})
+    kw = _shrink(model_type, d, attribute_map)
+    n_layers = kw.get(_layer_count_key(d), 2)
+    kw.update(overrides)
+    config = _make_config(model_type, kw)
+    fix = _fix_layer_kinds(model_type, layer_kind_lists(base), layer_kind_lists(config), kw, n_layers)
+    if fix:
+        kw.update(fix)
+        config = _make_config(model_type, kw)
+    _set_eager(config)
+    return config
+
+
+def _make_config(model_type: str, kw: dict):
+    from transformers import AutoConfig
+
+    try:
+        with _quiet_transformers():
+            return AutoConfig.for_model(model_type, **kw)
+    except Exception as exc:  # config validation of transformers
+        raise MoedslError(
+            f"{model_type}: the shrunk config is not valid: {type(exc).__name__}: {exc}",
+            notes=[f"overrides: {kw}"],
+        ) from exc
+
+
+def _set_eager(config) -> None:
+    """Eager attention and eager experts (deterministic, hookable, no grouped_mm) where supported."""
+    for cfg in _all_configs(config):
+        for attr in ("_attn_implementation", "_experts_implementation"):
+            try:
+                setattr(cfg, attr, "eager")
+            except Exception:  # older config classes without the property
+                pass
+
+
+def _all_configs(config):
+    yield config
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            yield sub
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def _is_router_weight(name: str, param: torch.Tensor, n_experts: set[int], hidden: int) -> bool:
+    if param.dim() != 2 or param.shape[1] != hidden or param.shape[0] not in n_experts:
+        return False
+    parts = name.split(".")
+    if "experts" in parts or "shared_expert" in parts or "shared_experts" in parts:
+        return False
+    return any(p in ("gate", "router", "wg", "classifier", "layer") for p in parts[-3:])
+
+
+def _expert_counts(config) -> set[int]:
+    counts: set[int] = set()
+    for cfg in _all_configs(config):
+        for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 1:
+                counts.add(v)
+        ffn = getattr(cfg, "ffn_config", None)
+        if ffn is not None and isinstance(getattr(ffn, "moe_num_experts", None), int):
+            counts.add(ffn.moe_num_experts)
+        z = getattr(cfg, "zero_expert_num", None)
+        if isinstance(z, int) and z > 0:
+            counts |= {c + z for c in set(counts)}
+    return counts
+
+
+def _hidden(config) -> int:
+    for key in ("hidden_size", "d_model"):
+        v = getattr(config, key, None)
+        if isinstance(v, int):
+            return v
+    return TINY_HIDDEN
+
+
+@torch.no_grad()
+def _spread_routers(model, seed: int) -> list[str]:
+    """Give every router weight N(0, (1.5/sqrt(H))^2) so routing really varies across tokens, and
+    small random values to score-correction biases (so 'bias picks, does not weigh' matters)."""
+    config = model.config
+    hidden = _hidden(config)
+    counts = _expert_counts(config)
+    gen = torch.Generator().manual_seed(10_007 + seed)
+    touched = []
+    for name, param in model.named_parameters():
+        if _is_router_weight(name, param, counts, hidden):
+            value = torch.randn(param.shape, generator=gen) * (1.5 / math.sqrt(hidden))
+            param.copy_(value.to(param.dtype))
+            touched.append(name)
+    for name, buf in list(model.named_buffers()) + list(model.named_parameters()):
+        if "e_score_correction_bias" in name and buf.is_floating_point():
+            buf.copy_((torch.randn(buf.shape, generator=gen) * 0.05).to(buf.dtype))
+            touched.append(name)
+    return touched
+
+
+def build_model(config, device: str | torch.device = "meta", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Instantiate `AutoModelForCausalLM.from_config(config)`.
+
+    device="meta": structure only, no storage. device="cpu" (or another real device):
+    deterministic random weights from the model's own init under `torch.manual_seed(seed)`,
+    with routers spread (see `_spread_routers`). Returned in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    with _quiet_transformers():
+        if device.type == "meta":
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
+        else:
+            fork_devices = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=fork_devices):
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(config, **kwargs)
+                _spread_routers(model, seed)
+            model = model.to(device)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def save_tiny(model_type: str, out_dir: str | Path, seed: int = 0, **overrides) -> Path:
+    """Build a tiny `model_type` on CPU and `save_pretrained` it (safetensors) with a byte-level
+    tokenizer into `out_dir`. Returns the directory."""
+    from moedsl.models.default import build_byte_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(model_type, **overrides)
+    model = build_model(config, device="cpu", seed=seed)
+    with _quiet_transformers():
+        model.save_pretrained(out, safe_serialization=True)
+        build_byte_tokenizer().save_pretrained(out)
+    return out
+
+
+def survey(types: tuple[str, ...] | None = None, seq_len: int = 8) -> dict[str, str]:
+    """Try every type: tiny config, meta and CPU build, one forward. type -> 'ok' or the error."""
+    results: dict[str, str] = {}
+    for mt in types or available_tiny():
+        try:
+            config = tiny_config(mt)
+            build_model(config, "meta")
+            model = build_model(config, "cpu")
+            ids = torch.arange(seq_len).unsqueeze(0) % 200
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits
+            if not torch.isfinite(logits).all():
+                raise RuntimeError("non-finite logits")
+            results[mt] = "ok"
+        except Exception as exc:  # survey: report, never stop
+            results[mt] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return results
+
+
+if __name__ == "__main__":  # pragma: no cover - manual survey
+    import sys
+
+    for mt, res in survey(tuple(sys.argv[1:]) or None).items():
+        print(f"{mt:24s} {res}")
