@@ -1,0 +1,45 @@
+"""moedsl: declarative model definitions and a compiler for GPTQ-quantizing Mixture-of-Experts LLMs.
+
+Library API:
+    parse(text)            .moedef text → IR (as written)
+    load(path_or_name)     a resolved definition (extends/use expanded)
+    validate(def, ...)     check a definition against the real model classes
+    for_model(model)       the library definition for a model or config
+    compile_plan(...)      definition + model → hook plan
+    quantize(...)          run GPTQ and write a checkpoint
+"""
+
+from moedsl.errors import MoedslError, MoedslErrors, Span
+from moedsl.lang.library import for_model, load
+from moedsl.lang.parser import parse, parse_file
+
+__all__ = ["MoedslError", "MoedslErrors", "Span", "parse", "parse_file", "load", "for_model", "validate",
+           "bind", "compile_plan", "quantize"]
+
+
+def validate(source, config=None, model_dir=None, model_type=None):
+    """Validate a definition; returns one `Report` per model_type checked (see moedsl.bind.validate)."""
+    from moedsl.bind.validate import validate as _validate
+
+    return _validate(source, config=config, model_dir=model_dir, model_type=model_type)
+
+
+def bind(definition, model):
+    """Bind a resolved definition to a model instance (meta device is enough)."""
+    from moedsl.bind.binder import bind as _bind
+
+    return _bind(definition, model)
+
+
+def compile_plan(definition, model, policy="routed", tokens=128 * 2048):
+    """Compile a definition bound to `model` into a `HookPlan`."""
+    from moedsl.plan.compiler import compile_plan as _compile
+
+    return _compile(definition, model, policy=policy, tokens=tokens)
+
+
+def quantize(**kwargs):
+    """Quantize a model; the keyword arguments mirror `moedsl quantize` (see moedsl.execute.run)."""
+    from moedsl.execute.run import quantize as _quantize
+
+    return _quantize(**kwargs)

@@ -1,0 +1,5 @@
+import sys
+
+from moedsl.cli import main
+
+sys.exit(main())

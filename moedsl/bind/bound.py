@@ -1,0 +1,107 @@
+"""A definition bound to one model: concrete paths, shapes and checkpoint names, no tensors.
+
+This is the contract between `bind` (which knows the IR and a model instance) and the
+compiler (which turns it into a hook plan). All paths are relative to a decoder layer
+unless the field says otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from moedsl.lang import ir
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BoundLinear(Frozen):
+    """An nn.Linear weight to quantize."""
+
+    path: str
+    stage: int
+    in_features: int
+    out_features: int
+    bias: bool
+    ckpt: str  # checkpoint module name (the key without `.weight`), relative to the layer
+    shared_expert: bool = False  # inside a `:moe-share` block: sees every token
+    expert: int | None = None  # one expert of a ModuleList
+    proj: ir.ProjRole | None = None  # its role inside that expert
+
+
+class BoundTensor(Frozen):
+    """A fused expert parameter and the per-expert projections it holds."""
+
+    name: str  # parameter path relative to the experts module
+    layout: ir.Orientation
+    split: Literal["concat", "interleave", "one"]
+    roles: tuple[ir.ProjRole, ...]
+    stage: int | None
+    skip: bool
+    bias: str | None
+    shape: tuple[int, ...]
+    out_features: int  # of one role of one expert
+    in_features: int
+
+
+class BoundExperts(Frozen):
+    path: str
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    fn: ir.ExpertFn
+    scale: Literal["output", "input"]
+    call: tuple[ir.CallArg, ...]
+    tensors: tuple[BoundTensor, ...] = ()  # fused storage
+    module_list: tuple[BoundLinear, ...] = ()  # ModuleList storage: expert 0's linears, `expert=0`
+    ckpt: dict[str, str]  # role -> checkpoint name template with `{e}`, relative to the layer
+    ckpt_fused: bool = False
+    module_class: str
+
+    def role_stage(self, role: str) -> int | None:
+        for t in self.tensors:
+            if role in t.roles:
+                return t.stage
+        for lin in self.module_list:
+            if lin.proj == role:
+                return lin.stage
+        return None
+
+
+class BoundMoe(Frozen):
+    path: str
+    router: str | None
+    shared: tuple[str, ...]  # `:moe-share` module paths
+    experts: BoundExperts
+    module_class: str
+
+
+class BoundKind(Frozen):
+    name: str
+    layers: tuple[int, ...]
+    layer_class: str
+    linears: tuple[BoundLinear, ...]
+    moe: tuple[BoundMoe, ...] = ()
+    skipped: tuple[str, ...] = ()  # `:!` and router subtrees
+
+
+class BoundDefinition(Frozen):
+    arch: str
+    model_type: str
+    model_class: str
+    num_layers: int
+    layers_path: str  # from the model root
+    embed: str | None
+    final_norm: str | None
+    lm_head: str | None
+    num_experts: int | None
+    top_k: int | None
+    hidden_size: int
+    kinds: tuple[BoundKind, ...]
+    kind_of_layer: tuple[str, ...]  # per layer index
+
+    def kind(self, name: str) -> BoundKind:
+        return next(k for k in self.kinds if k.name == name)

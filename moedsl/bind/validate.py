@@ -1,0 +1,310 @@
+"""`moedsl validate`: check a definition against the real model classes of transformers.
+
+Four checks, each reported by name:
+- structure: every path binds, every stage names an nn.Linear, every fused tensor has its
+  layout's shape, every quantizable weight is a target or skipped (see `bind`);
+- expressions: the expert count, top-k, lets and layer-kind conditions evaluate for every layer;
+- expert function: the declared `fn`/`scale` reproduces the experts module's own forward on
+  small real weights and random inputs;
+- checkpoint names: the names the definition gives every target are keys that
+  `save_pretrained` really writes (or that the given model directory holds).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from moedsl.bind.binder import bind, get_path
+from moedsl.bind.bound import BoundDefinition, BoundExperts
+from moedsl.errors import MoedslError, MoedslErrors, nearest
+from moedsl.experts import fn as expert_fn
+from moedsl.experts import layout as fused
+from moedsl.lang import ir
+from moedsl.lang.library import load
+
+
+class Check(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: Literal["structure", "expressions", "expert function", "checkpoint names"]
+    passed: bool
+    detail: str = ""
+
+
+class Report(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    file: str
+    arch: str
+    model_type: str
+    model_source: str
+    ok: bool
+    checks: tuple[Check, ...]
+    problems: tuple[str, ...]
+    kinds: dict[str, list[int]] = {}
+
+
+def model_from(config: Any, device: str = "meta") -> nn.Module:
+    from moedsl.models.tiny import build_model
+
+    return build_model(config, device=device)
+
+
+def _config_for(model_type: str | None, config_path: Path | None, model_dir: Path | None):
+    from transformers import AutoConfig
+
+    from moedsl.models.tiny import tiny_config
+
+    try:
+        if model_dir is not None:
+            if not (model_dir / "config.json").is_file():
+                raise MoedslError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
+            return AutoConfig.from_pretrained(model_dir), f"model directory {model_dir}"
+        if config_path is not None:
+            try:
+                data = json.loads(Path(config_path).read_text())
+            except FileNotFoundError:
+                raise MoedslError(f"{config_path}: no such file") from None
+            except json.JSONDecodeError as err:
+                raise MoedslError(f"{config_path}:{err.lineno}:{err.colno}: not valid JSON: {err.msg}") from None
+            if not isinstance(data, dict) or "model_type" not in data:
+                raise MoedslError(f"{config_path}: a config.json needs a `model_type`")
+            mt = data.pop("model_type")
+            try:
+                return AutoConfig.for_model(mt, **data), f"config {config_path}"
+            except ValueError as err:
+                raise MoedslError(f"{config_path}: {err}") from None
+        assert model_type is not None
+        return tiny_config(model_type), f"transformers' own `{model_type}` config, shrunk"
+    except MoedslError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise MoedslError(f"could not build a config: {err}") from None
+
+
+def validate(source: str | Path | ir.Definition, config: str | Path | None = None, model_dir: str | Path | None = None,
+             model_type: str | None = None) -> list[Report]:
+    """Validate a definition (a file, a library name or a resolved IR); one report per model_type checked."""
+    d = source if isinstance(source, ir.Definition) else load(source)
+    file = str(d.source_file or source)
+    if config is not None or model_dir is not None:
+        types = [None]
+    elif model_type is not None:
+        types = [model_type]
+    else:
+        types = list(d.header.matches)
+        if not types:
+            raise MoedslError(f"`{d.header.name}` has no `match` and no model or config was given to check it against",
+                              span=d.header.span)
+    return [_validate_one(d, file, mt, Path(config) if config else None, Path(model_dir) if model_dir else None)
+            for mt in types]
+
+
+def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_path: Path | None,
+                  model_dir: Path | None) -> Report:
+    cfg, source = _config_for(model_type, config_path, model_dir)
+    mt = str(getattr(cfg, "model_type", model_type))
+    checks: list[Check] = []
+    problems: list[str] = []
+
+    def record(name: str, errs: list[MoedslError], detail_ok: str) -> None:
+        checks.append(Check(name=name, passed=not errs, detail=detail_ok if not errs else f"{len(errs)} problem(s)"))
+        problems.extend(e.render() for e in errs)
+
+    with torch.device("meta"):
+        pass
+    meta = model_from(cfg, "meta")
+    try:
+        bound = bind(d, meta)
+    except MoedslError as err:
+        errs = err.errors if isinstance(err, MoedslErrors) else [err]
+        expr_errs = [e for e in errs if "`when`" in e.message or e.message.startswith(("`experts`", "`top_k`"))]
+        record("expressions", expr_errs, "")
+        record("structure", [e for e in errs if e not in expr_errs], "")
+        return Report(file=file, arch=d.header.name, model_type=mt, model_source=source, ok=False,
+                      checks=tuple(checks), problems=tuple(problems))
+    kinds = {k.name: list(k.layers) for k in bound.kinds}
+    record("expressions", [], f"experts={bound.num_experts} top_k={bound.top_k}; "
+           + ", ".join(f"{k}: layers {v}" for k, v in kinds.items()))
+    n_targets = sum(len(k.linears) + sum(len(m.experts.ckpt) for m in k.moe) for k in bound.kinds)
+    record("structure", [], f"{len(bound.kinds)} layer kind(s), {n_targets} target kinds bound on {bound.model_class}")
+
+    # numerics and checkpoint names need real weights: a tiny CPU model of the same model_type
+    from moedsl.models.tiny import tiny_config
+
+    tiny_cfg = tiny_config(mt)
+    real = model_from(tiny_cfg, "cpu")
+    try:
+        real_bound = bound if config_path is None and model_dir is None else bind(d, real)
+    except MoedslError as err:
+        errs = err.errors if isinstance(err, MoedslErrors) else [err]
+        record("expert function", errs, "")
+        return Report(file=file, arch=d.header.name, model_type=mt, model_source=source, ok=False,
+                      checks=tuple(checks), problems=tuple(problems), kinds=kinds)
+    fn_errs, fn_detail = check_expert_functions(d, real_bound, real)
+    record("expert function", fn_errs, fn_detail)
+    if model_dir is not None:
+        keys = checkpoint_keys(model_dir)
+        ck_errs, ck_detail = check_checkpoint_names(d, bound, keys)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            real.save_pretrained(tmp)
+            keys = checkpoint_keys(Path(tmp))
+        ck_errs, ck_detail = check_checkpoint_names(d, real_bound, keys)
+    record("checkpoint names", ck_errs, ck_detail)
+    return Report(file=file, arch=d.header.name, model_type=mt, model_source=source, ok=not problems,
+                  checks=tuple(checks), problems=tuple(problems), kinds=kinds)
+
+
+def checkpoint_keys(model_dir: Path) -> set[str]:
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    keys: set[str] = set()
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise MoedslError(f"{model_dir}: no .safetensors files")
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            keys |= set(fh.keys())
+    return keys
+
+
+def _experts_item(d: ir.Definition, kind: str) -> ir.Module | None:
+    layer = next(k for k in d.layers if k.name == kind)
+    for it in ir.walk_items(layer.items):
+        if isinstance(it, ir.Module) and it.role == "experts":
+            return it
+    return None
+
+
+def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[str]) -> tuple[list[MoedslError], str]:
+    errs: list[MoedslError] = []
+    checked = 0
+    for kind in bound.kinds:
+        i = kind.layers[0]
+        prefix = f"{bound.layers_path}.{i}."
+        layer_keys = sorted(k for k in keys if k.startswith(prefix))
+
+        def want(key: str, node: Any) -> None:
+            nonlocal checked
+            checked += 1
+            if key not in keys:
+                near = nearest(key, layer_keys, cutoff=0.5)
+                errs.append(MoedslError(f"checkpoint name `{key}` is not among the keys the checkpoint holds",
+                                        span=getattr(node, "span", None), suggestion=near, code="checkpoint error"))
+
+        layer_ir = next(k for k in d.layers if k.name == kind.name)
+        for lin in kind.linears:
+            want(prefix + lin.ckpt + ".weight", layer_ir)
+        for moe in kind.moe:
+            ex = moe.experts
+            item = _experts_item(d, kind.name) or layer_ir
+            if ex.ckpt_fused:
+                for t in ex.tensors:
+                    want(prefix + f"{ex.path}.{t.name}", item)
+                continue
+            for role, template in ex.ckpt.items():
+                for e in sorted({0, ex.num_experts - 1}):
+                    want(prefix + template.format(e=e) + ".weight", item)
+    return errs, f"{checked} checkpoint keys found"
+
+
+@torch.no_grad()
+def expert_weights(ex: BoundExperts, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """Every role's weights `[E, out, in]` and biases `[E, out]` of one experts module."""
+    w: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor | None] = {}
+    for t in ex.tensors:
+        p = get_path(module, t.name)
+        bias = get_path(module, t.bias) if t.bias else None
+        for role in t.roles:
+            w[role] = fused.read(p, t.layout, t.split, t.roles, role, ex.num_experts)
+            b[role] = fused.read_bias(bias, t.split, t.roles, role) if bias is not None else None
+    for lin in ex.module_list:
+        rel = lin.path[len(ex.path) + 1:].split(".", 1)[1]
+        mods = [get_path(module, f"{e}.{rel}") for e in range(ex.num_experts)]
+        w[lin.proj] = torch.stack([m.weight for m in mods])
+        b[lin.proj] = torch.stack([m.bias for m in mods]) if mods[0].bias is not None else None
+    return w, b
+
+
+@torch.no_grad()
+def run_experts_module(ex: BoundExperts, module: nn.Module, x: torch.Tensor, index: torch.Tensor,
+                       weights: torch.Tensor) -> torch.Tensor:
+    """Call the experts module itself the way its block does, per the declared `call(...)`."""
+    T = x.shape[0]
+    if ex.call == ("hidden",):  # all experts on a stacked, pre-scaled input (llama4)
+        dense = torch.zeros(T, ex.num_experts, dtype=x.dtype)
+        dense.scatter_(1, index, weights.to(x.dtype))
+        stacked = x.repeat(ex.num_experts, 1) * dense.t().reshape(-1, 1)
+        return module(stacked).view(ex.num_experts, T, -1).sum(0)
+    args = []
+    for a in ex.call:
+        if a == "hidden":
+            args.append(x)
+        elif a == "index":
+            args.append(index)
+        elif a == "weights":
+            args.append(weights.to(x.dtype))
+        elif a == "scores":
+            dense = torch.zeros(T, ex.num_experts, dtype=x.dtype)
+            dense.scatter_(1, index, weights.to(x.dtype))
+            args.append(dense)
+        else:
+            args.append(None)
+    out = module(*args)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(T, -1)
+
+
+@torch.no_grad()
+def declared_output(ex: BoundExperts, module: nn.Module, x: torch.Tensor, index: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    w, b = expert_weights(ex, module)
+    if ex.scale == "input":
+        dense = torch.zeros(x.shape[0], ex.num_experts, dtype=x.dtype)
+        dense.scatter_(1, index, weights.to(x.dtype))
+        xs = x[None] * dense.t()[:, :, None]  # [E, T, H]: each expert reads its own scaled input
+        per = expert_fn.output(xs, ex.fn, w, b)
+        return per.sum(0)
+    per = expert_fn.output(x, ex.fn, w, b)
+    return expert_fn.combine(per, index, weights)
+
+
+def check_expert_functions(d: ir.Definition, bound: BoundDefinition, model: nn.Module) -> tuple[list[MoedslError], str]:
+    errs: list[MoedslError] = []
+    details = []
+    gen = torch.Generator().manual_seed(0)
+    layers = get_path(model, bound.layers_path)
+    for kind in bound.kinds:
+        for moe in kind.moe:
+            ex = moe.experts
+            module = get_path(layers[kind.layers[0]], ex.path)
+            T, k = 24, min(bound.top_k or 2, ex.num_experts)
+            x = torch.randn(T, ex.hidden_size, generator=gen)
+            index = torch.stack([torch.randperm(ex.num_experts, generator=gen)[:k] for _ in range(T)])
+            weights = torch.rand(T, k, generator=gen) + 0.1
+            try:
+                theirs = run_experts_module(ex, module, x, index, weights)
+            except Exception as err:  # the module's own forward refusing our call is a definition problem
+                errs.append(MoedslError(f"calling {ex.module_class} as `call({', '.join(ex.call)})` failed: {err}",
+                                        span=(_experts_item(d, kind.name) or d.header).span, code="fn error"))
+                continue
+            ours = declared_output(ex, module, x, index, weights)
+            rel = ((ours - theirs).norm() / theirs.norm().clamp_min(1e-12)).item()
+            details.append(f"{kind.name}: rel. error {rel:.1e}")
+            if not rel < 1e-4:
+                fn_item = next((c for c in (_experts_item(d, kind.name).children or ()) if isinstance(c, ir.ExpertFn)), None)
+                errs.append(MoedslError(
+                    f"the declared expert function does not match {ex.module_class}.forward in layer "
+                    f"{kind.layers[0]} (relative error {rel:.2e})", span=(fn_item or d.header).span, code="fn error",
+                    notes=["check `fn`, `scale`, the tensor layouts and the gate/up split (concat vs interleave)"]))
+    return errs, "; ".join(details) or "no MoE blocks"
