@@ -1,0 +1,428 @@
+"""Quantizing one decoder layer by its plan: stages in order, then a replay with native routing.
+
+For each stage: one forward of the layer over the calibration batches with hooks at the
+stage's capture points, stopped as soon as every capture has fired; then GPTQ for the
+stage's targets, grouped by statistics key; then the quantized weights are written back,
+so later stages (and the next layer) see quantized upstream weights.
+
+Experts never get per-expert hooks. One hook on the experts module sees the tokens and the
+routing; the gate/up statistics are XᵀX (one for all experts under `all`, per expert
+otherwise), and the down-projection statistics come from the declared expert function
+evaluated for all experts at once with batched matmuls, in token chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moedsl.bind.binder import get_path
+from moedsl.bind.bound import BoundExperts, BoundMoe
+from moedsl.bind.validate import expert_weights
+from moedsl.errors import MoedslError
+from moedsl.execute.stats import Hessian
+from moedsl.experts import fn as expert_fn
+from moedsl.experts import layout as fused
+from moedsl.gptq.batched import gptq_quantize_batched, gptq_quantize_shared
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, rtn_quantize
+from moedsl.plan.schema import KindPlan, Policy, Stage, StatsKey, Target
+
+
+class StopForward(Exception):
+    """Raised by a hook once a stage has seen every input it needs."""
+
+
+@dataclass
+class Quantized:
+    """One quantized matrix ready for the writer."""
+
+    ckpt: str  # relative to the layer
+    result: QuantResult
+    bias: torch.Tensor | None
+    expert: bool
+
+
+@dataclass
+class TargetReport:
+    id: str
+    stage: int
+    matrices: int
+    loss: float  # GPTQ objective, summed over matrices
+    error: float  # mean squared output error tr(ΔW H ΔWᵀ)/2, summed over matrices
+    rtn_error: float  # the same for round-to-nearest at the same bits and group size
+    tokens: list[int]  # tokens seen (per expert for expert targets)
+    no_tokens: list[int] = field(default_factory=list)  # experts that saw no calibration token
+    seconds: float = 0.0
+
+
+@dataclass
+class StageReport:
+    index: int
+    seconds: float
+    error: float
+    rtn_error: float
+    targets: list[TargetReport]
+
+
+@dataclass
+class LayerResult:
+    quantized: list[Quantized]
+    stages: list[StageReport]
+    outputs: list[torch.Tensor]
+    starved: dict[str, list[int]]  # experts path -> experts that saw no token (after the policy)
+
+
+def _expert_bound(kind: KindPlan, path: str) -> BoundMoe:
+    for moe in kind.moe:
+        if moe.experts.path == path:
+            return moe
+    raise MoedslError(f"plan error: no MoE block owns experts `{path}`")  # pragma: no cover
+
+
+def _routing(ex: BoundExperts, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens [T, H], chosen experts [T, k]) from the experts module's call, per `call(...)`."""
+    if ex.scale == "input" or ex.call == ("hidden",):
+        raise MoedslError(f"{ex.module_class}: experts whose routing weights scale their input (`scale input`, "
+                          "`call(hidden)`) are not supported by the executor yet")
+    values = dict(zip(ex.call, args))
+    hidden = values.get("hidden")
+    if hidden is None:
+        hidden = kwargs.get("hidden_states")
+    index = values.get("index")
+    if index is None:
+        for name in ("top_k_index", "router_indices", "selected_experts"):
+            index = kwargs.get(name, index)
+    if hidden is None:
+        raise MoedslError(f"{ex.module_class} was called without the tokens the definition's `call(...)` names")
+    return hidden.reshape(-1, hidden.shape[-1]), index
+
+
+def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids sorted by expert, tokens per expert)."""
+    T, k = index.shape
+    flat = index.reshape(-1)
+    tokens = torch.arange(T, device=index.device).repeat_interleave(k)
+    order = torch.argsort(flat, stable=True)
+    return tokens[order], torch.bincount(flat, minlength=E)
+
+
+class LayerQuantizer:
+    def __init__(self, kind: KindPlan, layer: nn.Module, cfg: QuantConfig, policy: Policy, device: torch.device,
+                 chunk_bytes: int = 1 << 30):
+        self.kind = kind
+        self.layer = layer
+        self.cfg = cfg
+        self.policy = policy
+        self.device = device
+        self.chunk_bytes = chunk_bytes
+        self.routed_counts: dict[str, torch.Tensor] = {}  # experts path -> tokens per expert (gate/up stage)
+        self.starved: dict[str, list[int]] = {}
+
+    # -- the whole layer ---------------------------------------------------------------------
+
+    def run(self, inputs: list[torch.Tensor], kwargs: list[dict]) -> LayerResult:
+        quantized: list[Quantized] = []
+        stages = []
+        for stage in self.kind.stages:
+            t0 = time.perf_counter()
+            hessians = self.collect(stage, inputs, kwargs)
+            reports = self.solve(stage, hessians, quantized)
+            seconds = time.perf_counter() - t0
+            stages.append(StageReport(stage.index, seconds, sum(r.error for r in reports),
+                                      sum(r.rtn_error for r in reports), reports))
+        outputs = self.replay(inputs, kwargs)
+        return LayerResult(quantized, stages, outputs, self.starved)
+
+    @torch.no_grad()
+    def replay(self, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+        outs = []
+        for x, kw in zip(inputs, kwargs):
+            y = self.layer(x, **kw)
+            outs.append(y[0] if isinstance(y, tuple) else y)
+        return outs
+
+    # -- statistics --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def collect(self, stage: Stage, inputs: list[torch.Tensor], kwargs: list[dict]) -> dict[str, Hessian]:
+        hessians: dict[str, Hessian] = {}
+        for key in stage.stats:
+            hessians[key.key] = Hessian(key.features, self.device, key.experts if key.per_expert else None)
+        handles = []
+        needed: set[str] = set()
+        fired: set[str] = set()
+        reference: dict[str, torch.Tensor] = {}
+
+        def done(path: str) -> None:
+            fired.add(path)
+            if fired >= needed:
+                raise StopForward
+
+        by_key = {k.key: k for k in stage.stats}
+        # Linear inputs: the key's capture path accumulates; the other members are checked to read the same tensor
+        for key in stage.stats:
+            if key.capture.kind != "linear_input":
+                continue
+            members = [t.path for t in stage.targets if t.stats == key.key]
+            for path in members:
+                module = get_path(self.layer, path)
+                needed.add(path)
+
+                def hook(mod, args, kwargs_, path=path, key=key):
+                    x = args[0] if args else kwargs_["input"]
+                    if path == key.capture.path:
+                        hessians[key.key].add(x)
+                        reference[key.key] = x
+                    else:
+                        ref = reference.get(key.key)
+                        if ref is not None and x is not ref and not (x.shape == ref.shape and torch.equal(x, ref)):
+                            raise MoedslError(
+                                f"plan error: `{path}` and `{key.capture.path}` share statistics `{key.key}` but read "
+                                f"different inputs in {self.kind.layer_class}", notes=[
+                                    "give them different stage numbers in the definition"])
+                    done(path)
+
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        # Experts: one hook per experts module, for its gate/up and down statistics
+        experts_keys: dict[str, list[StatsKey]] = {}
+        for key in stage.stats:
+            if key.capture.kind in ("experts_input", "experts_hidden"):
+                experts_keys.setdefault(key.capture.path, []).append(key)
+        all_tokens: dict[str, Hessian] = {}
+        router_out: dict[str, torch.Tensor] = {}
+        for path, keys in experts_keys.items():
+            moe = _expert_bound(self.kind, path)
+            ex = moe.experts
+            module = get_path(self.layer, path)
+            needed.add(path)
+            if self.policy.kind == "auto" and any(k.capture.kind == "experts_input" and k.per_expert for k in keys):
+                all_tokens[path] = Hessian(ex.hidden_size, self.device)
+            if self.policy.kind == "topk":
+                if moe.router is None:
+                    raise MoedslError(f"policy {self.policy} needs the router of `{moe.path}`, which the definition does "
+                                      "not name (`:router`)")
+                router = get_path(self.layer, moe.router)
+
+                def router_hook(mod, args, output, path=path, E=ex.num_experts):
+                    outs = output if isinstance(output, tuple) else (output,)
+                    scores = next((o for o in outs if torch.is_tensor(o) and o.shape[-1] == E and o.is_floating_point()),
+                                  None)
+                    if scores is None:
+                        raise MoedslError(f"policy {self.policy}: the router of `{path}` returned no [T, {E}] scores")
+                    router_out[path] = scores.reshape(-1, E)
+
+                handles.append(router.register_forward_hook(router_hook))
+
+            def experts_hook(mod, args, kwargs_, path=path, keys=keys, ex=ex):
+                x, index = _routing(ex, args, kwargs_)
+                if self.policy.kind == "topk":
+                    index = router_out[path].topk(min(self.policy.top_k, ex.num_experts), dim=-1).indices
+                for key in keys:
+                    if key.capture.kind == "experts_input":
+                        self.add_experts_input(hessians[key.key], key, x, index, ex, all_tokens.get(path))
+                    else:
+                        self.add_experts_hidden(hessians[key.key], key, x, index, ex, mod)
+                done(path)
+
+            handles.append(module.register_forward_pre_hook(experts_hook, with_kwargs=True))
+        try:
+            for x, kw in zip(inputs, kwargs):
+                fired.clear()
+                reference.clear()
+                try:
+                    self.layer(x, **kw)
+                except StopForward:
+                    pass
+                missing = needed - fired
+                if missing:
+                    raise MoedslError(f"stage {stage.index}: {', '.join(sorted(missing))} never ran during the forward "
+                                      f"of {self.kind.layer_class}", notes=["is the module on the forward path?"])
+        finally:
+            for h in handles:
+                h.remove()
+        # policy for experts that saw too few tokens
+        for path, keys in experts_keys.items():
+            for key in keys:
+                if key.capture.kind != "experts_input" or not key.per_expert:
+                    continue
+                h = hessians[key.key]
+                counts = h.count.clone()
+                self.routed_counts[path] = counts
+                if self.policy.kind == "auto":
+                    low = (counts < self.policy.min_tokens).nonzero().flatten()
+                    for e in low.tolist():
+                        h.sum[e] = all_tokens[path].sum
+                        h.count[e] = all_tokens[path].count
+        return hessians
+
+    def add_experts_input(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
+                          ex: BoundExperts, all_tokens: Hessian | None) -> None:
+        if not key.per_expert:
+            h.add(x)
+            return
+        if index is None:
+            raise MoedslError(f"{ex.module_class}: routed statistics need the chosen experts (`index` in `call(...)`)")
+        if all_tokens is not None:
+            all_tokens.add(x)
+        order, counts = _tokens_by_expert(index, ex.num_experts)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                h.add_expert(e, x[order[start:start + n]])
+            start += n
+
+    def add_experts_hidden(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
+                           ex: BoundExperts, module: nn.Module) -> None:
+        w, b = expert_weights(ex, module)
+        dtype = x.dtype
+        if not key.per_expert:
+            # every expert on every token: [E, chunk, I] at a time, bounded by chunk_bytes
+            per_token = ex.num_experts * ex.intermediate_size * 4 * 3
+            chunk = max(1, min(x.shape[0], self.chunk_bytes // per_token))
+            for s in range(0, x.shape[0], chunk):
+                xc = x[s:s + chunk].to(dtype)
+                hid = expert_fn.hidden(xc, ex.fn, w, b)
+                h.add_batched(hid, xc.shape[0])
+            return
+        counts_before = self.routed_counts.get(ex.path)
+        low = set()
+        if self.policy.kind == "auto" and counts_before is not None:
+            low = set((counts_before < self.policy.min_tokens).nonzero().flatten().tolist())
+        order, counts = _tokens_by_expert(index, ex.num_experts)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            xe = x if e in low else x[order[start:start + n]]
+            start += n
+            if xe.shape[0] == 0:
+                continue
+            we = {r: t[e:e + 1] for r, t in w.items()}
+            be = {r: (t[e:e + 1] if t is not None else None) for r, t in b.items()}
+            h.add_expert(e, expert_fn.hidden(xe, ex.fn, we, be)[0])
+
+    # -- solving -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def solve(self, stage: Stage, hessians: dict[str, Hessian], out: list[Quantized]) -> list[TargetReport]:
+        reports: list[TargetReport] = []
+        groups: dict[str, list[Target]] = {}
+        for t in stage.targets:
+            groups.setdefault(t.stats, []).append(t)
+        by_key = {k.key: k for k in stage.stats}
+        for key_name, targets in groups.items():
+            t0 = time.perf_counter()
+            key = by_key[key_name]
+            hess = hessians[key_name]
+            H = hess.finalize()
+            if targets[0].kind == "linear":
+                reports += self.solve_linears(stage, targets, H, int(hess.count), out)
+            else:
+                reports += self.solve_experts(stage, targets, key, H, hess.count, out)
+            spent = time.perf_counter() - t0
+            for r in reports[-len(targets):]:
+                r.seconds = spent / len(targets)
+        return reports
+
+    def solve_linears(self, stage: Stage, targets: list[Target], H: torch.Tensor, tokens: int,
+                      out: list[Quantized]) -> list[TargetReport]:
+        modules = [get_path(self.layer, t.path) for t in targets]
+        Ws = [m.weight.detach().to(self.device, torch.float32, copy=True) for m in modules]
+        results = gptq_quantize_shared(Ws, H, self.cfg)
+        reports = []
+        for t, m, W, r in zip(targets, modules, Ws, results):
+            m.weight.data.copy_(r.weight.to(m.weight.dtype))
+            err, rtn = _output_error(W[None], r.weight[None], H, self.cfg)
+            reports.append(TargetReport(t.id, stage.index, 1, r.loss, float(err.sum()), float(rtn.sum()), [tokens]))
+            out.append(Quantized(t.ckpt, _slim(r), m.bias.detach().cpu() if m.bias is not None else None, False))
+        return reports
+
+    def solve_experts(self, stage: Stage, targets: list[Target], key: StatsKey, H: torch.Tensor, counts: torch.Tensor,
+                      out: list[Quantized]) -> list[TargetReport]:
+        ex = _expert_bound(self.kind, targets[0].path if targets[0].kind == "fused" else _experts_path(targets[0])).experts
+        module = get_path(self.layer, ex.path)
+        w, b = expert_weights(ex, module)
+        E = ex.num_experts
+        Ws = [w[t.role].detach().to(self.device, torch.float32, copy=True) for t in targets]  # each [E, out, in]
+        no_tokens: list[int] = []
+        if key.per_expert:
+            starved = (counts == 0)
+            no_tokens = starved.nonzero().flatten().tolist()
+            if no_tokens:
+                # an expert that saw no token has no statistics: an identity Hessian makes GPTQ round to nearest
+                eye = torch.eye(H.shape[-1], device=H.device)
+                H = torch.where(starved[:, None, None], eye, H)
+                self.starved[ex.path] = sorted(set(self.starved.get(ex.path, [])) | set(no_tokens))
+            stacked = torch.cat(Ws, dim=1)  # [E, Σout, in]: an expert's gate and up share its Hessian
+            per_expert = gptq_quantize_batched(stacked, H, self.cfg)
+            results: list[list[QuantResult]] = [[] for _ in targets]
+            for r in per_expert:
+                start = 0
+                for j, W in enumerate(Ws):
+                    rows = slice(start, start + W.shape[1])
+                    results[j].append(QuantResult(weight=r.weight[rows], codes=r.codes[rows], scales=r.scales[rows],
+                                                  zeros=r.zeros[rows], g_idx=r.g_idx, loss=0.0, damp=r.damp))
+                    start += W.shape[1]
+            Hs = H
+            tokens = counts.tolist()
+        else:
+            flat = torch.cat([W.reshape(-1, W.shape[-1]) for W in Ws])  # all experts' gate and up rows: one solve
+            whole = gptq_quantize_shared([flat], H, self.cfg)[0]
+            results = []
+            start = 0
+            for W in Ws:
+                per = []
+                for e in range(E):
+                    rows = slice(start, start + W.shape[1])
+                    per.append(QuantResult(weight=whole.weight[rows], codes=whole.codes[rows],
+                                           scales=whole.scales[rows], zeros=whole.zeros[rows], g_idx=whole.g_idx,
+                                           loss=0.0, damp=whole.damp))
+                    start += W.shape[1]
+                results.append(per)
+            Hs = H[None]
+            tokens = [int(counts)] * E
+        reports = []
+        for t, W, res in zip(targets, Ws, results):
+            Q = torch.stack([r.weight for r in res])
+            self.write_expert(ex, module, t, Q)
+            err, rtn = _output_error(W, Q, Hs, self.cfg)
+            loss = float((((W - Q) ** 2).sum()))
+            reports.append(TargetReport(t.id, stage.index, E, loss, float(err.sum()), float(rtn.sum()), tokens,
+                                        no_tokens))
+            bias = b.get(t.role)
+            for e, r in enumerate(res):
+                out.append(Quantized(t.ckpt.format(e=e), _slim(r),
+                                     bias[e].detach().cpu() if bias is not None else None, True))
+        return reports
+
+    def write_expert(self, ex: BoundExperts, module: nn.Module, t: Target, Q: torch.Tensor) -> None:
+        if t.kind == "fused":
+            tensor = next(x for x in ex.tensors if x.name == t.param)
+            fused.write(get_path(module, t.param), tensor.layout, tensor.split, tensor.roles, t.role, ex.num_experts,
+                        Q.to(self.device))
+            return
+        rel = t.path[len(ex.path) + 1:].split(".", 1)[1]
+        for e in range(ex.num_experts):
+            lin = get_path(module, f"{e}.{rel}")
+            lin.weight.data.copy_(Q[e].to(lin.weight.dtype))
+
+
+def _experts_path(t: Target) -> str:
+    return t.path.split(".{e}.")[0]
+
+
+def _slim(r: QuantResult) -> QuantResult:
+    """What the writer needs, on the CPU, without holding the GPU copy."""
+    return QuantResult(weight=r.weight.detach().cpu(), codes=r.codes.detach().cpu(), scales=r.scales.detach().cpu(),
+                       zeros=r.zeros.detach().cpu(), g_idx=r.g_idx.detach().cpu(), loss=r.loss, damp=r.damp)
+
+
+def _output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared output error per matrix, tr(ΔW H ΔWᵀ)/2 (H = 2/n Σxxᵀ), for GPTQ's Q and for RTN."""
+    rtn = torch.stack([rtn_quantize(w, cfg).weight for w in W])
+    out = []
+    for Qx in (Q, rtn):
+        d = (W - Qx.to(W.device)).float()
+        out.append(((d @ H) * d).sum(dim=(1, 2)) / 2)
+    return out[0], out[1]

@@ -1,0 +1,42 @@
+"""Second-moment statistics (GPTQ's Hessians), one per statistics key of the plan.
+
+H = (2/n) Σ x xᵀ over the n input rows a key saw, accumulated in fp32. A per-expert key
+holds E Hessians and E token counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Hessian:
+    """One Hessian (E=None) or a stack of E Hessians, accumulated over token batches."""
+
+    def __init__(self, features: int, device: torch.device, experts: int | None = None):
+        shape = (features, features) if experts is None else (experts, features, features)
+        self.sum = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.count = torch.zeros(() if experts is None else (experts,), dtype=torch.int64, device=device)
+        self.experts = experts
+
+    def add(self, x: torch.Tensor) -> None:
+        """x [n, features]: rows seen by the (single) matrix."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def add_expert(self, e: int, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum[e].addmm_(x.t(), x)
+        self.count[e] += x.shape[0]
+
+    def add_batched(self, h: torch.Tensor, counts: torch.Tensor | int) -> None:
+        """h [E, n, features]: every expert's rows (rows of zeros add nothing)."""
+        hf = h.float()
+        self.sum.baddbmm_(hf.transpose(1, 2), hf)
+        self.count += counts
+
+    def finalize(self) -> torch.Tensor:
+        """(2/n) Σ x xᵀ; a key that saw nothing stays all zeros (GPTQ then treats every column as dead)."""
+        n = self.count.clamp_min(1).float()
+        scale = 2.0 / n
+        return self.sum * (scale if self.experts is None else scale[:, None, None])

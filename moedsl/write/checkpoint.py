@@ -1,0 +1,311 @@
+"""Streaming checkpoint writer: quantized modules and plain tensors in, safetensors shards out.
+
+    writer = CheckpointWriter(out_dir, "gptq", cfg)
+    for each decoder layer:
+        writer.add_quantized("model.layers.3.mlp.experts.7.down_proj", result, bias=None, dtype=torch.bfloat16)
+        writer.add_tensor("model.layers.3.input_layernorm.weight", norm_weight)
+        writer.flush_shard("layer-00003.safetensors")
+    writer.add_tensor(...); writer.flush_shard("rest.safetensors")
+    writer.finalize(model_config_dict, {"generation_config.json": {...}})
+
+Guarantees:
+  * a shard appears under its final name only once it is completely written (written to a
+    hidden temporary name, fsynced, then renamed), so a killed run never leaves a
+    half-written shard that looks finished; `adopt_shard` re-registers finished shards when
+    a run resumes;
+  * the same inputs give byte-identical files (sorted keys, no timestamps);
+  * bad input raises MoedslError before anything is written for that module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moedsl.errors import MoedslError
+from moedsl.gptq.quantizer import QuantConfig, QuantResult
+from moedsl.write.compressed_tensors import check_ct_config, ct_quantization_config, ct_tensors
+from moedsl.write.gptq_format import CheckpointFormat, check_gptq_config, gptq_quantize_config, gptq_tensors
+
+Format = Literal["gptq", "compressed-tensors"]
+FORMATS = ("gptq", "compressed-tensors")
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+QUANTIZE_CONFIG_NAME = "quantize_config.json"
+RESERVED = (INDEX_NAME, CONFIG_NAME, QUANTIZE_CONFIG_NAME)
+
+
+def required_scale_dtype(fmt: Format, model_dtype: torch.dtype) -> str:
+    """The QuantConfig.scale_dtype that makes `fmt` store exactly the quantizer's scales."""
+    if fmt == "gptq":
+        return "float16"
+    return str(model_dtype).removeprefix("torch.")
+
+
+class CheckpointWriter:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        fmt: Format,
+        cfg: QuantConfig,
+        *,
+        ignore: list[str] | tuple[str, ...] = ("lm_head",),
+        gptq_checkpoint_format: CheckpointFormat = "gptq",
+        extra_quantization_config: Mapping[str, Any] | None = None,
+        quantizer: str = "moedsl",
+    ):
+        """fmt: "gptq" or "compressed-tensors".
+
+        ignore: compressed-tensors only: module names (or "re:" patterns) that are Linear but
+            not quantized. Every 2-D `*.weight` added with add_tensor is added automatically.
+        gptq_checkpoint_format: "gptq" (v1, zero − 1 stored; the default every loader reads)
+            or "gptq_v2" (zero stored as is).
+        extra_quantization_config: merged last into the quantization config (e.g. GPTQ's
+            `dynamic` per-module overrides).
+        """
+        if fmt not in FORMATS:
+            raise MoedslError(f"unknown checkpoint format `{fmt}`", expected=list(FORMATS), code="write")
+        if fmt == "gptq":
+            check_gptq_config(cfg, gptq_checkpoint_format)
+        else:
+            check_ct_config(cfg)
+        self.out_dir = Path(out_dir)
+        self.fmt = fmt
+        self.cfg = cfg
+        self.gptq_checkpoint_format = gptq_checkpoint_format
+        self.extra_quantization_config = dict(extra_quantization_config or {})
+        self.quantizer = quantizer
+        self._ignore = set(ignore)
+        self._pending: dict[str, torch.Tensor] = {}
+        self._weight_map: dict[str, str] = {}  # key -> shard file name, for flushed tensors
+        self._shard_bytes: dict[str, int] = {}
+        self._finalized = False
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- adding -----------------------------------------------------------------------
+
+    def add_quantized(
+        self,
+        name: str,
+        result: QuantResult,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        *,
+        expert: bool = False,
+    ) -> None:
+        """Add the quantized module `name` (checkpoint name without `.weight`).
+
+        dtype: the model dtype; compressed-tensors stores scales and bias in it, GPTQ stores
+            bias in it (GPTQ scales are always float16).
+        expert: the module is a routed MoE expert (compressed-tensors refuses asymmetric ones).
+        """
+        self._check_open()
+        self._check_name(name)
+        if self.fmt == "gptq":
+            tensors = gptq_tensors(name, result, self.cfg, bias, dtype, self.gptq_checkpoint_format)
+        else:
+            tensors = ct_tensors(name, result, self.cfg, dtype, bias, expert)
+        # clone: results may share storage (one g_idx for matrices that shared a Hessian), which safetensors refuses
+        keys = {f"{name}.{local}": t.clone() for local, t in tensors.items()}
+        for key in keys:
+            self._check_new_key(key)
+        self._pending.update(keys)
+
+    def add_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        """Add an unquantized tensor, stored unchanged under `key` (a copy is taken now)."""
+        self._check_open()
+        if not isinstance(key, str) or not key or key != key.strip():
+            raise MoedslError(f"invalid tensor key {key!r}", code="write")
+        if not isinstance(tensor, torch.Tensor):
+            raise MoedslError(f"`{key}` is a {type(tensor).__name__}, not a tensor", code="write")
+        self._check_new_key(key)
+        self._pending[key] = tensor.detach().to("cpu", copy=True).contiguous()
+        if key.endswith(".weight") and tensor.dim() == 2:
+            self._ignore.add(key.removesuffix(".weight"))
+
+    # ---- shards -----------------------------------------------------------------------
+
+    def flush_shard(self, shard_name: str) -> Path | None:
+        """Write everything added since the last flush to `shard_name`; None if nothing was added."""
+        self._check_open()
+        self._check_shard_name(shard_name)
+        if not self._pending:
+            return None
+        tensors = dict(sorted(self._pending.items()))
+        path = self.out_dir / shard_name
+        tmp = self.out_dir / f".{shard_name}.partial"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        _fsync(tmp)
+        os.replace(tmp, path)
+        for key in tensors:
+            self._weight_map[key] = shard_name
+        self._shard_bytes[shard_name] = sum(t.numel() * t.element_size() for t in tensors.values())
+        self._pending.clear()
+        return path
+
+    def adopt_shard(self, shard_name: str) -> list[str]:
+        """Register a shard finished by an earlier (killed) run, so finalize indexes it; its keys."""
+        self._check_open()
+        self._check_shard_name(shard_name)
+        path = self.out_dir / shard_name
+        if not path.is_file():
+            raise MoedslError(f"cannot adopt shard `{shard_name}`: {path} does not exist", code="write")
+        total = 0
+        keys = []
+        with safe_open(str(path), framework="pt") as f:
+            for key in sorted(f.keys()):
+                self._check_new_key(key)
+                piece = f.get_slice(key)
+                shape = piece.get_shape()
+                numel = 1
+                for n in shape:
+                    numel *= n
+                total += numel * _dtype_size(piece.get_dtype())
+                keys.append(key)
+                if key.endswith(".weight") and len(shape) == 2:
+                    self._ignore.add(key.removesuffix(".weight"))
+        for key in keys:
+            self._weight_map[key] = shard_name
+        self._shard_bytes[shard_name] = total
+        return keys
+
+    def has_shard(self, shard_name: str) -> bool:
+        return shard_name in self._shard_bytes
+
+    # ---- the end ----------------------------------------------------------------------
+
+    def quantization_config(self) -> dict:
+        if self.fmt == "gptq":
+            qc = gptq_quantize_config(self.cfg, self.gptq_checkpoint_format, self.quantizer)
+        else:
+            qc = ct_quantization_config(self.cfg, sorted(self._ignore))
+        qc.update(self.extra_quantization_config)
+        return qc
+
+    def finalize(self, config: Mapping[str, Any], extra_files: Mapping[str, Any] | None = None) -> None:
+        """Write the index, config.json (with quantization_config), quantize_config.json (GPTQ)
+        and `extra_files` (name -> str, bytes, or a dict/list written as JSON). config.json is
+        written last, so its presence marks a finished checkpoint."""
+        self._check_open()
+        if self._pending:
+            raise MoedslError(
+                f"{len(self._pending)} tensor(s) were added after the last flush_shard "
+                f"(e.g. `{next(iter(sorted(self._pending)))}`); flush them into a shard before finalize",
+                code="write",
+            )
+        if not self._weight_map:
+            raise MoedslError("nothing to finalize: no shard was written", code="write")
+        extra_files = dict(extra_files or {})
+        for name in extra_files:
+            if not _plain_file_name(name) or name in RESERVED or name in self._shard_bytes:
+                raise MoedslError(
+                    f"extra file name `{name}` is not a plain file name or collides with a file the writer owns",
+                    code="write",
+                )
+        qc = self.quantization_config()
+        index = {
+            "metadata": {"total_size": sum(self._shard_bytes.values())},
+            "weight_map": dict(sorted(self._weight_map.items())),
+        }
+        _write_atomic(self.out_dir / INDEX_NAME, _json_bytes(index))
+        if self.fmt == "gptq":
+            _write_atomic(self.out_dir / QUANTIZE_CONFIG_NAME, _json_bytes(qc))
+        for name in sorted(extra_files):
+            content = extra_files[name]
+            if isinstance(content, str):
+                content = content.encode()
+            elif not isinstance(content, bytes):
+                content = _json_bytes(content)
+            _write_atomic(self.out_dir / name, content)
+        full = dict(config)
+        full["quantization_config"] = qc
+        _write_atomic(self.out_dir / CONFIG_NAME, _json_bytes(full))
+        self._finalized = True
+
+    # ---- checks -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._finalized:
+            raise MoedslError("this checkpoint writer has already been finalized", code="write")
+
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or name != name.strip() or name.endswith("."):
+            raise MoedslError(f"invalid module name {name!r}", code="write")
+        if name.endswith(".weight"):
+            raise MoedslError(
+                f"module name `{name}` ends in `.weight`; pass the module name without it",
+                suggestion=name.removesuffix(".weight"),
+                code="write",
+            )
+
+    def _check_new_key(self, key: str) -> None:
+        if key in self._pending or key in self._weight_map:
+            where = self._weight_map.get(key, "the current shard")
+            raise MoedslError(f"tensor `{key}` was already added (in {where})", code="write")
+
+    def _check_shard_name(self, shard_name: str) -> None:
+        if not _plain_file_name(shard_name) or not shard_name.endswith(".safetensors"):
+            raise MoedslError(
+                f"shard name `{shard_name}` must be a plain file name ending in .safetensors", code="write"
+            )
+        if shard_name in self._shard_bytes:
+            raise MoedslError(f"shard `{shard_name}` was already written", code="write")
+
+
+def _plain_file_name(name: str) -> bool:
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and name not in (".", "..")
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+
+
+def _json_bytes(obj: Any) -> bytes:
+    def default(o):
+        if isinstance(o, torch.dtype):
+            return str(o).removeprefix("torch.")
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+    return (json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n").encode()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_DTYPE_SIZES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+def _dtype_size(name: str) -> int:
+    try:
+        return _DTYPE_SIZES[name.upper()]
+    except KeyError:
+        raise MoedslError(f"unknown safetensors dtype {name}", code="write") from None
