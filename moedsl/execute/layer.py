@@ -111,7 +111,10 @@ def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.
 
 class LayerQuantizer:
     def __init__(self, kind: KindPlan, layer: nn.Module, cfg: QuantConfig, policy: Policy, device: torch.device,
-                 chunk_bytes: int = 1 << 30):
+                 chunk_bytes: int = 1 << 30, batched: bool = True, measure_error: bool = True):
+        """batched=False is the reference path: one expert at a time, one GPTQ solve per matrix."""
+        self.batched = batched
+        self.measure_error = measure_error
         self.kind = kind
         self.layer = layer
         self.cfg = cfg
@@ -278,7 +281,13 @@ class LayerQuantizer:
                            ex: BoundExperts, module: nn.Module) -> None:
         w, b = expert_weights(ex, module)
         dtype = x.dtype
-        if not key.per_expert:
+        if key.tokens == "all" and not self.batched:
+            for e in range(ex.num_experts):
+                we = {r: t[e:e + 1] for r, t in w.items()}
+                be = {r: (t[e:e + 1] if t is not None else None) for r, t in b.items()}
+                h.add_expert(e, expert_fn.hidden(x, ex.fn, we, be)[0])
+            return
+        if key.tokens == "all":
             # every expert on every token: [E, chunk, I] at a time, bounded by chunk_bytes
             per_token = ex.num_experts * ex.intermediate_size * 4 * 3
             chunk = max(1, min(x.shape[0], self.chunk_bytes // per_token))
@@ -333,7 +342,8 @@ class LayerQuantizer:
         reports = []
         for t, m, W, r in zip(targets, modules, Ws, results):
             m.weight.data.copy_(r.weight.to(m.weight.dtype))
-            err, rtn = _output_error(W[None], r.weight[None], H, self.cfg)
+            err, rtn = (_output_error(W[None], r.weight[None], H, self.cfg) if self.measure_error
+                        else (torch.zeros(1), torch.zeros(1)))
             reports.append(TargetReport(t.id, stage.index, 1, r.loss, float(err.sum()), float(rtn.sum()), [tokens]))
             out.append(Quantized(t.ckpt, _slim(r), m.bias.detach().cpu() if m.bias is not None else None, False))
         return reports
@@ -346,6 +356,8 @@ class LayerQuantizer:
         E = ex.num_experts
         Ws = [w[t.role].detach().to(self.device, torch.float32, copy=True) for t in targets]  # each [E, out, in]
         no_tokens: list[int] = []
+        if not self.batched:
+            return self.solve_experts_one_by_one(stage, targets, key, H, counts, ex, module, Ws, b, out)
         if key.per_expert:
             starved = (counts == 0)
             no_tokens = starved.nonzero().flatten().tolist()
@@ -367,8 +379,8 @@ class LayerQuantizer:
             Hs = H
             tokens = counts.tolist()
         else:
-            flat = torch.cat([W.reshape(-1, W.shape[-1]) for W in Ws])  # all experts' gate and up rows: one solve
-            whole = gptq_quantize_shared([flat], H, self.cfg)[0]
+            flat = torch.cat([W.reshape(-1, W.shape[-1]) for W in Ws])  # all experts' gate and up rows: one Hessian
+            whole = _solve_rows(flat, H, self.cfg, self.chunk_bytes)
             results = []
             start = 0
             for W in Ws:
@@ -382,11 +394,31 @@ class LayerQuantizer:
                 results.append(per)
             Hs = H[None]
             tokens = [int(counts)] * E
+        return self.finish_experts(stage, targets, ex, module, Ws, results, Hs, tokens, no_tokens, b, out)
+
+    def solve_experts_one_by_one(self, stage, targets, key, H, counts, ex, module, Ws, b, out) -> list[TargetReport]:
+        E = ex.num_experts
+        no_tokens = (counts == 0).nonzero().flatten().tolist() if key.per_expert else []
+        eye = torch.eye(H.shape[-1], device=H.device)
+        results: list[list[QuantResult]] = [[] for _ in targets]
+        for e in range(E):
+            He = (eye if e in no_tokens else H[e]) if key.per_expert else H
+            for j, W in enumerate(Ws):
+                r = gptq_quantize_shared([W[e]], He, self.cfg)[0]
+                results[j].append(r)
+        if no_tokens:
+            self.starved[ex.path] = sorted(set(self.starved.get(ex.path, [])) | set(no_tokens))
+        Hs = torch.where((counts == 0)[:, None, None], eye, H) if key.per_expert else H[None]
+        tokens = counts.tolist() if key.per_expert else [int(counts)] * E
+        return self.finish_experts(stage, targets, ex, module, Ws, results, Hs, tokens, no_tokens, b, out)
+
+    def finish_experts(self, stage, targets, ex, module, Ws, results, Hs, tokens, no_tokens, b, out) -> list[TargetReport]:
+        E = ex.num_experts
         reports = []
         for t, W, res in zip(targets, Ws, results):
             Q = torch.stack([r.weight for r in res])
             self.write_expert(ex, module, t, Q)
-            err, rtn = _output_error(W, Q, Hs, self.cfg)
+            err, rtn = _output_error(W, Q, Hs, self.cfg) if self.measure_error else (torch.zeros(1), torch.zeros(1))
             loss = float((((W - Q) ** 2).sum()))
             reports.append(TargetReport(t.id, stage.index, E, loss, float(err.sum()), float(rtn.sum()), tokens,
                                         no_tokens))
@@ -406,6 +438,18 @@ class LayerQuantizer:
         for e in range(ex.num_experts):
             lin = get_path(module, f"{e}.{rel}")
             lin.weight.data.copy_(Q[e].to(lin.weight.dtype))
+
+
+def _solve_rows(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, chunk_bytes: int) -> QuantResult:
+    """GPTQ of a tall matrix against one Hessian, in row chunks: rows are independent given H, so the
+    result equals one solve, while memory stays bounded (all experts' gate and up rows are many)."""
+    rows = max(1, chunk_bytes // (W.shape[1] * 4 * 6))
+    if W.shape[0] <= rows:
+        return gptq_quantize_shared([W], H, cfg)[0]
+    parts = [gptq_quantize_shared([W[s:s + rows]], H, cfg)[0] for s in range(0, W.shape[0], rows)]
+    return QuantResult(weight=torch.cat([p.weight for p in parts]), codes=torch.cat([p.codes for p in parts]),
+                       scales=torch.cat([p.scales for p in parts]), zeros=torch.cat([p.zeros for p in parts]),
+                       g_idx=parts[0].g_idx, loss=sum(p.loss for p in parts), damp=max(p.damp for p in parts))
 
 
 def _experts_path(t: Target) -> str:

@@ -67,7 +67,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[Quan
     Hinv, damp = inverse_hessian_factor(H, cfg)
 
     Q = torch.zeros_like(W)
-    codes = torch.zeros_like(W)
+    codes = torch.zeros_like(W, dtype=torch.uint8)
     losses = torch.zeros(rows, device=W.device)
     # Group of each column position in solve order.
     if fixed_grids:
@@ -124,7 +124,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[Quan
     g_idx = group_of[inv].to(torch.int32)
     result = QuantResult(
         weight=Q[:, inv],
-        codes=codes[:, inv].to(torch.uint8),
+        codes=codes[:, inv],
         scales=scales,
         zeros=zeros.to(torch.int32),
         g_idx=g_idx,

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from moedsl.errors import MoedslError
+from moedsl.errors import MoedslError, nearest
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -45,11 +45,14 @@ class QuantConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
-                for err in e.errors()
-            )
-            raise MoedslError(f"invalid quantization config: {problems}", code="config") from None
+            raise _config_error(e) from None
+
+    @classmethod
+    def model_validate(cls, obj, **kwargs) -> "QuantConfig":
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as e:
+            raise _config_error(e) from None
 
     @field_validator("bits")
     @classmethod
@@ -99,6 +102,18 @@ class QuantConfig(BaseModel):
 
     def group_width(self, columns: int) -> int:
         return columns if self.group_size == -1 else self.group_size
+
+
+def _config_error(e: ValidationError) -> MoedslError:
+    problems = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            hint = nearest(where, QuantConfig.model_fields)
+            problems.append(f"unknown option `{where}`" + (f" (did you mean `{hint}`?)" if hint else ""))
+        else:
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return MoedslError(f"invalid quantization config: {'; '.join(problems)}", code="config")
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,136 @@
+"""One MoE decoder layer, quantized under the `all` policy: the fast path against the unbatched path.
+
+Shapes (random weights, built from transformers' qwen3_moe classes):
+  qwen3_30b   H=2048, I=768,  128 experts, top-8 (Qwen3-30B-A3B's MoE layer)
+  glm45_air   H=4096, I=1408, 128 experts, top-8 (GLM-4.5-Air's MoE-layer shape)
+Calibration: `--seqs` × `--seq-len` random tokens (default 64 × 2048), 4-bit, group 128.
+
+The timed region is the whole layer: statistics, solves, write-back and the replay that
+produces the next layer's inputs. `max_abs_weight_diff` compares the fast and unbatched
+paths' quantized weights on a small fp32 layer. Prints one JSON line.
+
+    python bench/moe_layer.py                      # on CUDA
+    python bench/moe_layer.py --shape glm45_air
+    python bench/moe_layer.py --small --device cpu # a few seconds, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+SHAPES = {
+    "qwen3_30b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128),
+    "glm45_air": dict(hidden_size=4096, moe_intermediate_size=1408, num_experts=128, num_experts_per_tok=8,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128),
+    "small": dict(hidden_size=256, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+}
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3_moe", num_hidden_layers=1, vocab_size=1024, intermediate_size=1024,
+                                  max_position_embeddings=4096, **SHAPES[shape])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    return model
+
+
+def layer_inputs(model, plan, seqs: int, seq_len: int, batch: int, device: torch.device, seed: int = 0):
+    from moedsl.execute.run import capture_layer_inputs
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (seqs, seq_len), generator=g)
+    hidden, kwargs = capture_layer_inputs(model, plan, list(ids.split(batch)), device, device)
+    return hidden, kwargs[0]
+
+
+def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device):
+    from moedsl.execute.layer import LayerQuantizer
+    from moedsl.gptq.quantizer import QuantConfig
+
+    layer = model.model.layers[0]
+    cfg = QuantConfig(bits=4, group_size=128)
+    q = LayerQuantizer(plan.kinds[0], layer, cfg, plan.policy, device, chunk_bytes=2 << 30, batched=batched,
+                       measure_error=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    result = q.run(hidden, kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return seconds, peak, result
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3_30b", choices=["qwen3_30b", "glm45_air"])
+    p.add_argument("--small", action="store_true", help="a shrunk layer and few tokens (seconds on a CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seqs", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8, help="sequences per forward")
+    p.add_argument("--no-unbatched", action="store_true", help="skip timing the unbatched path on the full shape")
+    args = p.parse_args(argv)
+
+    from moedsl.lang.library import load
+    from moedsl.plan.compiler import compile_plan
+    from moedsl.plan.schema import Policy
+
+    device = torch.device(args.device)
+    shape = "small" if args.small else args.shape
+    seqs, seq_len = (8, 128) if args.small else (args.seqs, args.seq_len)
+    definition = load("qwen3_moe")
+    out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "shape": shape,
+                 "tokens": seqs * seq_len, "bits": 4, "group_size": 128, "policy": "all"}
+
+    # 1. the full-size layer: fast path, then the unbatched path on the same starting weights
+    model = build(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    plan = compile_plan(definition, model, policy=Policy(kind="all"), tokens=seqs * seq_len)
+    hidden, kwargs = layer_inputs(model, plan, seqs, seq_len, args.batch, device)
+    original = {k: v.detach().to("cpu", copy=True) for k, v in model.model.layers[0].state_dict().items()}
+    run_path(model, plan, hidden, kwargs, True, device)  # warm-up: kernels, allocator, cuBLAS handles
+    model.model.layers[0].load_state_dict(original)
+    seconds, peak, result = run_path(model, plan, hidden, kwargs, True, device)
+    out["seconds_per_layer"] = round(seconds, 3)
+    out["stage_seconds"] = {s.index: round(s.seconds, 3) for s in result.stages}
+    out["peak_gpu_gib"] = round(peak, 2) if peak is not None else None
+    if not args.no_unbatched:
+        model.model.layers[0].load_state_dict(original)
+        unbatched, _, _ = run_path(model, plan, hidden, kwargs, False, device)
+        out["unbatched_seconds"] = round(unbatched, 3)
+        out["speedup"] = round(unbatched / seconds, 1)
+    del model, hidden, kwargs, result, original
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # 2. equality of the two paths on a small fp32 layer
+    small = build("small", device, torch.float32)
+    splan = compile_plan(definition, small, policy=Policy(kind="all"), tokens=8 * 128)
+    shidden, skwargs = layer_inputs(small, splan, 8, 128, 4, device)
+    twin = copy.deepcopy(small)
+    run_path(small, splan, shidden, skwargs, True, device)
+    run_path(twin, splan, shidden, skwargs, False, device)
+    a, b = small.model.layers[0].state_dict(), twin.model.layers[0].state_dict()
+    diffs = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
+    out["max_abs_weight_diff"] = max(diffs.values())
+    out["max_abs_weight_diff_param"] = max(diffs, key=diffs.get)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The GPTQ checkpoint layout (AutoGPTQ / GPTQModel "gptq" v1), one module at a time.
+
+For a Linear with weight [out, in], quantized with G groups (docs/formats.md has the
+details):
+
+    qweight  int32 [in·bits/32, out]   codes packed along the input dim
+    qzeros   int32 [G, out·bits/32]    zero-points packed along the output dim, stored as
+                                       zero − 1 in v1 ("gptq"), as zero in "gptq_v2"
+    scales   fp16  [G, out]
+    g_idx    int32 [in]                group of each input column
+    bias     copied if present
+
+A loader computes  w[o, i] = scales[g, o] · (q[i, o] − z[g, o])  with g = g_idx[i].
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from moedsl.errors import MoedslError
+from moedsl.gptq.quantizer import QuantConfig, QuantResult
+from moedsl.write.pack import check_result, check_scales_fit, pack
+
+GPTQ_BITS = (2, 3, 4, 8)
+CheckpointFormat = Literal["gptq", "gptq_v2"]
+
+
+def check_gptq_config(cfg: QuantConfig, checkpoint_format: str = "gptq") -> None:
+    """What the GPTQ format cannot store, found before any work is done."""
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise MoedslError(
+            f"unknown GPTQ checkpoint_format `{checkpoint_format}`", expected=["gptq", "gptq_v2"], code="write"
+        )
+    if cfg.bits not in GPTQ_BITS:
+        raise MoedslError(
+            f"the GPTQ format stores 2, 3, 4 or 8 bits, not {cfg.bits}", expected=[str(b) for b in GPTQ_BITS], code="write"
+        )
+    if cfg.scale_dtype != "float16":
+        raise MoedslError(
+            f"the GPTQ format stores scales in float16, but the config rounds them to {cfg.scale_dtype}; "
+            "use QuantConfig(scale_dtype='float16') so the checkpoint holds exactly the quantizer's scales",
+            code="write",
+        )
+
+
+def gptq_tensors(
+    name: str,
+    result: QuantResult,
+    cfg: QuantConfig,
+    bias: torch.Tensor | None = None,
+    bias_dtype: torch.dtype = torch.float16,
+    checkpoint_format: CheckpointFormat = "gptq",
+) -> dict[str, torch.Tensor]:
+    """The tensors of module `name` (local keys: qweight, qzeros, scales, g_idx, bias)."""
+    check_gptq_config(cfg, checkpoint_format)
+    out_features, in_features = check_result(name, result, cfg)
+    bits = cfg.bits
+    for what, n in (("input features", in_features), ("output features", out_features)):
+        if (n * bits) % 32:
+            need = 32 if bits == 3 else 32 // bits
+            raise MoedslError(
+                f"cannot write `{name}` as {bits}-bit GPTQ: its {what} ({n}) must be a multiple of {need} "
+                "to pack into whole int32 words",
+                code="write",
+            )
+    if cfg.group_size != -1 and in_features % cfg.group_size:
+        raise MoedslError(
+            f"cannot write `{name}`: in_features {in_features} is not a multiple of group_size {cfg.group_size}, "
+            "which GPTQ loaders require",
+            code="write",
+        )
+    check_scales_fit(name, result.scales, torch.float16, cfg)
+
+    codes = result.codes.detach().to("cpu", torch.int64)
+    zeros = result.zeros.detach().to("cpu", torch.int64)
+    if checkpoint_format == "gptq":
+        # v1 stores zero − 1 and loaders add the 1 back, so a zero-point of 0 cannot be stored.
+        if bool((zeros == 0).any()):
+            raise MoedslError(
+                f"cannot write `{name}` in the GPTQ v1 format: some zero-points are 0, which v1 stores as "
+                "zero − 1 = −1 and no loader reads back correctly (asymmetric groups whose weights are all "
+                ">= 0 do this)",
+                notes=["use sym=True, checkpoint_format 'gptq_v2', or the compressed-tensors format"],
+                code="write",
+            )
+        zeros = zeros - 1
+
+    tensors = {
+        "qweight": pack(codes.T, bits, dim=0),  # [in, out] -> [in·bits/32, out]
+        "qzeros": pack(zeros.T, bits, dim=1),  # [G, out] -> [G, out·bits/32]
+        "scales": result.scales.detach().to("cpu").T.to(torch.float16).contiguous(),
+        "g_idx": result.g_idx.detach().to("cpu", torch.int32).contiguous(),
+    }
+    if bias is not None:
+        if tuple(bias.shape) != (out_features,):
+            raise MoedslError(f"cannot write `{name}`: bias shape {tuple(bias.shape)} != ({out_features},)", code="write")
+        tensors["bias"] = bias.detach().to("cpu", bias_dtype).contiguous()
+    return tensors
+
+
+def gptq_quantize_config(
+    cfg: QuantConfig, checkpoint_format: CheckpointFormat = "gptq", quantizer: str = "moedsl"
+) -> dict:
+    """quantize_config.json, also merged into config.json as `quantization_config`.
+
+    desc_act tells loaders that g_idx must be honoured. It is true only when g_idx is not the
+    trivial i // group_size: act_order with static groups (or per-channel) quantizes in
+    activation order but stores groups in plain order, which loaders run faster.
+    """
+    return {
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "desc_act": cfg.act_order and cfg.group_size != -1 and not cfg.static_groups,
+        "sym": cfg.sym,
+        "static_groups": cfg.static_groups,
+        "true_sequential": True,
+        "damp_percent": cfg.damp_percent,
+        "damp_auto_increment": cfg.damp_auto_increment,
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "checkpoint_format": checkpoint_format,
+        "quant_method": "gptq",
+        "meta": {"quantizer": [quantizer], "act_order": cfg.act_order},
+    }
