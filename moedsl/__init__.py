@@ -31,7 +31,7 @@ def bind(definition, model):
     return _bind(definition, model)
 
 
-def compile_plan(definition, model, policy="routed", tokens=128 * 2048):
+def compile_plan(definition, model, policy="routed", tokens=131072):
     """Compile a definition bound to `model` into a `HookPlan`."""
     from moedsl.plan.compiler import compile_plan as _compile
 

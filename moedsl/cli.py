@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config")
     src.add_argument("--model")
     pl.add_argument("--policy", default="routed", help="routed | all | topk=N | auto(min_tokens=N)")
-    pl.add_argument("--tokens", type=int, default=128 * 2048, help="calibration tokens, for the memory estimate")
+    pl.add_argument("--tokens", type=int, default=131072, help="calibration tokens, for the memory estimate")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
 

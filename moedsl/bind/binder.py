@@ -279,9 +279,7 @@ class Binder:
             elif sub.role == "experts":
                 experts_item, experts_name = sub, _join(subpath, name)
         if experts_item is None:
-            if not any(s.role == "experts" and s.optional for s, _ in _roles(it.children or (), "")):
-                self.resolve(next(s for s, _ in _roles(it.children or (), "") if s.role == "experts"), block, path)
-            return
+            return  # `walk` has already reported the experts path that does not resolve (or it is optional)
         if num_experts is None:
             self.fail("the experts count did not evaluate", it)
             return
@@ -327,7 +325,7 @@ class Binder:
             for r in t.roles:
                 dims[r] = (out_f, in_f)
             tensors.append(BoundTensor(name=t.name, layout=t.layout, split=t.split, roles=t.roles, stage=t.stage,
-                                       skip=t.skip, bias=t.bias, shape=tuple(p.shape), out_features=out_f,
+                                       skip=t.skip, bias=t.bias, ckpt=t.ckpt, shape=tuple(p.shape), out_features=out_f,
                                        in_features=in_f))
         each = next((c for c in kids if isinstance(c, ir.Each)), None)
         if each is not None:

@@ -42,6 +42,7 @@ class BoundTensor(Frozen):
     stage: int | None
     skip: bool
     bias: str | None
+    ckpt: str | None = None  # with ckpt_fused: the checkpoint key (relative to the layer) if not the runtime name
     shape: tuple[int, ...]
     out_features: int  # of one role of one expert
     in_features: int

@@ -209,7 +209,7 @@ def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[s
             item = _experts_item(d, kind.name) or layer_ir
             if ex.ckpt_fused:
                 for t in ex.tensors:
-                    want(prefix + f"{ex.path}.{t.name}", item)
+                    want(prefix + (t.ckpt or f"{ex.path}.{t.name}"), item)
                 continue
             for role, template in ex.ckpt.items():
                 for e in sorted({0, ex.num_experts - 1}):

@@ -126,6 +126,31 @@ def _prepare_out(opts: QuantizeOptions) -> bool:
     return False
 
 
+def check_shapes(plan: HookPlan, cfg, fmt: str) -> None:
+    """Pre-flight: every target's shape must suit the group size and the format's packing, checked
+    before any layer is quantized or any shard written (the writer would refuse them only later)."""
+    bad: dict[str, str] = {}
+    for kind in plan.kinds:
+        for stage in kind.stages:
+            for t in stage.targets:
+                why = []
+                if cfg.group_size != -1 and t.in_features % cfg.group_size:
+                    why.append(f"in_features {t.in_features} is not a multiple of group_size {cfg.group_size}")
+                if fmt == "gptq":
+                    need = 32 if cfg.bits == 3 else 32 // cfg.bits
+                    for what, n in (("in_features", t.in_features), ("out_features", t.out_features)):
+                        if (n * cfg.bits) % 32:
+                            why.append(f"{what} {n} is not a multiple of {need} ({cfg.bits}-bit GPTQ packing)")
+                if why:
+                    bad.setdefault(f"{kind.name}: {t.id} [{t.out_features}x{t.in_features}]", "; ".join(why))
+    if bad:
+        lines = [f"{name}: {why}" for name, why in bad.items()]
+        raise MoedslError(f"{len(bad)} target(s) cannot be quantized with group_size {cfg.group_size} and "
+                          f"{cfg.bits} bits in the {fmt} format:\n  " + "\n  ".join(lines[:20])
+                          + (f"\n  … and {len(lines) - 20} more" if len(lines) > 20 else ""),
+                          notes=["choose a group size that divides every in_features (or -1 for one group per row)"])
+
+
 def quantize(**kwargs) -> Report:
     """Quantize a model and write a checkpoint; keyword arguments are `QuantizeOptions` fields."""
     opts = kwargs.pop("options", None) or QuantizeOptions(**kwargs)
@@ -162,6 +187,7 @@ class Runner:
         plan = compile_plan(definition, model, policy=self.policy, tokens=tokens)
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         cfg = opts.quant_config(required_scale_dtype(opts.format, dtype))
+        check_shapes(plan, cfg, opts.format)
         writer = CheckpointWriter(opts.out, opts.format, cfg)
         calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed)
         ids, warnings = (calib.input_ids, list(calib.warnings)) if hasattr(calib, "input_ids") else (calib, [])
@@ -243,7 +269,7 @@ class Runner:
             ex = moe.experts
             if ex.ckpt_fused:
                 for t in ex.tensors:
-                    replaced.add(f"{prefix}{ex.path}.{t.name}")
+                    replaced.add(prefix + (t.ckpt or f"{ex.path}.{t.name}"))
                     if t.bias:
                         replaced.add(f"{prefix}{ex.path}.{t.bias}")
         self.copy_keys(writer, loader, [k for k in loader.layer_keys(i) if k not in replaced])

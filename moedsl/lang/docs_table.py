@@ -28,20 +28,14 @@ DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
 # Families of transformers 5.2x that a correct definition cannot be written for with today's
 # language. Keys are model_types; each reason names the missing construct precisely.
 SKIPPED: dict[str, str] = {
-    "granitemoe": (
-        "checkpoint names: save_pretrained writes the fused expert tensors under OTHER names "
-        "(`block_sparse_moe.input_linear.weight` = gate|up [E, 2I, H], `block_sparse_moe.output_linear.weight`); "
-        "`ckpt fused` means 'under the runtime names' and `ckpt ROLE \"...{e}...\"` means one tensor per expert, "
-        "so neither is true. Needs a fused checkpoint rename, e.g. `ckpt fused gate_up_proj \"block_sparse_moe.input_linear\"`."
-    ),
-    "granitemoeshared": "as granitemoe (fused experts saved as `block_sparse_moe.input_linear`/`output_linear`).",
+    "granitemoeshared": "not written yet: its fused checkpoint rename is expressible (see granitemoe); its shared MLP sits beside the MoE block, not inside it.",
     "granitemoehybrid": (
-        "as granitemoe (fused experts saved as `block_sparse_moe.input_linear`/`output_linear`); "
-        "the Mamba-2/attention hybrid itself is expressible."
+        "not written yet: the fused checkpoint rename is expressible (see granitemoe), as is the "
+        "Mamba-2/attention hybrid."
     ),
     "aria_text": (
         "checkpoint names: the fused, transposed experts are saved as `mlp.experts.fc1.weight` / `fc2.weight` "
-        "(runtime `gate_up_proj` / `down_proj`): a fused checkpoint rename, as granitemoe."
+        "(runtime `gate_up_proj` / `down_proj`): expressible with `tensor ... @ \"key\"` as in granitemoe; not written yet."
     ),
     "nemotron_h": (
         "checkpoint names: checkpoints put the decoder layers under `backbone.layers` while the runtime model has "

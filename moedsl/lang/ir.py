@@ -143,6 +143,8 @@ class FusedTensor(Node):
     `[E*out,in]` / `[E*in,out]`: flat 2-D storage of E stacked experts (DBRX).
     split: `concat(gate, up)` (halves along out), `interleave(gate, up)` (even/odd rows
     along out), or a single role (`down`).
+    `@ "key"` (only with `ckpt fused`): the checkpoint key of the fused tensor, relative to the
+    layer, when it differs from the runtime name (granitemoe's `block_sparse_moe.input_linear.weight`).
     """
 
     kind: Literal["tensor"] = "tensor"
@@ -153,6 +155,7 @@ class FusedTensor(Node):
     stage: int | None = None
     skip: bool = False
     bias: str | None = None
+    ckpt: str | None = None  # `@ "key"`: with `ckpt fused`, the key the checkpoint stores this tensor under
     doc: tuple[str, ...] = ()
 
 

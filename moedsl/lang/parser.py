@@ -9,6 +9,8 @@ with file:line:col; nothing else escapes `parse()`.
 from __future__ import annotations
 
 import json
+import math
+import re
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -21,12 +23,18 @@ from moedsl.lang import ir
 
 GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammars" / "moedef.lark"
 MAX_NESTING = 64  # brackets deeper than this are refused before parsing (no stack exhaustion)
+MAX_EXPR_DEPTH = 100  # expression trees deeper than this are refused (`not not ...`, `a.b.c...`, `1 + 1 + ...`)
+MAX_NUMBER_DIGITS = 400  # longer number literals are refused (Python refuses int() of > 4300 digits)
 
 KEYWORDS = ("arch", "extends", "match", "experts", "top_k", "layers", "embed", "final_norm", "lm_head",
             "let", "fragment", "layer", "when", "otherwise", "use", "tensor", "bias", "fn", "scale",
             "call", "ckpt", "fused", "as", "and", "or", "not", "in", "true", "false", "none")
 FUNCTIONS = ("len", "min", "max", "abs", "floordiv", "range", "int", "float", "bool", "str")
 FN_FORMS = ("glu", "mlp", "swiglu_clamped")
+# words that start a statement or an item: a near miss of one of these at the start of a line that fails to
+# parse is reported as a misspelt keyword (`tensr w [E,out,in] ...` -> did you mean `tensor`?)
+STATEMENT_WORDS = ("arch", "extends", "match", "experts", "top_k", "layers", "embed", "final_norm", "lm_head",
+                   "let", "fragment", "layer", "use", "tensor", "fn", "scale", "call", "ckpt")
 ANNOTATIONS = (":0", ":1", ":!", ":?") + tuple(":" + r for r in ir.ROLES)
 
 _TERMINAL_WORDS = {
@@ -227,9 +235,9 @@ class _Builder:
     def annotation(self, tok: Token, fields: dict, allow_roles: bool) -> None:
         word = str(tok)[1:]
         if word.isdigit():
-            key, value = "stage", int(word)
+            key, value = "stage", (int(word) if len(word) <= 6 else 10_001)
             if value > 10_000:
-                raise self.error(f"stage {value} is too large", tok)
+                raise self.error(f"stage {word} is too large", tok)
         elif word == "!":
             key, value = "skip", True
         elif word == "?":
@@ -272,15 +280,17 @@ class _Builder:
         else:
             roles, kind = (self.proj_role(split.children[0]),), "one"
         fields: dict = {}
-        bias = None
+        bias = ckpt = None
         for part in rest:
             if isinstance(part, Token):
                 self.annotation(part, fields, allow_roles=False)
+            elif part is not None and part.data == "ckpt_name":
+                ckpt = self.string(part.children[0])
             elif part is not None:
                 bias = self.dotted(part.children[0])
         if "optional" in fields:
             raise self.error("a fused tensor cannot be optional", node)
-        return ir.FusedTensor(name=self.dotted(name), layout=orientation, split=kind, roles=roles, bias=bias,
+        return ir.FusedTensor(name=self.dotted(name), layout=orientation, split=kind, roles=roles, bias=bias, ckpt=ckpt,
                               doc=self._trailing(node, doc), span=self.span(node), **fields)
 
     def proj_role(self, tok: Token) -> str:
@@ -297,7 +307,12 @@ class _Builder:
             raise self.error(f"unknown expert function `{form}`", form, expected=list(FN_FORMS),
                              suggestion=nearest(str(form), FN_FORMS))
         pos = [a for a in args if a.data == "fn_posarg"]
-        kw = {str(a.children[0]): (a, a.children[1]) for a in args if a.data == "fn_kwarg"}
+        kw: dict = {}
+        for a in args:
+            if a.data == "fn_kwarg":
+                if str(a.children[0]) in kw:
+                    raise self.error(f"`{a.children[0]}` is given twice", a.children[0])
+                kw[str(a.children[0])] = (a, a.children[1])
         fields: dict = {"form": str(form)}
         if str(form) in ("glu", "mlp"):
             if len(pos) != 1 or kw:
@@ -322,8 +337,19 @@ class _Builder:
         if isinstance(value, Tree) and value.data == "signed_number":
             sign = -1 if len(value.children) == 2 else 1
             tok = value.children[-1]
-            return sign * (int(tok) if tok.type == "INT" else float(tok))
+            return sign * self.number_token(tok)
         return None
+
+    def number_token(self, tok: Token) -> int | float:
+        """The value of an INT or FLOAT token; too long or too large a number is a located error."""
+        if len(tok) > MAX_NUMBER_DIGITS:
+            raise self.error(f"number literal is too long ({len(tok)} characters)", tok)
+        if tok.type == "INT":
+            return int(tok)
+        value = float(tok)
+        if not math.isfinite(value):
+            raise self.error(f"number `{tok}` is too large", tok)
+        return value
 
     def item_scale_item(self, node: Tree, doc):
         where = str(node.children[0])
@@ -338,6 +364,8 @@ class _Builder:
             if str(tok) not in ir.CALL_ARGS:
                 raise self.error(f"unknown call argument `{tok}`", tok, expected=list(ir.CALL_ARGS),
                                  suggestion=nearest(str(tok), ir.CALL_ARGS))
+            if str(tok) in args and str(tok) != "_":
+                raise self.error(f"`call(...)` names `{tok}` twice", tok)
             args.append(str(tok))
         if "hidden" not in args:
             raise self.error("`call(...)` must name the `hidden` argument", node)
@@ -370,15 +398,18 @@ class _Builder:
 
     # -- expressions -------------------------------------------------------------------------
 
-    def expr(self, node) -> ir.Expr:
+    def expr(self, node, depth: int = 0) -> ir.Expr:
         sp = self.span(node)
         if isinstance(node, Token):  # should not happen: atoms are wrapped
             raise self.error(f"unexpected `{node}`", node)
+        if depth > MAX_EXPR_DEPTH:
+            raise self.error(f"expression nested too deeply (more than {MAX_EXPR_DEPTH} levels)", node)
         kind, kids = node.data, node.children
+        sub = depth + 1
         if kind == "int_lit":
-            return ir.Literal_(value=int(kids[0]), span=sp)
+            return ir.Literal_(value=self.number_token(kids[0]), span=sp)
         if kind == "float_lit":
-            return ir.Literal_(value=float(kids[0]), span=sp)
+            return ir.Literal_(value=self.number_token(kids[0]), span=sp)
         if kind == "str_lit":
             return ir.Literal_(value=self.string(kids[0]), span=sp)
         if kind in ("true_lit", "false_lit", "none_lit"):
@@ -387,36 +418,41 @@ class _Builder:
             name = str(kids[0])
             return ir.Name(id=name, span=sp)
         if kind == "list_lit":
-            return ir.ListExpr(items=tuple(self.expr(k) for k in kids if k is not None), span=sp)
+            return ir.ListExpr(items=tuple(self.expr(k, sub) for k in kids if k is not None), span=sp)
         if kind == "attr":
-            return ir.Attr(obj=self.expr(kids[0]), attr=str(kids[1]), span=sp)
+            return ir.Attr(obj=self.expr(kids[0], sub), attr=str(kids[1]), span=sp)
         if kind == "index":
-            return ir.Index(obj=self.expr(kids[0]), index=self.expr(kids[1]), span=sp)
+            return ir.Index(obj=self.expr(kids[0], sub), index=self.expr(kids[1], sub), span=sp)
         if kind == "call":
             func = str(kids[0])
             if func not in FUNCTIONS:
                 raise self.error(f"unknown function `{func}`", kids[0], expected=list(FUNCTIONS),
                                  suggestion=nearest(func, FUNCTIONS))
-            return ir.Call(func=func, args=tuple(self.expr(k) for k in kids[1:] if k is not None), span=sp)
+            return ir.Call(func=func, args=tuple(self.expr(k, sub) for k in kids[1:] if k is not None), span=sp)
         if kind == "neg":
-            operand = self.expr(kids[0])
+            operand = self.expr(kids[0], sub)
             if isinstance(kids[0], Tree) and kids[0].data in ("int_lit", "float_lit"):
                 return ir.Literal_(value=-operand.value, span=sp)  # `-3` is a literal, as the printer writes it
             return ir.Unary(op="-", operand=operand, span=sp)
         if kind == "not_op":
-            return ir.Unary(op="not", operand=self.expr(kids[0]), span=sp)
+            return ir.Unary(op="not", operand=self.expr(kids[0], sub), span=sp)
         if kind == "compare":
-            return ir.Binary(op=str(kids[1]), left=self.expr(kids[0]), right=self.expr(kids[2]), span=sp)
+            return ir.Binary(op=str(kids[1]), left=self.expr(kids[0], sub), right=self.expr(kids[2], sub), span=sp)
         if kind == "in_op":
-            return ir.Binary(op="in", left=self.expr(kids[0]), right=self.expr(kids[1]), span=sp)
+            return ir.Binary(op="in", left=self.expr(kids[0], sub), right=self.expr(kids[1], sub), span=sp)
         if kind == "not_in_op":
-            return ir.Binary(op="not in", left=self.expr(kids[0]), right=self.expr(kids[1]), span=sp)
-        if kind in ("or_expr", "and_expr", "fallback"):
-            op = {"or_expr": "or", "and_expr": "and", "fallback": "??"}[kind]
-            return self.left_assoc([self.expr(k) for k in kids], [op] * (len(kids) - 1), sp)
-        if kind in ("sum", "product"):
-            operands = [self.expr(k) for k in kids[0::2]]
-            ops = [str(k) for k in kids[1::2]]
+            return ir.Binary(op="not in", left=self.expr(kids[0], sub), right=self.expr(kids[1], sub), span=sp)
+        if kind in ("or_expr", "and_expr", "fallback", "sum", "product"):
+            # a chain `a op b op c` is a left-leaning tree: the first operand sits under every operator
+            operand_nodes = kids if kind in ("or_expr", "and_expr", "fallback") else kids[0::2]
+            if kind in ("or_expr", "and_expr", "fallback"):
+                ops = [{"or_expr": "or", "and_expr": "and", "fallback": "??"}[kind]] * (len(kids) - 1)
+            else:
+                ops = [str(k) for k in kids[1::2]]
+            if depth + len(ops) > MAX_EXPR_DEPTH:
+                raise self.error(f"expression nested too deeply (a chain of {len(ops)} operators)", node)
+            under = [len(ops)] + [len(ops) - j + 1 for j in range(1, len(operand_nodes))]  # operators above each
+            operands = [self.expr(k, depth + n) for k, n in zip(operand_nodes, under)]
             return self.left_assoc(operands, ops, sp)
         raise self.error(f"unexpected expression form `{kind}`", node)
 
@@ -460,24 +496,59 @@ def _check_nesting(text: str, file: str) -> None:
         prev = ch
 
 
+def _end_span(text: str, file: str) -> Span:
+    """The place just after the last non-blank character (lines counted by `\\n`, as Lark counts them)."""
+    lines = text.rstrip().split("\n")
+    return Span(file, len(lines), len(lines[-1]) + 1, 1, text)
+
+
+_FIRST_WORD = re.compile(r"[ \t\r\f\v]*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _misspelt_keyword(text: str, file: str, line: int, col: int, stopped_at: str) -> MoedslError | None:
+    """A line that fails to parse and starts with a near miss of a keyword: report the word, not the symptom."""
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        return None
+    m = _FIRST_WORD.match(lines[line - 1])
+    if m is None or m.end(1) >= col:  # the parser stopped at (or before) the first word itself
+        return None
+    word = m.group(1)
+    if word in KEYWORDS:
+        return None
+    keyword = nearest(word, STATEMENT_WORDS, cutoff=0.75)
+    if keyword is None:
+        return None
+    return MoedslError(f"unknown keyword `{word}`", span=Span(file, line, m.start(1) + 1, len(word), text),
+                       suggestion=keyword, code="syntax error",
+                       notes=[f"the line does not parse: unexpected {stopped_at} at {line}:{col}"])
+
+
 def _syntax_error(err: UnexpectedInput, text: str, file: str) -> MoedslError:
     line, col = getattr(err, "line", 1) or 1, getattr(err, "column", 1) or 1
     if isinstance(err, UnexpectedCharacters):
         ch = text[err.pos_in_stream] if 0 <= err.pos_in_stream < len(text) else "?"
+        if ch == '"':
+            return MoedslError("unterminated string (a string ends with `\"` on the same line)",
+                               span=Span(file, line, col, 1, text), code="syntax error")
+        hint = _misspelt_keyword(text, file, line, col, f"character {ch!r}")
+        if hint is not None:
+            return hint
         expected = _describe_terminals(err.allowed or set())
         return MoedslError(f"unexpected character {ch!r}", span=Span(file, line, col, 1, text), expected=expected,
                            code="syntax error")
     if isinstance(err, UnexpectedEOF):
-        lines = text.splitlines() or [""]
-        return MoedslError("unexpected end of file", span=Span(file, len(lines), len(lines[-1]) + 1, 1, text),
+        return MoedslError("unexpected end of file", span=_end_span(text, file),
                            expected=_describe_terminals(set(err.expected)), code="syntax error")
     assert isinstance(err, UnexpectedToken)
     tok = err.token
     expected = _describe_terminals(set(err.accepts or err.expected))
     if tok.type == "$END":
-        lines = text.splitlines() or [""]
-        return MoedslError("unexpected end of file", span=Span(file, len(lines), len(lines[-1]) + 1, 1, text),
-                           expected=expected, code="syntax error")
+        return MoedslError("unexpected end of file", span=_end_span(text, file), expected=expected,
+                           code="syntax error")
+    hint = _misspelt_keyword(text, file, line, col, f"`{tok}`")
+    if hint is not None:
+        return hint
     words = [e.strip("`") for e in expected if e.startswith("`")]
     suggestion = nearest(str(tok), words, cutoff=0.6) if tok.type == "NAME" or str(tok).isalpha() else None
     return MoedslError(f"unexpected `{tok}`", span=Span(file, line, col, max(1, len(str(tok))), text),

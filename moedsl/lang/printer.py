@@ -49,7 +49,10 @@ def expr(e: ir.Expr, min_prec: int = 0) -> str:
     elif isinstance(e, ir.Name):
         text = e.id
     elif isinstance(e, ir.Attr):
-        text = f"{expr(e.obj, _POSTFIX)}.{e.attr}"
+        obj = expr(e.obj, _POSTFIX)
+        if isinstance(e.obj, ir.Literal_) and type(e.obj.value) is int:
+            obj = f"({obj})"  # `1.x` would read as the number `1.` followed by `x`
+        text = f"{obj}.{e.attr}"
     elif isinstance(e, ir.Index):
         text = f"{expr(e.obj, _POSTFIX)}[{expr(e.index)}]"
     elif isinstance(e, ir.Call):
@@ -107,6 +110,8 @@ def _tensor(t: ir.FusedTensor) -> str:
         text += " :!"
     if t.bias is not None:
         text += f" bias {t.bias}"
+    if t.ckpt is not None:
+        text += f" @ {_literal(t.ckpt)}"
     return text
 
 

@@ -51,7 +51,7 @@ def resolve(d: ir.Definition, find: Finder | None = None, _seen: tuple[str, ...]
             raise MoedslError(f"`extends` goes round in a circle: {chain}", span=d.header.span)
         if find is None:
             raise MoedslError(f"`extends {name}`: no library to find `{name}` in", span=d.header.span)
-        parent = find(name)
+        parent = _find_parent(d, find)
         parent = resolve_extends_only(parent, find, _seen + (d.header.name,))
         d = merge(d, parent)
     d = expand_uses(d)
@@ -66,15 +66,33 @@ def resolve_extends_only(d: ir.Definition, find: Finder, seen: tuple[str, ...]) 
     if name in seen + (d.header.name,):
         chain = " → ".join(seen + (d.header.name, name))
         raise MoedslError(f"`extends` goes round in a circle: {chain}", span=d.header.span)
-    return merge(d, resolve_extends_only(find(name), find, seen + (d.header.name,)))
+    return merge(d, resolve_extends_only(_find_parent(d, find), find, seen + (d.header.name,)))
+
+
+def _find_parent(d: ir.Definition, find: Finder) -> ir.Definition:
+    """The definition `d` extends; a library miss is reported at `d`'s header."""
+    try:
+        return find(d.header.extends)  # type: ignore[arg-type]
+    except MoedslError as err:
+        if err.span is None:
+            err.message = f"`{d.header.name} extends {d.header.extends}`: {err.message}"
+            err.span = d.header.span
+        raise
+
+
+MAX_EXPANDED_ITEMS = 100_000  # fragments that use fragments twice over can grow exponentially
 
 
 def expand_uses(d: ir.Definition) -> ir.Definition:
     frags = {f.name: f for f in d.fragments}
+    budget = [MAX_EXPANDED_ITEMS]
 
     def expand(items: tuple, stack: tuple[str, ...]) -> tuple:
         out = []
         for it in items:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise MoedslError(f"`use` expands to more than {MAX_EXPANDED_ITEMS} items", span=it.span)
             if isinstance(it, ir.Use):
                 if it.fragment not in frags:
                     raise MoedslError(f"unknown fragment `{it.fragment}`", span=it.span, expected=sorted(frags),
@@ -198,6 +216,10 @@ def _check_moe(m: ir.Module) -> None:
     name = "|".join(m.names)
     if m.children is None:
         raise MoedslError(f"`{name}:moe` needs a block naming its router and experts", span=m.span)
+    for inner in ir.walk_items(m.children):  # before counting experts: an inner `:moe` hides its own
+        if isinstance(inner, ir.Module) and inner.role == "moe":
+            raise MoedslError(f"`{'|'.join(inner.names)}:moe` is inside another `:moe` block (`{name}`)",
+                              span=inner.span)
     experts = _count_roles(m.children, "experts")
     if len(experts) != 1:
         raise MoedslError(f"`{name}:moe` must contain exactly one `:experts` module (found {len(experts)})", span=m.span)
@@ -230,6 +252,8 @@ def _check_experts(m: ir.Module) -> None:
                 roles[r] = t
             if t.stage is None and not t.skip:
                 raise MoedslError(f"tensor `{t.name}` needs a stage (`:N`) or `:!`", span=t.span)
+            if t.stage is not None and t.skip:
+                raise MoedslError(f"tensor `{t.name}` has a stage and `:!` (never quantize): choose one", span=t.span)
     else:
         for leaf in _leaves(eaches[0].children):
             if leaf.proj is not None:
@@ -254,6 +278,11 @@ def _check_experts(m: ir.Module) -> None:
         if c.role is not None and c.role not in roles:
             raise MoedslError(f"checkpoint name for `{c.role}`, which these experts do not have", span=c.span)
         seen.add(c.role)
+    if not any(c.fused for c in ckpts):
+        for t in tensors:
+            if t.ckpt is not None:
+                raise MoedslError(f"tensor `{t.name}` has a checkpoint key (`@ ...`): that needs `ckpt fused`",
+                                  span=t.span)
     if eaches and any(c.fused for c in ckpts):
         raise MoedslError("`ckpt fused` is for fused tensors, not a ModuleList", span=ckpts[0].span)
 

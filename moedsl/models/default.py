@@ -2,7 +2,7 @@
 
 `moedsl quantize` without a model quantizes this one, so the whole pipeline runs offline on any
 machine. It is created deterministically on first use (fixed config, fixed seed) in
-`$MOEDSL_CACHE/default-qwen3_moe-v1` (default `~/.cache/moedsl/...`), with `save_pretrained`
+`$MOEDSL_CACHE/default-qwen3_moe-v2` (default `~/.cache/moedsl/...`), with `save_pretrained`
 (safetensors, per-expert checkpoint names) and a byte-level tokenizer, so it loads exactly like a
 real checkpoint. It is written to a temporary directory and renamed into place, so a killed
 process never leaves a half-written default behind.
@@ -32,10 +32,11 @@ __all__ = [
     "default_config",
     "default_model_dir",
     "build_byte_tokenizer",
+    "save_byte_tokenizer",
 ]
 
 DEFAULT_MODEL_TYPE = "qwen3_moe"
-DEFAULT_NAME = "default-qwen3_moe-v1"  # bump the version when the recipe below changes
+DEFAULT_NAME = "default-qwen3_moe-v2"  # bump the version when the recipe below changes
 DEFAULT_SEED = 0
 _COMPLETE_MARKER = ".moedsl-complete"
 
@@ -86,6 +87,24 @@ def build_byte_tokenizer(model_max_length: int = 4096):
     )
 
 
+def save_byte_tokenizer(out_dir: str | Path) -> Path:
+    """Save `build_byte_tokenizer()` to `out_dir` so `AutoTokenizer.from_pretrained(out_dir)` loads it.
+
+    tokenizer_config.json names the class `PreTrainedTokenizerFast` (which transformers 4.x and
+    5.x both resolve) rather than 5.x's `TokenizersBackend`, so serving engines on older
+    transformers can read the tokenizer of a quantized output too.
+    """
+    import json
+
+    out = Path(out_dir)
+    build_byte_tokenizer().save_pretrained(out)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
 def default_config():
     """The default model's config (a qwen3_moe; eager attention and experts)."""
     from moedsl.models.tiny import tiny_config
@@ -94,7 +113,7 @@ def default_config():
         DEFAULT_MODEL_TYPE,
         hidden_size=128,
         intermediate_size=256,
-        moe_intermediate_size=64,
+        moe_intermediate_size=128,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -137,7 +156,7 @@ def _write_default(path: Path) -> None:
     model = build_model(default_config(), device="cpu", seed=DEFAULT_SEED)
     with _quiet_transformers():
         model.save_pretrained(path, safe_serialization=True)
-        build_byte_tokenizer().save_pretrained(path)
+        save_byte_tokenizer(path)
     (path / _COMPLETE_MARKER).write_text(f"{DEFAULT_NAME}\n")
 
 
