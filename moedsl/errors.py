@@ -27,9 +27,9 @@ class Span:
     def line_text(self) -> str | None:
         if self.source is None:
             return None
-        lines = self.source.splitlines()
+        lines = self.source.split("\n")  # as the parser counts lines (`splitlines` also splits at \f, \x1c, ...)
         if 1 <= self.line <= len(lines):
-            return lines[self.line - 1]
+            return lines[self.line - 1].rstrip("\r")
         return ""
 
     def __str__(self) -> str:

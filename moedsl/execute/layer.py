@@ -350,106 +350,89 @@ class LayerQuantizer:
 
     def solve_experts(self, stage: Stage, targets: list[Target], key: StatsKey, H: torch.Tensor, counts: torch.Tensor,
                       out: list[Quantized]) -> list[TargetReport]:
-        ex = _expert_bound(self.kind, targets[0].path if targets[0].kind == "fused" else _experts_path(targets[0])).experts
+        """One role per target, all experts. Experts are taken in chunks (fp32 copies of all of them at
+        once would be the peak of the layer): under `all` a chunk's gate and up rows are one tall matrix
+        against the one shared Hessian; otherwise each expert has its Hessian and the chunk is one
+        batched solve. The unbatched reference path solves one matrix at a time."""
+        first = targets[0]
+        ex = _expert_bound(self.kind, first.path if first.kind == "fused" else _experts_path(first)).experts
         module = get_path(self.layer, ex.path)
         w, b = expert_weights(ex, module)
-        E = ex.num_experts
-        Ws = [w[t.role].detach().to(self.device, torch.float32, copy=True) for t in targets]  # each [E, out, in]
+        E, cols = ex.num_experts, w[first.role].shape[2]
         no_tokens: list[int] = []
-        if not self.batched:
-            return self.solve_experts_one_by_one(stage, targets, key, H, counts, ex, module, Ws, b, out)
         if key.per_expert:
-            starved = (counts == 0)
+            starved = counts == 0
             no_tokens = starved.nonzero().flatten().tolist()
             if no_tokens:
                 # an expert that saw no token has no statistics: an identity Hessian makes GPTQ round to nearest
-                eye = torch.eye(H.shape[-1], device=H.device)
-                H = torch.where(starved[:, None, None], eye, H)
+                H = torch.where(starved[:, None, None], torch.eye(cols, device=H.device), H)
                 self.starved[ex.path] = sorted(set(self.starved.get(ex.path, [])) | set(no_tokens))
-            stacked = torch.cat(Ws, dim=1)  # [E, Σout, in]: an expert's gate and up share its Hessian
-            per_expert = gptq_quantize_batched(stacked, H, self.cfg)
-            results: list[list[QuantResult]] = [[] for _ in targets]
-            for r in per_expert:
-                start = 0
-                for j, W in enumerate(Ws):
-                    rows = slice(start, start + W.shape[1])
-                    results[j].append(QuantResult(weight=r.weight[rows], codes=r.codes[rows], scales=r.scales[rows],
-                                                  zeros=r.zeros[rows], g_idx=r.g_idx, loss=0.0, damp=r.damp))
-                    start += W.shape[1]
-            Hs = H
-            tokens = counts.tolist()
-        else:
-            flat = torch.cat([W.reshape(-1, W.shape[-1]) for W in Ws])  # all experts' gate and up rows: one Hessian
-            whole = _solve_rows(flat, H, self.cfg, self.chunk_bytes)
-            results = []
-            start = 0
-            for W in Ws:
-                per = []
-                for e in range(E):
-                    rows = slice(start, start + W.shape[1])
-                    per.append(QuantResult(weight=whole.weight[rows], codes=whole.codes[rows],
-                                           scales=whole.scales[rows], zeros=whole.zeros[rows], g_idx=whole.g_idx,
-                                           loss=0.0, damp=whole.damp))
-                    start += W.shape[1]
-                results.append(per)
-            Hs = H[None]
-            tokens = [int(counts)] * E
-        return self.finish_experts(stage, targets, ex, module, Ws, results, Hs, tokens, no_tokens, b, out)
-
-    def solve_experts_one_by_one(self, stage, targets, key, H, counts, ex, module, Ws, b, out) -> list[TargetReport]:
-        E = ex.num_experts
-        no_tokens = (counts == 0).nonzero().flatten().tolist() if key.per_expert else []
-        eye = torch.eye(H.shape[-1], device=H.device)
-        results: list[list[QuantResult]] = [[] for _ in targets]
-        for e in range(E):
-            He = (eye if e in no_tokens else H[e]) if key.per_expert else H
-            for j, W in enumerate(Ws):
-                r = gptq_quantize_shared([W[e]], He, self.cfg)[0]
-                results[j].append(r)
-        if no_tokens:
-            self.starved[ex.path] = sorted(set(self.starved.get(ex.path, [])) | set(no_tokens))
-        Hs = torch.where((counts == 0)[:, None, None], eye, H) if key.per_expert else H[None]
+        rows = sum(w[t.role].shape[1] for t in targets)
+        step = max(1, min(E, self.chunk_bytes // (rows * cols * 4 * 8))) if self.batched else 1
+        acc = {t.id: [0.0, 0.0, 0.0] for t in targets}  # loss, error, RTN error
+        for e0 in range(0, E, step):
+            e1 = min(E, e0 + step)
+            Wc = [w[t.role][e0:e1].detach().to(self.device, torch.float32, copy=True) for t in targets]
+            Hc = H[e0:e1] if key.per_expert else H[None]
+            results = self.solve_chunk(Wc, Hc, key.per_expert)  # [target][expert in chunk]
+            for t, W, res in zip(targets, Wc, results):
+                Q = torch.stack([r.weight for r in res])
+                self.write_expert(ex, module, t, Q, slice(e0, e1))
+                if self.measure_error:
+                    err, rtn = _output_error(W, Q, Hc, self.cfg)
+                    acc[t.id][1] += float(err.sum())
+                    acc[t.id][2] += float(rtn.sum())
+                acc[t.id][0] += sum(r.loss for r in res)
+                bias = b.get(t.role)
+                for e, r in zip(range(e0, e1), res):
+                    out.append(Quantized(t.ckpt.format(e=e), _slim(r),
+                                         bias[e].detach().cpu() if bias is not None else None, True))
+            del Wc, results
         tokens = counts.tolist() if key.per_expert else [int(counts)] * E
-        return self.finish_experts(stage, targets, ex, module, Ws, results, Hs, tokens, no_tokens, b, out)
+        return [TargetReport(t.id, stage.index, E, acc[t.id][0], acc[t.id][1], acc[t.id][2], tokens, no_tokens)
+                for t in targets]
 
-    def finish_experts(self, stage, targets, ex, module, Ws, results, Hs, tokens, no_tokens, b, out) -> list[TargetReport]:
-        E = ex.num_experts
-        reports = []
-        for t, W, res in zip(targets, Ws, results):
-            Q = torch.stack([r.weight for r in res])
-            self.write_expert(ex, module, t, Q)
-            err, rtn = _output_error(W, Q, Hs, self.cfg) if self.measure_error else (torch.zeros(1), torch.zeros(1))
-            loss = float((((W - Q) ** 2).sum()))
-            reports.append(TargetReport(t.id, stage.index, E, loss, float(err.sum()), float(rtn.sum()), tokens,
-                                        no_tokens))
-            bias = b.get(t.role)
-            for e, r in enumerate(res):
-                out.append(Quantized(t.ckpt.format(e=e), _slim(r),
-                                     bias[e].detach().cpu() if bias is not None else None, True))
-        return reports
+    def solve_chunk(self, Wc: list[torch.Tensor], Hc: torch.Tensor, per_expert: bool) -> list[list[QuantResult]]:
+        n = Wc[0].shape[0]
+        if not self.batched:
+            return [[gptq_quantize_shared([W[e]], Hc[e] if per_expert else Hc[0], self.cfg)[0] for e in range(n)]
+                    for W in Wc]
+        if per_expert:
+            stacked = torch.cat(Wc, dim=1)  # [n, Σout, in]: an expert's gate and up share its Hessian
+            solved = gptq_quantize_batched(stacked, Hc, self.cfg)
+            split = _split_rows(solved, [W.shape[1] for W in Wc])  # [expert][target]
+            return [[split[e][j] for e in range(n)] for j in range(len(Wc))]
+        flat = torch.cat([W.reshape(-1, W.shape[-1]) for W in Wc])  # every expert's gate and up rows: one Hessian
+        whole = gptq_quantize_shared([flat], Hc[0], self.cfg)[0]
+        sizes = [W.shape[1] for W in Wc for _ in range(n)]
+        parts = _split_rows([whole], sizes)[0]
+        return [parts[j * n:(j + 1) * n] for j in range(len(Wc))]
 
-    def write_expert(self, ex: BoundExperts, module: nn.Module, t: Target, Q: torch.Tensor) -> None:
+    def write_expert(self, ex: BoundExperts, module: nn.Module, t: Target, Q: torch.Tensor, experts: slice) -> None:
         if t.kind == "fused":
             tensor = next(x for x in ex.tensors if x.name == t.param)
             fused.write(get_path(module, t.param), tensor.layout, tensor.split, tensor.roles, t.role, ex.num_experts,
-                        Q.to(self.device))
+                        Q.to(self.device), experts)
             return
         rel = t.path[len(ex.path) + 1:].split(".", 1)[1]
-        for e in range(ex.num_experts):
+        for q, e in zip(Q, range(experts.start, experts.stop)):
             lin = get_path(module, f"{e}.{rel}")
-            lin.weight.data.copy_(Q[e].to(lin.weight.dtype))
+            lin.weight.data.copy_(q.to(lin.weight.dtype))
 
 
-def _solve_rows(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, chunk_bytes: int) -> QuantResult:
-    """GPTQ of a tall matrix against one Hessian, in row chunks: rows are independent given H, so the
-    result equals one solve, while memory stays bounded (all experts' gate and up rows are many)."""
-    rows = max(1, chunk_bytes // (W.shape[1] * 4 * 6))
-    if W.shape[0] <= rows:
-        return gptq_quantize_shared([W], H, cfg)[0]
-    parts = [gptq_quantize_shared([W[s:s + rows]], H, cfg)[0] for s in range(0, W.shape[0], rows)]
-    return QuantResult(weight=torch.cat([p.weight for p in parts]), codes=torch.cat([p.codes for p in parts]),
-                       scales=torch.cat([p.scales for p in parts]), zeros=torch.cat([p.zeros for p in parts]),
-                       g_idx=parts[0].g_idx, loss=sum(p.loss for p in parts), damp=max(p.damp for p in parts))
+def _split_rows(results: list[QuantResult], sizes: list[int]) -> list[list[QuantResult]]:
+    """Each result cut into consecutive row blocks of the given sizes (losses are not split: 0)."""
+    out = []
+    for r in results:
+        parts, start = [], 0
+        for n in sizes:
+            rows = slice(start, start + n)
+            parts.append(QuantResult(weight=r.weight[rows], codes=r.codes[rows], scales=r.scales[rows],
+                                     zeros=r.zeros[rows], g_idx=r.g_idx, loss=r.loss * n / r.weight.shape[0],
+                                     damp=r.damp))
+            start += n
+        out.append(parts)
+    return out
 
 
 def _experts_path(t: Target) -> str:
@@ -457,14 +440,16 @@ def _experts_path(t: Target) -> str:
 
 
 def _slim(r: QuantResult) -> QuantResult:
-    """What the writer needs, on the CPU, without holding the GPU copy."""
-    return QuantResult(weight=r.weight.detach().cpu(), codes=r.codes.detach().cpu(), scales=r.scales.detach().cpu(),
+    """What the writer needs, on the CPU: the dense weight is already in the model and is not kept."""
+    return QuantResult(weight=torch.empty(0), codes=r.codes.detach().cpu(), scales=r.scales.detach().cpu(),
                        zeros=r.zeros.detach().cpu(), g_idx=r.g_idx.detach().cpu(), loss=r.loss, damp=r.damp)
 
 
 def _output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean squared output error per matrix, tr(ΔW H ΔWᵀ)/2 (H = 2/n Σxxᵀ), for GPTQ's Q and for RTN."""
-    rtn = torch.stack([rtn_quantize(w, cfg).weight for w in W])
+    """Mean squared output error per matrix, tr(ΔW H ΔWᵀ)/2 (H = 2/n Σxxᵀ), for GPTQ's Q and for RTN.
+
+    W, Q [n, out, in]; H [n or 1, in, in]. RTN is row-wise, so all n matrices are one call."""
+    rtn = rtn_quantize(W.reshape(-1, W.shape[-1]), cfg).weight.reshape(W.shape)
     out = []
     for Qx in (Q, rtn):
         d = (W - Qx.to(W.device)).float()

@@ -18,11 +18,14 @@ on the weights' device.
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
 
 from moedsl.errors import MoedslError
+from moedsl.gptq.block import solve_block
 from moedsl.gptq.gptq import damp_error, damp_schedule, gptq_solve
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, dequantize, find_params, group_grids, quantize
 
@@ -132,51 +135,30 @@ def gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) ->
     codes = torch.zeros_like(W, dtype=torch.uint8)
     losses = torch.zeros(B, rows, device=W.device)
 
-    for i1 in range(0, columns, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, columns)
-        count = i2 - i1
+    block = cfg.block_size if fixed_grids else math.gcd(cfg.block_size, width)  # see gptq.py
+    for i1 in range(0, columns, block):
+        i2 = min(i1 + block, columns)
+        if not fixed_grids and i1 % width == 0:
+            g = i1 // width
+            scales[:, :, g], zeros[:, :, g] = find_params(W[:, :, i1 : i1 + width], cfg.bits, cfg.sym,
+                                                          cfg.torch_scale_dtype)
+        if per_member_groups:
+            scale1, zero1 = col_scales[:, :, i1:i2], col_zeros[:, :, i1:i2]
+        else:
+            groups = group_of[0, i1:i2]
+            scale1, zero1 = scales[:, :, groups], zeros[:, :, groups]
         W1 = W[:, :, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
-
-        for i in range(count):
-            col = i1 + i
-            w = W1[:, :, i]  # [B, rows]
-            d = Hinv1[:, i, i].unsqueeze(1)  # [B, 1]
-
-            if not fixed_grids and col % width == 0:
-                group = W1[:, :, i : i + width]
-                if col + width > i2:
-                    tail = W[:, :, i2 : col + width] - Err1[:, :, :i] @ Hinv[:, i1:col, i2 : col + width]
-                    group = torch.cat([group, tail], dim=2)
-                g = col // width
-                scales[:, :, g], zeros[:, :, g] = find_params(group, cfg.bits, cfg.sym, cfg.torch_scale_dtype)
-
-            if per_member_groups:
-                scale, zero = col_scales[:, :, col], col_zeros[:, :, col]
-            else:
-                g = col // width
-                scale, zero = scales[:, :, g], zeros[:, :, g]
-            q_code = quantize(w, scale, zero, maxq)
-            q = dequantize(q_code, scale, zero)
-            codes[:, :, col] = q_code
-            Q1[:, :, i] = q
-            Losses1[:, :, i] = (w - q) ** 2 / d**2 / 2
-
-            err = (w - q) / d
-            W1[:, :, i:] -= err.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)
-            Err1[:, :, i] = err
-
+        Q1, codes1, Err1, Losses1 = solve_block(W1, Hinv[:, i1:i2, i1:i2], scale1, zero1, maxq)
         Q[:, :, i1:i2] = Q1
+        codes[:, :, i1:i2] = codes1
         losses += Losses1.sum(dim=2)
         W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
 
     inv = torch.argsort(perm, dim=1)
-    inv_cols = inv.unsqueeze(1).expand(B, rows, columns)
-    Q = Q.gather(2, inv_cols)
-    codes = codes.gather(2, inv_cols)
+    if cfg.act_order:
+        inv_cols = inv.unsqueeze(1).expand(B, rows, columns)
+        Q = Q.gather(2, inv_cols)
+        codes = codes.gather(2, inv_cols)
     g_idx = group_of.gather(1, inv).to(torch.int32)
     zeros = zeros.to(torch.int32)
     member_loss = losses.sum(dim=1).tolist()

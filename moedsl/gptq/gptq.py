@@ -18,9 +18,12 @@ matrices at once.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moedsl.errors import MoedslError
+from moedsl.gptq.block import solve_block
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, dequantize, find_params, group_grids, quantize
 
 
@@ -74,57 +77,33 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[Quan
         group_of = perm // width
     else:
         group_of = torch.arange(columns, device=W.device) // width
-    group_list = group_of.tolist()
 
-    for i1 in range(0, columns, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, columns)
-        count = i2 - i1
+    # Blocks start wherever a dynamic group starts, so each group's grid is taken once, at the
+    # start of a block, from its weights with every earlier update applied.
+    block = cfg.block_size if fixed_grids else math.gcd(cfg.block_size, width)
+    for i1 in range(0, columns, block):
+        i2 = min(i1 + block, columns)
+        if not fixed_grids and i1 % width == 0:
+            g = i1 // width
+            scales[:, g], zeros[:, g] = find_params(W[:, i1 : i1 + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype)
+        groups = group_of[i1:i2]
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-
-        for i in range(count):
-            col = i1 + i
-            w = W1[:, i]
-            d = Hinv1[i, i]
-
-            if not fixed_grids and col % width == 0:
-                # A new group starts: its grid comes from its weights as updated so far.
-                # Columns past this block have not yet received this block's updates; add
-                # them here so the grid does not depend on block_size.
-                group = W1[:, i : i + width]
-                if col + width > i2:
-                    tail = W[:, i2 : col + width] - Err1[:, :i] @ Hinv[i1:col, i2 : col + width]
-                    group = torch.cat([group, tail], dim=1)
-                g = col // width
-                scales[:, g], zeros[:, g] = find_params(group, cfg.bits, cfg.sym, cfg.torch_scale_dtype)
-
-            g = group_list[col]
-            scale, zero = scales[:, g], zeros[:, g]
-            q_code = quantize(w, scale, zero, maxq)
-            q = dequantize(q_code, scale, zero)
-            codes[:, col] = q_code
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d**2 / 2
-
-            # Spread this column's error over the rest of the block (the OBS update).
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-
-        Q[:, i1:i2] = Q1
-        losses += Losses1.sum(dim=1)
+        Q1, codes1, Err1, Losses1 = solve_block(
+            W1[None], Hinv[None, i1:i2, i1:i2], scales[:, groups][None], zeros[:, groups][None], maxq
+        )
+        Q[:, i1:i2] = Q1[0]
+        codes[:, i1:i2] = codes1[0]
+        losses += Losses1[0].sum(dim=1)
         # ...and the block's accumulated error over all later columns at once (lazy batch).
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:] -= Err1[0] @ Hinv[i1:i2, i2:]
 
     # Back to the original column order; g_idx says which group each original column used.
     inv = torch.argsort(perm)
     g_idx = group_of[inv].to(torch.int32)
+    reorder = cfg.act_order  # without act_order the solve order is the original order: no copies
     result = QuantResult(
-        weight=Q[:, inv],
-        codes=codes[:, inv],
+        weight=Q[:, inv] if reorder else Q,
+        codes=codes[:, inv] if reorder else codes,
         scales=scales,
         zeros=zeros.to(torch.int32),
         g_idx=g_idx,

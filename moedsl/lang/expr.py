@@ -8,6 +8,7 @@ none and lists exist; a handful of built-in functions are allowed. Every failure
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -51,7 +52,7 @@ class Env:
     config: Any
     i: int | None = None
     lets: Mapping[str, ir.Expr] = field(default_factory=dict)
-    _cache: dict[str, Any] = field(default_factory=dict)
+    _cache: dict[tuple[str, int | None], Any] = field(default_factory=dict)
     _active: set[str] = field(default_factory=set)
 
     def at(self, i: int) -> "Env":
@@ -65,6 +66,14 @@ def _number(v: Any, e: ir.Expr, what: str) -> int | float:
 
 
 def evaluate(e: ir.Expr, env: Env) -> Any:
+    """The value of `e` in `env`; every failure is a located `MoedslError`."""
+    try:
+        return _evaluate(e, env)
+    except RecursionError:  # an IR built in code, or lets that nest very deeply
+        raise MoedslError("expression nested too deeply to evaluate", span=getattr(e, "span", None)) from None
+
+
+def _evaluate(e: ir.Expr, env: Env) -> Any:
     if isinstance(e, ir.Literal_):
         return e.value
     if isinstance(e, ir.Name):
@@ -76,39 +85,41 @@ def evaluate(e: ir.Expr, env: Env) -> Any:
         if e.id == "config":
             return env.config
         if e.id in env.lets:
-            if e.id in env._cache and env.i is None:
-                return env._cache[e.id]
+            key = (e.id, env.i)  # a let may depend on `i`: remember its value per layer index
+            if key in env._cache:
+                return env._cache[key]
             if e.id in env._active:
                 raise MoedslError(f"`let {e.id}` refers to itself", span=e.span)
             env._active.add(e.id)
             try:
-                value = evaluate(env.lets[e.id], env)
+                value = _evaluate(env.lets[e.id], env)
             finally:
                 env._active.discard(e.id)
-            if env.i is None:
-                env._cache[e.id] = value
+            env._cache[key] = value
             return value
         names = ["i", "config", *env.lets]
         raise MoedslError(f"unknown name `{e.id}`", span=e.span, expected=names, suggestion=nearest(e.id, names))
     if isinstance(e, ir.Attr):
-        obj = evaluate(e.obj, env)
+        obj = _evaluate(e.obj, env)
         return _attr(obj, e)
     if isinstance(e, ir.Index):
-        obj, key = evaluate(e.obj, env), evaluate(e.index, env)
+        obj, key = _evaluate(e.obj, env), _evaluate(e.index, env)
         try:
             if isinstance(obj, Mapping):
-                return obj[key]
+                return _plain(obj[key])
             if isinstance(obj, (list, tuple, str)) and isinstance(key, int) and not isinstance(key, bool):
-                return obj[key]
+                return _plain(obj[key])
         except (IndexError, KeyError):
             raise Missing(f"index {key!r} is out of range (length {len(obj)})", span=e.span) from None
+        except TypeError:  # e.g. a list as a key
+            pass
         raise MoedslError(f"cannot index {_type_name(obj)} with {_type_name(key)}", span=e.span)
     if isinstance(e, ir.ListExpr):
-        return [evaluate(x, env) for x in e.items]
+        return [_evaluate(x, env) for x in e.items]
     if isinstance(e, ir.Call):
-        return _call(e, [evaluate(a, env) for a in e.args])
+        return _call(e, [_evaluate(a, env) for a in e.args])
     if isinstance(e, ir.Unary):
-        v = evaluate(e.operand, env)
+        v = _evaluate(e.operand, env)
         if e.op == "not":
             return not _truth(v, e.operand)
         return -_number(v, e.operand, "`-`")
@@ -130,7 +141,7 @@ def _attr(obj: Any, e: ir.Attr) -> Any:
         raise MoedslError(f"{_type_name(obj)} has no attribute `{e.attr}`", span=e.span)
     if isinstance(obj, Mapping):
         if e.attr in obj:
-            return obj[e.attr]
+            return _plain(obj[e.attr])
     else:
         try:
             value = getattr(obj, e.attr)
@@ -182,7 +193,14 @@ def _call(e: ir.Call, args: list[Any]) -> Any:
     if f == "range":
         if not 1 <= len(args) <= 3:
             raise MoedslError("`range` takes 1 to 3 arguments", span=e.span)
-        ints = [int(_number(v, e, "`range`")) for v in args]
+        ints = []
+        for v in args:
+            n = _number(v, e, "`range`")
+            if isinstance(n, float) and not math.isfinite(n):
+                raise MoedslError(f"`range` needs finite numbers, got `{n!r}`", span=e.span)
+            ints.append(int(n))
+        if len(ints) == 3 and ints[2] == 0:
+            raise MoedslError("`range` step must not be zero", span=e.span)
         r = range(*ints)
         if len(r) > MAX_RANGE:
             raise MoedslError(f"range of {len(r)} items is too long", span=e.span)
@@ -204,15 +222,15 @@ def _binary(e: ir.Binary, env: Env) -> Any:
     op = e.op
     if op == "??":
         try:
-            left = evaluate(e.left, env)
+            left = _evaluate(e.left, env)
         except Missing:
             left = None
-        return evaluate(e.right, env) if left is None else left
+        return _evaluate(e.right, env) if left is None else left
     if op == "and":
-        return _truth(evaluate(e.left, env), e.left) and _truth(evaluate(e.right, env), e.right)
+        return _truth(_evaluate(e.left, env), e.left) and _truth(_evaluate(e.right, env), e.right)
     if op == "or":
-        return _truth(evaluate(e.left, env), e.left) or _truth(evaluate(e.right, env), e.right)
-    left, right = evaluate(e.left, env), evaluate(e.right, env)
+        return _truth(_evaluate(e.left, env), e.left) or _truth(_evaluate(e.right, env), e.right)
+    left, right = _evaluate(e.left, env), _evaluate(e.right, env)
     if op in ("in", "not in"):
         if right is None:
             found = False  # `i in config.mlp_only_layers` where the list is none: nothing is in it

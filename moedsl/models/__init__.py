@@ -1,9 +1,11 @@
 """Models moedsl can make without a hub: tiny models from transformers' configs, and the built-in default."""
 
-from moedsl.models.default import build_byte_tokenizer, default_config, default_model_dir
+from moedsl.models.default import build_byte_tokenizer, default_config, default_model_dir, save_byte_tokenizer
 from moedsl.models.tiny import (
     DENSE_TINY,
+    MOE_EXTRA_TINY,
     MOE_TINY,
+    TINY_NOTES,
     SUPPORTED_TINY,
     UNSUPPORTED_TINY,
     available_tiny,
@@ -14,7 +16,9 @@ from moedsl.models.tiny import (
 
 __all__ = [
     "DENSE_TINY",
+    "MOE_EXTRA_TINY",
     "MOE_TINY",
+    "TINY_NOTES",
     "SUPPORTED_TINY",
     "UNSUPPORTED_TINY",
     "available_tiny",
@@ -22,6 +26,7 @@ __all__ = [
     "build_model",
     "default_config",
     "default_model_dir",
+    "save_byte_tokenizer",
     "save_tiny",
     "tiny_config",
 ]

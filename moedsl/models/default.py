@@ -7,9 +7,9 @@ machine. It is created deterministically on first use (fixed config, fixed seed)
 real checkpoint. It is written to a temporary directory and renamed into place, so a killed
 process never leaves a half-written default behind.
 
-Shape: 4 layers, hidden 128, 16 experts, top-4, expert intermediate 64; layer 0 is dense
-(`mlp_only_layers=[0]`, intermediate 256) so both layer kinds are exercised; vocab = the byte
-tokenizer's 259 ids.
+Shape: 4 layers, hidden 128, 16 experts, top-4, expert intermediate 128 (every width a multiple
+of GPTQ group 128); layer 0 is dense (`mlp_only_layers=[0]`, intermediate 256) so both layer
+kinds are exercised; vocab = the byte tokenizer's 259 ids.
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ __all__ = [
     "TINY_NUM_EXPERTS",
     "TINY_TOP_K",
     "MOE_TINY",
+    "MOE_EXTRA_TINY",
     "DENSE_TINY",
+    "TINY_NOTES",
     "SUPPORTED_TINY",
     "UNSUPPORTED_TINY",
     "available_tiny",
@@ -87,6 +89,48 @@ MOE_TINY: tuple[str, ...] = (
     "longcat_flash",
 )
 
+# Further MoE families of transformers 5.2x (built the same way; several exist only in >= 5.18).
+MOE_EXTRA_TINY: tuple[str, ...] = (
+    "afmoe",
+    "aria_text",
+    "axk1",
+    "axk2",
+    "bailing_hybrid",
+    "beam",
+    "cohere2_moe",
+    "deepseek_v32",
+    "deepseek_v4",
+    "doge",
+    "dots3_note_text",
+    "exaone_moe",
+    "flint",
+    "gemma4_text",
+    "glm_moe_dsa",
+    "granitemoe_swa",
+    "granitemoehybrid",
+    "granitemoeshared",
+    "hy_v3",
+    "hy_v4",
+    "inkling2_loop_text",
+    "inkling2_text",
+    "inkling_text",
+    "jetmoe",
+    "kimi_linear",
+    "kolibri1",
+    "laguna",
+    "lara_mini",
+    "lfm2_moe",
+    "mellum",
+    "mimo_v2_flash",
+    "minimax_m3_vl_text",
+    "nemotron_h",
+    "qwen4_exp_text",
+    "sarvam_mla",
+    "sarvam_moe",
+    "solar_open",
+    "zaya",
+)
+
 DENSE_TINY: tuple[str, ...] = (
     "llama",
     "mistral",
@@ -98,11 +142,30 @@ DENSE_TINY: tuple[str, ...] = (
     "olmo2",
 )
 
-# Families that cannot be built or run here, with the reason. Filled from the survey in
-# tests/test_models.py (`python -m moedsl.models.tiny` prints a fresh survey).
-UNSUPPORTED_TINY: dict[str, str] = {}
+# Caveats of supported families (they build, run and round-trip, but read this first).
+TINY_NOTES: dict[str, str] = {
+    "inkling2_text": "layer kinds tied to attention-residual index ranges are not all present in the tiny layers",
+    "inkling2_loop_text": "loop layers (loop_layer_index_start/end) are not reproduced in the tiny layer count",
+    "dots3_note_text": "per_layer_config (full-size per-layer attention widths) is dropped",
+    "jetmoe": "experts are ParallelExperts (not the fused gate_up_proj/down_proj layout)",
+    "llama4_text": "layers 1 and 3 are MoE (moe_layers=[1, 3]); the default config has MoE everywhere",
+    "granitemoeshared": "has a shared MLP (shared_intermediate_size 48); the default config has none",
+    "inkling_text": "router has E+1 outputs (a sink expert); routers keep the model's own init",
+    "zaya": "top-1 routing (the family supports only num_experts_per_tok=1); its router MLP keeps the model's own init",
+}
 
-SUPPORTED_TINY: tuple[str, ...] = MOE_TINY + DENSE_TINY
+# MoE families that `tiny_config`/`build_model` cannot cover, with the reason. Multimodal MoE
+# models keep their MoE text model under a composite config with no AutoModelForCausalLM entry
+# for the text part; moedsl's tiny models are text-only causal LMs.
+UNSUPPORTED_TINY: dict[str, str] = {
+    "qwen3_vl_moe_text": "text part of a multimodal model: no AutoModelForCausalLM mapping",
+    "glm4v_moe_text": "text part of a multimodal model: no AutoModelForCausalLM mapping",
+    "ernie4_5_vl_moe_text": "text part of a multimodal model: no AutoModelForCausalLM mapping",
+    "qwen3_omni_moe_text": "text part of a multimodal model: no AutoModelForCausalLM mapping",
+    "nllb-moe": "encoder-decoder translation model, not a causal LM",
+}
+
+SUPPORTED_TINY: tuple[str, ...] = MOE_TINY + MOE_EXTRA_TINY + DENSE_TINY
 
 
 def available_tiny(types: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -182,8 +245,17 @@ _ALWAYS: dict[str, Any] = {
     "index_head_dim": 16,
     "index_n_heads": 2,
     "index_topk": 8,
+    # newer families' extra attention widths
+    "swa_head_dim": TINY_HEAD_DIM,
+    "swa_num_attention_heads": TINY_HEADS,
+    "swa_num_key_value_heads": TINY_KV_HEADS,
+    "o_lora_rank": 32,
+    "o_groups": 2,
+    "vocab_size_per_layer_input": TINY_VOCAB,
+    "unpadded_vocab_size": TINY_VOCAB,
     # misc
     "zero_expert_num": 2,
+    "router_hidden_size": 32,
     "max_window_layers": lambda n: n,
 }
 
@@ -229,6 +301,15 @@ _FAMILY: dict[str, tuple[int, Any]] = {
     "longcat_flash": (2, {"num_layers": 2}),
     "hunyuan_v1_moe": (2, {"head_dim": TINY_HEAD_DIM}),
     "dbrx": (2, None),  # sub-configs: see _dbrx_overrides
+    # further MoE families of transformers 5.2x (not in the reference table)
+    "granitemoehybrid": (2, {"layer_types": ["linear_attention", "attention"]}),
+    "lfm2_moe": (4, {"layer_types": ["conv", "conv", "full_attention", "conv"], "num_dense_layers": 1}),
+    "zaya": (2, {"num_experts_per_tok": 1}),  # ZAYA supports top-1 only
+    "qwen4_exp_text": (
+        2,
+        {"indexer_budget": 8, "indexer_compress_ratio": 2, "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16},
+    ),
+    "dots3_note_text": (2, {"per_layer_config": {}, "head_dim": 24}),  # per-layer overrides are full-size
 }
 
 _TOKEN_IDS = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
@@ -241,7 +322,13 @@ def _dbrx_overrides(d: dict) -> dict:
         "n_layers": 2,
         "max_seq_len": TINY_MAX_POS,
         "vocab_size": TINY_VOCAB,
-        "attn_config": {"kv_n_heads": TINY_KV_HEADS, "clip_qkv": None},
+        # rope_theta: DbrxAttention reads attn_config.rope_theta, which the config class lacks
+        # (real DBRX config.json files carry it); clip_qkv=None crashes DbrxAttention.forward
+        "attn_config": {
+            "kv_n_heads": TINY_KV_HEADS,
+            "clip_qkv": 8.0,
+            "rope_theta": float((d.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        },
         "ffn_config": {
             "ffn_hidden_size": TINY_INTERMEDIATE,
             "moe_num_experts": TINY_NUM_EXPERTS,
@@ -297,11 +384,11 @@ def _shrink(model_type: str, d: dict, attribute_map: dict) -> dict:
     # per-layer index lists that refer to the old layer count
     if settable("moe_layer_end_index"):
         kw["moe_layer_end_index"] = n_layers - 1
-    if settable("mlp_only_layers") and isinstance(d.get("mlp_only_layers"), list):
-        kw["mlp_only_layers"] = [i for i in d["mlp_only_layers"] if i < n_layers]
+    if settable("mlp_only_layers") and d.get("mlp_only_layers"):
+        kw["mlp_only_layers"] = [0]  # keep one dense layer, not all of them
 
     fam = family(d) if callable(family) else dict(family or {})
-    kw.update(fam)
+    kw.update({attribute_map.get(k, k): v for k, v in fam.items()})
     return kw
 
 
@@ -319,37 +406,50 @@ def layer_kind_lists(config) -> dict[str, list]:
     }
 
 
+_MAX_TINY_LAYERS = 6
+
+
+def _is_kind_list(values: list) -> bool:
+    """A per-layer list of *kinds* (strings, bools, 0/1 flags), not of sizes."""
+    return all(isinstance(v, (str, bool)) or (isinstance(v, int) and v in (0, 1)) for v in values)
+
+
 def _fix_layer_kinds(
     model_type: str, base_lists: dict[str, list], tiny_lists: dict[str, list], cfg_kwargs: dict, n_layers: int
 ) -> dict:
-    """Per-layer lists of the shrunk config must still contain every kind of the full one.
+    """Per-layer kind lists of the shrunk config must still contain every combination of kinds of
+    the full one (e.g. (linear_attention, dense), (full_attention, sparse), ...).
 
-    For each per-layer list of the default config that lost a kind in the shrunk config (and that
-    the family overrides do not set), take its distinct values in order of first appearance and
-    spread them over the tiny layer count.
+    When the shrunk config lost a combination, pick from the full config the first layer of each
+    combination (in layer order), pad with the following layers to `n_layers`, and pass those
+    lists explicitly. Lists that the family overrides set are left alone.
     """
-    out = {}
-    for key, values in base_lists.items():
-        if key in cfg_kwargs:
-            continue
-        try:
-            distinct = list(dict.fromkeys(values))
-            if set(distinct) <= set(tiny_lists.get(key, [])):
-                continue
-        except TypeError:  # unhashable entries
-            continue
-        if len(distinct) <= 1:
-            continue
-        if len(distinct) > n_layers:
-            raise MoedslError(
-                f"{model_type}: `{key}` has {len(distinct)} kinds, more than the {n_layers} tiny layers",
-                notes=["add the family to moedsl/models/tiny.py:_FAMILY with more layers"],
-            )
-        # keep the order of first appearance; repeat the last kind to fill
-        new = distinct + [values[-1]] * (n_layers - len(distinct))
-        # a leading-dense list (deepseek-style) must stay leading-dense
-        out[key] = new
-    return out
+    keys = [k for k, v in base_lists.items() if k not in cfg_kwargs and _is_kind_list(v)]
+    if not keys:
+        return {}
+    n_base = len(base_lists[keys[0]])
+    combos_base = [tuple(base_lists[k][i] for k in keys) for i in range(n_base)]
+    if all(k in tiny_lists for k in keys):
+        n_tiny = len(tiny_lists[keys[0]])
+        combos_tiny = {tuple(tiny_lists[k][i] for k in keys) for i in range(n_tiny)}
+        if set(combos_base) <= combos_tiny:
+            return {}
+    first: dict[tuple, int] = {}
+    for i, combo in enumerate(combos_base):
+        first.setdefault(combo, i)
+    picked = sorted(first.values())
+    if len(picked) > _MAX_TINY_LAYERS:
+        raise MoedslError(
+            f"{model_type}: the per-layer lists {keys} have {len(picked)} combinations of kinds, "
+            f"more than {_MAX_TINY_LAYERS} tiny layers",
+            notes=["give the family explicit layer lists in moedsl/models/tiny.py:_FAMILY"],
+        )
+    n_layers = max(n_layers, len(picked))
+    nxt = picked[-1] + 1
+    while len(picked) < n_layers and nxt < n_base:
+        picked.append(nxt)
+        nxt += 1
+    return {k: [base_lists[k][i] for i in picked] for k in keys}
 
 
 def tiny_config(model_type: str, **overrides):
@@ -375,12 +475,19 @@ def tiny_config(model_type: str, **overrides):
     d = base.to_dict()
     attribute_map = dict(getattr(base, "attribute_map", {}) or {})
     kw = _shrink(model_type, d, attribute_map)
+    # an alias (num_experts -> num_local_experts, ...) must replace the real key, not race it
+    overrides = {attribute_map.get(k, k): v for k, v in overrides.items()}
     n_layers = kw.get(_layer_count_key(d), 2)
+    family_keys = set(kw) - set(_ALWAYS) - set(_IF_SET)
     kw.update(overrides)
     config = _make_config(model_type, kw)
-    fix = _fix_layer_kinds(model_type, layer_kind_lists(base), layer_kind_lists(config), kw, n_layers)
+    fixed = family_keys | set(overrides) | set(_FAMILY.get(model_type, (0, {}))[1] or {})
+    fix = _fix_layer_kinds(
+        model_type, layer_kind_lists(base), layer_kind_lists(config), {k: kw[k] for k in fixed if k in kw}, n_layers
+    )
     if fix:
         kw.update(fix)
+        kw[_layer_count_key(d)] = len(next(iter(fix.values())))
         config = _make_config(model_type, kw)
     _set_eager(config)
     return config
@@ -427,11 +534,15 @@ def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     old = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(old)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _is_router_weight(name: str, param: torch.Tensor, n_experts: set[int], hidden: int) -> bool:
@@ -522,7 +633,7 @@ def build_model(config, device: str | torch.device = "meta", seed: int = 0, dtyp
 def save_tiny(model_type: str, out_dir: str | Path, seed: int = 0, **overrides) -> Path:
     """Build a tiny `model_type` on CPU and `save_pretrained` it (safetensors) with a byte-level
     tokenizer into `out_dir`. Returns the directory."""
-    from moedsl.models.default import build_byte_tokenizer
+    from moedsl.models.default import save_byte_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -530,7 +641,7 @@ def save_tiny(model_type: str, out_dir: str | Path, seed: int = 0, **overrides) 
     model = build_model(config, device="cpu", seed=seed)
     with _quiet_transformers():
         model.save_pretrained(out, safe_serialization=True)
-        build_byte_tokenizer().save_pretrained(out)
+        save_byte_tokenizer(out)
     return out
 
 

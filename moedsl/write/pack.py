@@ -80,7 +80,7 @@ def check_result(name: str, result, cfg) -> tuple[int, int]:
     def bad(msg: str) -> MoedslError:
         return MoedslError(f"cannot write `{name}`: {msg}", code="write")
 
-    if result.codes.dim() != 2 or tuple(result.weight.shape) != tuple(result.codes.shape):
+    if result.codes.dim() != 2 or (result.weight.numel() and tuple(result.weight.shape) != tuple(result.codes.shape)):
         raise bad(f"codes {tuple(result.codes.shape)} and weight {tuple(result.weight.shape)} must be the same 2-D shape")
     out_features, in_features = result.codes.shape
     groups = cfg.n_groups(in_features)

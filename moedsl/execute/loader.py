@@ -1,0 +1,509 @@
+"""Layer-by-layer loading of a safetensors checkpoint into a meta-device model.
+
+The executor keeps peak host memory near "one decoder layer + embeddings + head": the model is
+built on the meta device (`skeleton`), the parts outside the decoder layers are materialized
+once (`load_non_layer`), and each decoder layer is materialized from the shards only while it is
+worked on (`load_layer` / `unload_layer`). Only the tensors that belong to that layer are read
+(`safe_open` slices, nothing else is touched).
+
+Checkpoint names are not runtime names: transformers 5.x fuses per-expert tensors at load time
+(`mlp.experts.{e}.gate_proj.weight` + `up_proj` -> `mlp.experts.gate_up_proj`; Mixtral's
+`block_sparse_moe.experts.{e}.w1/w3/w2`; phimoe's gate -> router; granitemoe's
+`input_linear`; ...). This module does not know any of those renames: it asks transformers for
+the model's own conversion list (`conversion_mapping.get_model_conversion_mapping`), uses it to
+decide which checkpoint keys belong to which layer (`core_model_loading.rename_source_key`), and
+lets transformers apply it (`core_model_loading.convert_and_load_state_dict_in_model`), exactly as
+`from_pretrained` does. Tensors that are not in the checkpoint (rotary `inv_freq`, other
+non-persistent buffers, tied weights) are re-created the way `from_pretrained` does: materialized
+on the device, then initialized by the model's own `_init_weights`, and tied with `tie_weights`.
+
+Works with transformers 5.17 through 5.24 (the functions used exist with the same signatures in
+both; see `_transformers_api`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moedsl.errors import MoedslError
+
+__all__ = ["LayerwiseLoader", "find_decoder_layers", "materialized_parameters"]
+
+log = logging.getLogger(__name__)
+
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def _natural_key(key: str):
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")]
+
+
+def _transformers_api():
+    """The transformers loading internals this module relies on (present in 5.17 .. 5.24)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            convert_and_load_state_dict_in_model,
+            rename_source_key,
+        )
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError as exc:  # pragma: no cover - only on an unsupported transformers
+        import transformers
+
+        raise MoedslError(
+            f"transformers {transformers.__version__} lacks the checkpoint-conversion API moedsl uses "
+            f"({exc}); moedsl needs transformers >= 5.17"
+        ) from None
+    return {
+        "get_model_conversion_mapping": get_model_conversion_mapping,
+        "WeightConverter": WeightConverter,
+        "WeightRenaming": WeightRenaming,
+        "convert_and_load": convert_and_load_state_dict_in_model,
+        "rename_source_key": rename_source_key,
+        "LoadStateDictConfig": LoadStateDictConfig,
+    }
+
+
+@contextlib.contextmanager
+def _quiet():
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder-layer container of a causal LM: (path, ModuleList).
+
+    Prefers a ModuleList whose entries are the model's `_no_split_modules` classes (the decoder
+    layer classes); otherwise the longest ModuleList of modules named like layers/blocks.
+    """
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    candidates: list[tuple[int, int, str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(m).__name__ for m in module}
+        if no_split and classes <= no_split:
+            rank = 0
+        elif all(re.search(r"(Layer|Block)$", c) for c in classes):
+            rank = 1
+        else:
+            continue
+        candidates.append((rank, -len(module), name, module))
+    if not candidates:
+        raise MoedslError(f"cannot find the decoder layers of {type(model).__name__}: no ModuleList of layers")
+    candidates.sort(key=lambda c: (c[0], c[1], len(c[2])))
+    _, _, name, module = candidates[0]
+    return name, module
+
+
+def materialized_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of `module` that hold real storage (not on meta)."""
+    out = [n for n, p in module.named_parameters() if p.device.type != "meta"]
+    out += [n for n, b in module.named_buffers() if b is not None and b.device.type != "meta"]
+    return out
+
+
+class LayerwiseLoader:
+    """Load a safetensors checkpoint directory layer by layer into a meta-device model.
+
+    >>> loader = LayerwiseLoader(model_dir)
+    >>> model = loader.skeleton()               # everything on meta
+    >>> loader.load_non_layer(model, "cuda")    # embeddings, final norm, lm_head, rotary buffers
+    >>> for i in range(loader.num_layers):
+    ...     loader.load_layer(model, i, "cuda")
+    ...     ...                                 # work on model.<layers>[i]
+    ...     loader.unload_layer(model, i)
+
+    `strict=True` makes a checkpoint that lacks a parameter an error; by default the parameter is
+    initialized as `from_pretrained` would and a note is added to `warnings`.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        experts_implementation: str | None = None,
+        strict: bool = False,
+    ):
+        self.model_dir = Path(model_dir)
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.experts_implementation = experts_implementation
+        self.strict = strict
+        self.warnings: list[str] = []
+        if not self.model_dir.is_dir():
+            raise MoedslError(f"model directory {self.model_dir} does not exist")
+        if not (self.model_dir / "config.json").is_file():
+            raise MoedslError(
+                f"{self.model_dir}: no config.json (not a transformers model directory)",
+                notes=["save the model with `save_pretrained`"],
+            )
+        self._shard_of: dict[str, Path] = self._read_index()
+        self._config = None
+        # filled by skeleton(): checkpoint key -> runtime key, plan per layer
+        self._mapping = None
+        self._runtime_of: dict[str, str] = {}
+        self._layer_keys: dict[int | None, list[str]] = {}
+        self._unexpected: list[str] = []
+        self._layers_path: str | None = None
+        self._planned_for: int | None = None
+
+    # ------------------------------------------------------------------ checkpoint files
+
+    def _read_index(self) -> dict[str, Path]:
+        index = self.model_dir / _INDEX_FILE
+        shard_of: dict[str, Path] = {}
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise MoedslError(f"{index}: not a safetensors index (needs a `weight_map` object): {exc}") from None
+            for key, shard in weight_map.items():
+                path = self.model_dir / shard
+                if not path.is_file():
+                    raise MoedslError(f"{index}: `{key}` is in shard {shard}, which does not exist in {self.model_dir}")
+                shard_of[key] = path
+            return shard_of
+        shards = sorted(self.model_dir.glob("*.safetensors"))
+        if not shards:
+            found = sorted(p.name for p in self.model_dir.glob("*.bin"))
+            notes = [f"found {', '.join(found)}: convert the checkpoint to safetensors"] if found else []
+            raise MoedslError(f"{self.model_dir}: no *.safetensors weights", notes=notes)
+        from safetensors import safe_open
+
+        for path in shards:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        shard_of.setdefault(key, path)
+            except Exception as exc:  # safetensors raises its own error types
+                raise MoedslError(f"{path}: not a readable safetensors file: {exc}") from None
+        return shard_of
+
+    def checkpoint_keys(self) -> list[str]:
+        """Every tensor name in the checkpoint (on-disk names), in natural order."""
+        return sorted(self._shard_of, key=_natural_key)
+
+    def shard_of(self, key: str) -> Path:
+        """The shard file holding checkpoint tensor `key`."""
+        try:
+            return self._shard_of[key]
+        except KeyError:
+            from moedsl.errors import nearest
+
+            raise MoedslError(
+                f"{self.model_dir}: no tensor `{key}` in the checkpoint", suggestion=nearest(key, self._shard_of)
+            ) from None
+
+    # ------------------------------------------------------------------ model skeleton
+
+    @property
+    def config(self):
+        if self._config is None:
+            from transformers import AutoConfig
+
+            try:
+                with _quiet():
+                    self._config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
+            except Exception as exc:
+                raise MoedslError(f"{self.model_dir / 'config.json'}: cannot read the config: {exc}") from None
+        return self._config
+
+    def skeleton(self) -> nn.Module:
+        """The model of this directory's config.json, built on the meta device (no storage)."""
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {}
+        if self.dtype is not None:
+            kwargs["dtype"] = self.dtype
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.experts_implementation is not None:
+            kwargs["experts_implementation"] = self.experts_implementation
+        try:
+            with _quiet(), torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(self.config, **kwargs)
+        except ValueError as exc:
+            raise MoedslError(
+                f"{self.model_dir}: cannot build a causal LM for model_type "
+                f"`{getattr(self.config, 'model_type', '?')}`: {exc}"
+            ) from None
+        model.eval()
+        self._plan(model)
+        return model
+
+    def _plan(self, model: nn.Module) -> None:
+        """Map every checkpoint key to its runtime name and its layer (None = outside the layers)."""
+        api = _transformers_api()
+        self._layers_path, layers = find_decoder_layers(model)
+        self._num_layers = len(layers)
+        with _quiet():
+            mapping = api["get_model_conversion_mapping"](model)
+        renamings = [m for m in mapping if isinstance(m, api["WeightRenaming"])]
+        converters = [m for m in mapping if isinstance(m, api["WeightConverter"])]
+        meta_sd = model.state_dict()
+        prefix = model.base_model_prefix
+        layer_re = re.compile(rf"^{re.escape(self._layers_path)}\.(\d+)\.")
+        runtime_of: dict[str, str] = {}
+        per_layer: dict[int | None, list[str]] = defaultdict(list)
+        unexpected: list[str] = []
+        for key in self.checkpoint_keys():
+            # the same two-step renaming that convert_and_load_state_dict_in_model performs
+            renamed, _ = api["rename_source_key"](key, renamings, converters, prefix, meta_sd)
+            if renamed not in meta_sd and key in meta_sd:
+                renamed, _ = api["rename_source_key"](key, [], [], prefix, meta_sd)
+            if renamed not in meta_sd:
+                unexpected.append(key)
+                continue
+            runtime_of[key] = renamed
+            m = layer_re.match(renamed)
+            per_layer[int(m.group(1)) if m else None].append(key)
+        self._mapping = mapping
+        self._runtime_of = runtime_of
+        self._layer_keys = dict(per_layer)
+        self._unexpected = unexpected
+        self._planned_for = id(model)
+        if unexpected:
+            msg = (
+                f"{self.model_dir}: {len(unexpected)} checkpoint tensor(s) match no parameter of "
+                f"{type(model).__name__} and are ignored, e.g. {unexpected[0]}"
+            )
+            self.warnings.append(msg)
+            log.warning(msg)
+        # what save_pretrained needs to write the original checkpoint names back
+        model._weight_conversions = [m for m in mapping if m.was_used()]
+
+    def _ensure_plan(self, model: nn.Module) -> None:
+        if self._planned_for != id(model):
+            self._plan(model)
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def layers_path(self) -> str:
+        if self._layers_path is None:
+            raise MoedslError("call skeleton() first")
+        return self._layers_path
+
+    @property
+    def num_layers(self) -> int:
+        self.layers_path  # noqa: B018 - raises before skeleton()
+        return self._num_layers
+
+    @property
+    def unexpected_keys(self) -> list[str]:
+        """Checkpoint tensors that match no parameter of the model (ignored, as from_pretrained does)."""
+        return list(self._unexpected)
+
+    def layer_keys(self, i: int) -> list[str]:
+        """The checkpoint keys (on-disk names) that make up decoder layer `i`."""
+        self._check_index(i)
+        return list(self._layer_keys.get(i, []))
+
+    def non_layer_keys(self) -> list[str]:
+        """The checkpoint keys outside the decoder layers (embeddings, final norm, head)."""
+        self.layers_path  # noqa: B018
+        return list(self._layer_keys.get(None, []))
+
+    def runtime_name(self, key: str) -> str:
+        """The runtime parameter name a checkpoint key loads into (the first target of a fused one)."""
+        self.layers_path  # noqa: B018
+        if key not in self._runtime_of:
+            self.shard_of(key)  # raises for unknown keys
+            raise MoedslError(f"checkpoint tensor `{key}` matches no parameter of the model")
+        return self._runtime_of[key]
+
+    def _check_index(self, i: int) -> None:
+        n = self.num_layers
+        if not isinstance(i, int) or not 0 <= i < n:
+            raise MoedslError(f"layer index {i} out of range: the model has {n} decoder layers (0..{n - 1})")
+
+    def _layer(self, model: nn.Module, i: int) -> nn.Module:
+        self._check_index(i)
+        return model.get_submodule(self.layers_path)[i]
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_keys(self, model: nn.Module, keys: list[str], device) -> set[str]:
+        """Read `keys` from their shards and load them through transformers' conversion. Returns
+        the runtime names that were set."""
+        from safetensors import safe_open
+
+        api = _transformers_api()
+        device = str(torch.device(device))
+        by_shard: dict[Path, list[str]] = defaultdict(list)
+        for key in keys:
+            by_shard[self._shard_of[key]].append(key)
+        load_config = api["LoadStateDictConfig"](
+            pretrained_model_name_or_path=str(self.model_dir),
+            device_map={"": device},
+            dtype=None,  # keep the skeleton's dtype per parameter, as from_pretrained does
+            weight_mapping=self._mapping,
+        )
+        with contextlib.ExitStack() as stack:
+            state: dict[str, object] = {}
+            for shard, shard_keys in by_shard.items():
+                f = stack.enter_context(safe_open(str(shard), framework="pt", device="cpu"))
+                for key in shard_keys:
+                    state[key] = f.get_slice(key)  # read lazily, by the loader
+            with _quiet():
+                info, _ = api["convert_and_load"](model, state, load_config)
+        # the loader overwrites this with the transforms used by *this* call; keep them all
+        model._weight_conversions = [m for m in self._mapping if m.was_used()]
+        problems = []
+        for key, got, want in sorted(getattr(info, "mismatched_keys", ()) or (), key=str):
+            problems.append(f"`{key}`: checkpoint shape {tuple(got)}, model expects {tuple(want)}")
+        for key, err in (getattr(info, "conversion_errors", {}) or {}).items():
+            problems.append(f"`{key}`: conversion failed: {str(err).strip().splitlines()[-1] if str(err) else err}")
+        if problems:
+            raise MoedslError(
+                f"{self.model_dir}: the checkpoint does not fit {type(model).__name__}",
+                notes=problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []),
+            )
+        return {self._runtime_of[k] for k in keys}
+
+    def load_non_layer(self, model: nn.Module, device="cpu") -> None:
+        """Materialize everything outside the decoder layers on `device`: embeddings, final norm,
+        lm_head (tied or not), model-level rotary buffers and any other non-layer tensor."""
+        self._ensure_plan(model)
+        self._load_keys(model, self.non_layer_keys(), device)
+        layers_prefix = self.layers_path + "."
+        missing = {
+            name
+            for name, t in model.state_dict(keep_vars=True).items()
+            if not name.startswith(layers_prefix) and t.device.type == "meta"
+        }
+        self._tie(model, missing)
+        self._materialize_rest(model, device, exclude_prefix=layers_prefix, what="outside the decoder layers")
+
+    def load_layer(self, model: nn.Module, i: int, device="cpu") -> nn.Module:
+        """Materialize decoder layer `i` on `device` from the shards (reading only its tensors).
+        Returns the layer module."""
+        self._ensure_plan(model)
+        layer = self._layer(model, i)
+        self._load_keys(model, self._layer_keys.get(i, []), device)
+        self._materialize_rest(layer, device, what=f"in decoder layer {i}", owner=model)
+        return layer
+
+    def unload_layer(self, model: nn.Module, i: int) -> None:
+        """Move decoder layer `i` back to the meta device (frees its storage)."""
+        _to_meta(self._layer(model, i))
+
+    def _tie(self, model: nn.Module, missing: set[str]) -> None:
+        tied = getattr(model, "all_tied_weights_keys", None)
+        if not tied:
+            return
+        if any(k in missing or v in missing for k, v in tied.items()):
+            with _quiet():
+                model.tie_weights(missing_keys=set(missing), recompute_mapping=False)
+
+    def _materialize_rest(
+        self, root: nn.Module, device, *, exclude_prefix: str | None = None, what: str = "", owner=None
+    ) -> None:
+        """Tensors under `root` still on meta are not in the checkpoint: create them on `device`
+        and let the model's own `_init_weights` fill them (what from_pretrained does for missing
+        keys and non-persistent buffers)."""
+        owner = owner if owner is not None else root
+        device = torch.device(device)
+        to_init: list[nn.Module] = []
+        missing_params: list[str] = []
+        for mod_name, module in root.named_modules():
+            if exclude_prefix and (mod_name + ".").startswith(exclude_prefix):
+                continue
+            touched = False
+            for pname, param in list(module._parameters.items()):
+                if param is None or param.device.type != "meta":
+                    continue
+                new = nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+                module._parameters[pname] = new
+                missing_params.append(f"{mod_name}.{pname}" if mod_name else pname)
+                touched = True
+            for bname, buf in list(module._buffers.items()):
+                if buf is None or buf.device.type != "meta":
+                    continue
+                module._buffers[bname] = torch.empty_like(buf, device=device)
+                if bname not in module._non_persistent_buffers_set:
+                    missing_params.append(f"{mod_name}.{bname}" if mod_name else bname)
+                touched = True
+            if touched:
+                to_init.append(module)
+        if missing_params:
+            msg = f"{self.model_dir}: not in the checkpoint ({what}), initialized as from_pretrained would: " + ", ".join(
+                missing_params[:8]
+            ) + (f" and {len(missing_params) - 8} more" if len(missing_params) > 8 else "")
+            if self.strict:
+                raise MoedslError(msg.replace("initialized as from_pretrained would", "missing"))
+            self.warnings.append(msg)
+            log.warning(msg)
+        if not to_init:
+            return
+        init_fn = getattr(owner, "_init_weights", None)
+        if init_fn is None:
+            return
+        try:
+            from transformers.initialization import guard_torch_init_functions
+        except ImportError:  # pragma: no cover
+            guard_torch_init_functions = contextlib.nullcontext
+        with torch.no_grad(), guard_torch_init_functions():
+            for module in to_init:
+                # loaded tensors carry `_is_hf_initialized`, so the guarded init leaves them alone
+                init_fn(module)
+
+    # ------------------------------------------------------------------ streaming
+
+    @contextlib.contextmanager
+    def stream(self, model: nn.Module, device="cpu") -> Iterator[nn.Module]:
+        """Within this context a forward pass loads each decoder layer just before it runs and
+        unloads it right after (forward hooks). Non-layer parts must be loaded already."""
+        layers = model.get_submodule(self.layers_path)
+        handles = []
+        for i, layer in enumerate(layers):
+
+            def pre(module, args, kwargs, i=i):
+                self.load_layer(model, i, device)
+
+            def post(module, args, kwargs, output, i=i):
+                self.unload_layer(model, i)
+
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(layer.register_forward_hook(post, with_kwargs=True))
+        try:
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _to_meta(module: nn.Module) -> None:
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                sub._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                )
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.device.type != "meta":
+                sub._buffers[name] = torch.empty_like(buf, device="meta")
