@@ -82,11 +82,13 @@ def _expert_bound(kind: KindPlan, path: str) -> BoundMoe:
     raise MoedslError(f"plan error: no MoE block owns experts `{path}`")  # pragma: no cover
 
 
+def _stacked(ex: BoundExperts) -> bool:
+    """Experts called with one stacked input of every expert, already scaled by the routing weights (Llama-4)."""
+    return ex.call == ("hidden",)
+
+
 def _routing(ex: BoundExperts, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(tokens [T, H], chosen experts [T, k]) from the experts module's call, per `call(...)`."""
-    if ex.scale == "input" or ex.call == ("hidden",):
-        raise MoedslError(f"{ex.module_class}: experts whose routing weights scale their input (`scale input`, "
-                          "`call(hidden)`) are not supported by the executor yet")
     values = dict(zip(ex.call, args))
     hidden = values.get("hidden")
     if hidden is None:
@@ -196,6 +198,7 @@ class LayerQuantizer:
                 experts_keys.setdefault(key.capture.path, []).append(key)
         all_tokens: dict[str, Hessian] = {}
         router_out: dict[str, torch.Tensor] = {}
+        block_in: dict[str, torch.Tensor] = {}
         for path, keys in experts_keys.items():
             moe = _expert_bound(self.kind, path)
             ex = moe.experts
@@ -203,6 +206,24 @@ class LayerQuantizer:
             needed.add(path)
             if self.policy.kind == "auto" and any(k.capture.kind == "experts_input" and k.per_expert for k in keys):
                 all_tokens[path] = Hessian(ex.hidden_size, self.device)
+            if _stacked(ex):
+                if self.policy.kind not in ("routed", "all"):
+                    raise MoedslError(f"policy {self.policy} is not supported for `{path}`, whose routing weights scale "
+                                      "the experts' input (`scale input`): use `routed` or `all`")
+                if moe.router is None:
+                    raise MoedslError(f"`{path}` takes a stacked, router-scaled input: the definition must name the "
+                                      f"router of `{moe.path}` (`:router`)")
+
+                def block_hook(mod, args, kwargs_, path=path):
+                    x = args[0] if args else kwargs_["hidden_states"]
+                    block_in[path] = x.reshape(-1, x.shape[-1])
+
+                def scores_hook(mod, args, output, path=path, E=ex.num_experts):
+                    outs = output if isinstance(output, tuple) else (output,)
+                    router_out[path] = next(o for o in outs if torch.is_tensor(o) and o.shape[-1] == E).reshape(-1, E)
+
+                handles.append(get_path(self.layer, moe.path).register_forward_pre_hook(block_hook, with_kwargs=True))
+                handles.append(get_path(self.layer, moe.router).register_forward_hook(scores_hook))
             if self.policy.kind == "topk":
                 if moe.router is None:
                     raise MoedslError(f"policy {self.policy} needs the router of `{moe.path}`, which the definition does "
@@ -220,6 +241,10 @@ class LayerQuantizer:
                 handles.append(router.register_forward_hook(router_hook))
 
             def experts_hook(mod, args, kwargs_, path=path, keys=keys, ex=ex):
+                if _stacked(ex):
+                    self.add_stacked(hessians, keys, ex, mod, args[0], router_out[path], block_in[path])
+                    done(path)
+                    return
                 x, index = _routing(ex, args, kwargs_)
                 if self.policy.kind == "topk":
                     index = router_out[path].topk(min(self.policy.top_k, ex.num_experts), dim=-1).indices
@@ -260,6 +285,38 @@ class LayerQuantizer:
                         h.sum[e] = all_tokens[path].sum
                         h.count[e] = all_tokens[path].count
         return hessians
+
+    def add_stacked(self, hessians: dict[str, Hessian], keys: list[StatsKey], ex: BoundExperts, module: nn.Module,
+                    stacked: torch.Tensor, scores: torch.Tensor, x: torch.Tensor) -> None:
+        """Experts that read one stacked input [E·T, H], each expert's rows scaled by its routing weight.
+
+        routed: expert e's rows are its real inputs, x·s_e, on the tokens routed to it (s_e > 0);
+        all: every expert reads every token unscaled (x), as no routing weight exists for the others.
+        """
+        E = ex.num_experts
+        per = stacked.reshape(E, -1, stacked.shape[-1])
+        if self.policy.kind == "all":
+            inputs = [x] * E
+        else:
+            chosen = scores.reshape(-1, E) > 0
+            inputs = [per[e][chosen[:, e]] for e in range(E)]
+        w = b = None
+        for key in keys:
+            h = hessians[key.key]
+            if key.capture.kind == "experts_hidden" and w is None:
+                w, b = expert_weights(ex, module)
+            for e, xe in enumerate(inputs):
+                if xe.shape[0] == 0:
+                    continue
+                if key.capture.kind == "experts_input":
+                    if key.per_expert:
+                        h.add_expert(e, xe)
+                    elif e == 0:
+                        h.add(xe)
+                else:
+                    we = {r: t[e:e + 1] for r, t in w.items()}
+                    be = {r: (t[e:e + 1] if t is not None else None) for r, t in b.items()}
+                    h.add_expert(e, expert_fn.hidden(xe, ex.fn, we, be)[0])
 
     def add_experts_input(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
                           ex: BoundExperts, all_tokens: Hessian | None) -> None:
