@@ -35,6 +35,7 @@ class QuantizeOptions(BaseModel):
     resume: bool = True
     overwrite: bool = False
     progress: bool = True
+    quantize_lm_head: bool = False
 
     def quant_config(self, scale_dtype: str = "float16") -> QuantConfig:
         return QuantConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
@@ -72,3 +73,5 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if a partial run is there")
     p.add_argument("--overwrite", action="store_true", help="replace a finished output directory")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="also GPTQ-quantize lm_head, on the final-norm outputs of the calibration data")

@@ -188,7 +188,8 @@ class Runner:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         cfg = opts.quant_config(required_scale_dtype(opts.format, dtype))
         check_shapes(plan, cfg, opts.format)
-        writer = CheckpointWriter(opts.out, opts.format, cfg)
+        head_options = dict(ignore=(), extra_quantization_config={"lm_head": True} if opts.format == "gptq" else None)
+        writer = CheckpointWriter(opts.out, opts.format, cfg, **(head_options if opts.quantize_lm_head else {}))
         calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed)
         ids, warnings = (calib.input_ids, list(calib.warnings)) if hasattr(calib, "input_ids") else (calib, [])
         report = Report.start(opts, plan, str(model_dir), definition.source_file or definition.header.name,
@@ -247,7 +248,10 @@ class Runner:
                 if os.environ.get("MOEDSL_KILL_AFTER_LAYER") == str(i):  # tests: die here, as a killed run would
                     os._exit(137)
 
-        self.write_rest(writer, loader, plan)
+        head_key = None
+        if opts.quantize_lm_head:
+            head_key = self.quantize_head(model, plan, hidden, cfg, writer, dtype, report)
+        self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
         config = json.loads((Path(model_dir) / "config.json").read_text())
         report.finish(time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         writer.finalize(config)
@@ -275,9 +279,37 @@ class Runner:
         self.copy_keys(writer, loader, [k for k in loader.layer_keys(i) if k not in replaced])
         writer.flush_shard(f"layer-{i:05d}.safetensors")
 
-    def write_rest(self, writer, loader, plan: HookPlan) -> None:
-        self.copy_keys(writer, loader, loader.non_layer_keys())
+    def write_rest(self, writer, loader, plan: HookPlan, skip: set[str]) -> None:
+        self.copy_keys(writer, loader, [k for k in loader.non_layer_keys() if k not in skip])
         writer.flush_shard("model-rest.safetensors")
+
+    @torch.no_grad()
+    def quantize_head(self, model, plan: HookPlan, hidden: list[torch.Tensor], cfg, writer, dtype, report) -> str:
+        """GPTQ of lm_head on the final norm's outputs (the last layer's outputs, normalized)."""
+        from moedsl.bind.binder import get_path
+        from moedsl.execute.stats import Hessian
+        from moedsl.gptq.batched import gptq_quantize_shared
+        from moedsl.gptq.quantizer import rtn_quantize
+
+        if plan.lm_head is None or plan.final_norm is None:
+            raise MoedslError("--quantize-lm-head: the definition names no `lm_head` or no `final_norm`")
+        head = get_path(model, plan.lm_head)
+        embed = get_path(model, plan.embed) if plan.embed else None
+        if embed is not None and getattr(embed, "weight", None) is head.weight:
+            raise MoedslError("--quantize-lm-head: lm_head shares its weight with the embeddings (tied); "
+                              "quantizing it would quantize the embeddings too")
+        norm = get_path(model, plan.final_norm)
+        H = Hessian(head.in_features, self.device)
+        for x in hidden:
+            H.add(norm(x.to(self.device)))
+        W = head.weight.detach().to(self.device, torch.float32, copy=True)
+        Hf = H.finalize()
+        r = gptq_quantize_shared([W], Hf, cfg)[0]
+        d, drtn = W - r.weight, W - rtn_quantize(W, cfg).weight
+        report.head = {"error": float(((d @ Hf) * d).sum() / 2), "rtn_error": float(((drtn @ Hf) * drtn).sum() / 2),
+                       "tokens": int(H.count)}
+        writer.add_quantized(plan.lm_head, r, head.bias, dtype)
+        return plan.lm_head + ".weight"
 
     @staticmethod
     def copy_keys(writer, loader, keys: list[str]) -> None:
