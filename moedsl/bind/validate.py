@@ -152,7 +152,10 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
         keys = checkpoint_keys(model_dir)
         ck_errs, ck_detail = check_checkpoint_names(d, bound, keys)
     else:
+        from transformers.utils import logging as hf_logging
+
         with tempfile.TemporaryDirectory() as tmp:
+            hf_logging.disable_progress_bar()  # validate prints its own report; no "Writing model shards" bar
             real.save_pretrained(tmp)
             keys = checkpoint_keys(Path(tmp))
         ck_errs, ck_detail = check_checkpoint_names(d, real_bound, keys)
