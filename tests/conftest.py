@@ -1,0 +1,66 @@
+"""Shared fixtures: an isolated moedsl cache (so the built-in default model is built once per
+session in a temporary directory, never in ~/.cache), the default model's directory, tiny models
+per model_type, and a helper that runs the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def moedsl_cache(tmp_path_factory) -> Path:
+    """`MOEDSL_CACHE` points at a session temporary directory for every test (and subprocess)."""
+    cache = tmp_path_factory.mktemp("moedsl-cache")
+    old = os.environ.get("MOEDSL_CACHE")
+    os.environ["MOEDSL_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("MOEDSL_CACHE", None)
+    else:
+        os.environ["MOEDSL_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def default_model(moedsl_cache) -> Path:
+    """The built-in default model's directory (built on first use in the session cache)."""
+    from moedsl.models.default import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(model_type, **overrides) -> a saved tiny checkpoint, built once per session."""
+    from moedsl.models.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    made: dict[tuple, Path] = {}
+
+    def make(model_type: str, **overrides) -> Path:
+        key = (model_type, tuple(sorted(overrides.items())))
+        if key not in made:
+            name = model_type + "".join(f"-{k}={v}" for k, v in key[1])
+            made[key] = save_tiny(model_type, root / name, **overrides)
+        return made[key]
+
+    return make
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m moedsl ARGS` from the repository root, with this session's environment."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "moedsl", *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
