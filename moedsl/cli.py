@@ -115,7 +115,13 @@ def cmd_schema(args) -> int:
 
 def cmd_quantize(args) -> int:
     from moedsl.execute.cli import run_quantize
+    from moedsl.execute.options import QuantizeOptions
 
+    # Refuse bad numbers (--bits 9, --group-size 0, --damp 2) before any heavy work: the run itself
+    # checks them only after building the default model, loading weights and creating --out.
+    opts = QuantizeOptions(**{k: v for k, v in vars(args).items() if k in QuantizeOptions.model_fields})
+    opts.quant_config()
+    opts.moe_policy()
     return run_quantize(args)
 
 
@@ -158,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_schema)
 
     q = sub.add_parser("quantize", help="GPTQ-quantize a model (default: the built-in tiny MoE)")
-    from moedsl.execute.options import add_quantize_arguments
+    from moedsl.execute.arguments import add_quantize_arguments  # torch-free: `fmt`, `--help` stay fast
 
     add_quantize_arguments(q)
     q.set_defaults(func=cmd_quantize)

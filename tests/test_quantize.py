@@ -352,12 +352,7 @@ def _model_types() -> list[str]:
 
 
 # Known failures, each understood (see the reasons); a strict xfail turns a fix into a reminder.
-XFAIL: dict[str, str] = {
-    "glm_moe_dsa": "executor: GlmMoeDsa decoder layers return (hidden_states, topk_indices) and take the previous "
-                   "layer's `prev_topk_indices`; capture_layer_inputs' _Catcher returns only hidden_states (the "
-                   "model's `hidden, topk = layer(...)` then fails with ValueError) and layer-to-layer state "
-                   "other than hidden states is not carried",
-}
+XFAIL: dict[str, str] = {}  # every architecture of the library quantizes end to end
 
 
 @pytest.mark.parametrize("model_type", _model_types())

@@ -157,6 +157,7 @@ def definitions(draw) -> ir.Definition:
         embed=draw(st.none() | paths),
         final_norm=draw(st.none() | paths),
         lm_head=draw(st.none() | paths),
+        carry=tuple(draw(st.lists(identifiers, max_size=2, unique=True))),
         doc=draw(docs),
     )
     let_names = draw(st.lists(lets_names, max_size=3, unique=True))

@@ -8,6 +8,7 @@ raised together, each pointing at the line of the definition that made it.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,11 @@ class Binder:
         if layers is None:
             raise MoedslErrors(self.errors)
         kind_of_layer = self.assign_kinds(len(layers))
+        for name in h.carry:
+            params = inspect.signature(type(layers[0]).forward).parameters
+            if name not in params:
+                self.fail(f"`carry {name}`: {type(layers[0]).__name__}.forward takes no argument `{name}`", h,
+                          suggestion=nearest(name, [p for p in params if p != "self"]))
         kinds = []
         for kind in self.d.layers:
             indices = tuple(i for i, k in enumerate(kind_of_layer) if k == kind.name)
@@ -122,7 +128,7 @@ class Binder:
         return BoundDefinition(
             arch=h.name, model_type=str(getattr(self.config, "model_type", "")), model_class=self.model_class,
             num_layers=len(layers), layers_path=layers_path, embed=embed, final_norm=norm, lm_head=head,
-            num_experts=num_experts, top_k=top_k, hidden_size=int(hidden or 0), kinds=tuple(kinds),
+            num_experts=num_experts, top_k=top_k, hidden_size=int(hidden or 0), carry=h.carry, kinds=tuple(kinds),
             kind_of_layer=tuple(kind_of_layer))
 
     def root_path(self, alts: tuple[str, ...] | None, word: str, node: Any) -> tuple[str | None, Any]:

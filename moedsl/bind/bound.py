@@ -101,6 +101,7 @@ class BoundDefinition(Frozen):
     num_experts: int | None
     top_k: int | None
     hidden_size: int
+    carry: tuple[str, ...] = ()  # see ir.Header.carry
     kinds: tuple[BoundKind, ...]
     kind_of_layer: tuple[str, ...]  # per layer index
 

@@ -72,6 +72,7 @@ class LayerResult:
     quantized: list[Quantized]
     stages: list[StageReport]
     outputs: list[torch.Tensor]
+    carried: list[tuple]  # per batch: the layer's extra outputs, for the next layer (`carry`)
     starved: dict[str, list[int]]  # experts path -> experts that saw no token (after the policy)
 
 
@@ -138,16 +139,18 @@ class LayerQuantizer:
             seconds = time.perf_counter() - t0
             stages.append(StageReport(stage.index, seconds, sum(r.error for r in reports),
                                       sum(r.rtn_error for r in reports), reports))
-        outputs = self.replay(inputs, kwargs)
-        return LayerResult(quantized, stages, outputs, self.starved)
+        outputs, carried = self.replay(inputs, kwargs)
+        return LayerResult(quantized, stages, outputs, carried, self.starved)
 
     @torch.no_grad()
-    def replay(self, inputs: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-        outs = []
+    def replay(self, inputs: list[torch.Tensor], kwargs: list[dict]) -> tuple[list[torch.Tensor], list[tuple]]:
+        """The quantized layer with native routing: next layer's inputs, and any extra outputs it carries."""
+        outs, carried = [], []
         for x, kw in zip(inputs, kwargs):
             y = self.layer(x, **kw)
             outs.append(y[0] if isinstance(y, tuple) else y)
-        return outs
+            carried.append(tuple(y[1:]) if isinstance(y, tuple) else ())
+        return outs, carried
 
     # -- statistics --------------------------------------------------------------------------
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from moedsl.execute.arguments import add_quantize_arguments  # noqa: F401  (re-exported; torch-free home)
 from moedsl.gptq.quantizer import QuantConfig
 from moedsl.plan.schema import Policy
 
@@ -48,30 +48,3 @@ class QuantizeOptions(BaseModel):
         """What must be equal for a resumed run to continue an interrupted one."""
         skip = {"resume", "overwrite", "progress", "out", "device"}
         return {k: str(v) for k, v in self.model_dump().items() if k not in skip}
-
-
-def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help="a local Hugging Face model directory (default: the built-in tiny MoE)")
-    p.add_argument("--out", type=Path, default=Path("moedsl-out"), help="output directory (default: moedsl-out)")
-    p.add_argument("--def", dest="definition", help="a .moedef file or library name (default: chosen by model_type)")
-    p.add_argument("--calib", type=Path, help="calibration data: .jsonl/.npy/.safetensors token ids, or a text file")
-    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128, help="-1 for one group per row")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--sym", dest="sym", action="store_true", default=True)
-    g.add_argument("--asym", dest="sym", action="store_false")
-    p.add_argument("--act-order", action="store_true")
-    p.add_argument("--static-groups", action="store_true")
-    p.add_argument("--damp", dest="damp_percent", type=float, default=0.01)
-    p.add_argument("--policy", default="routed", help="MoE calibration: routed | all | topk=N | auto(min_tokens=N)")
-    p.add_argument("--format", default="gptq", choices=["gptq", "compressed-tensors"])
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if a partial run is there")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished output directory")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--quantize-lm-head", action="store_true",
-                   help="also GPTQ-quantize lm_head, on the final-norm outputs of the calibration data")

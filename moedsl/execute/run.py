@@ -47,9 +47,9 @@ def pick_device(name: str) -> torch.device:
 class _Catcher(torch.nn.Module):
     """Stands in for a decoder layer to record the arguments the model calls it with."""
 
-    def __init__(self, index: int, last: int, record: dict):
+    def __init__(self, index: int, last: int, record: dict, carry: tuple[str, ...] = ()):
         super().__init__()
-        self.index, self.last, self.record = index, last, record
+        self.index, self.last, self.record, self.carry = index, last, record, carry
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.index == 0:
@@ -60,6 +60,8 @@ class _Catcher(torch.nn.Module):
                               "supported")
         if self.index == self.last:
             raise StopForward
+        if self.carry:  # the model unpacks (hidden, *carried): hand back what came in
+            return (hidden_states, *(kwargs.get(name) for name in self.carry))
         return hidden_states
 
 
@@ -77,7 +79,7 @@ def capture_layer_inputs(model, plan: HookPlan, batches: list[torch.Tensor], dev
         for b, ids in enumerate(batches):
             record: dict = {}
             for i in range(n):
-                layers[i] = _Catcher(i, n - 1, record)
+                layers[i] = _Catcher(i, n - 1, record, plan.carry)
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except StopForward:
@@ -204,6 +206,7 @@ class Runner:
         run_dir = opts.out / RUN_DIR
         run_dir.mkdir(exist_ok=True)
         start_layer = 0
+        carried: list[dict] = [{} for _ in batches]  # per batch: what the last layer hands the next (`carry`)
         fingerprint = {**opts.fingerprint(), "definition": definition.header.name}
         if resuming:
             state = json.loads((run_dir / "state.json").read_text())
@@ -213,6 +216,7 @@ class Runner:
             start_layer = state["finished"]
             acts = load_file(str(run_dir / "acts.safetensors"), device=str(act_device))
             hidden = [acts[f"x.{b}"] for b in range(len(batches))]
+            carried = [{name: acts.get(f"carry.{name}.{b}") for name in plan.carry} for b in range(len(batches))]
             for i in range(start_layer):
                 writer.adopt_shard(f"layer-{i:05d}.safetensors")
             report.layers = state["layers"]
@@ -225,12 +229,13 @@ class Runner:
                     torch.cuda.reset_peak_memory_stats(self.device)
                 t0 = time.perf_counter()
                 layer = loader.load_layer(model, i, self.device)
-                kwargs = [_to(kw, self.device) for kw in layer_kwargs[i]]
+                kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], carried)]
                 inputs = [x.to(self.device) for x in hidden]
                 quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device)
                 result = quantizer.run(inputs, kwargs)
                 self.write_layer(writer, loader, plan, i, kind, result, dtype)
                 hidden = [y.to(act_device) for y in result.outputs]
+                carried = [dict(zip(plan.carry, extra)) for extra in result.carried]
                 loader.unload_layer(model, i)
                 seconds = time.perf_counter() - t0
                 peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
@@ -239,8 +244,10 @@ class Runner:
                     progress.warn(f"layer {i}: {len(experts)} expert(s) of `{path}` saw no calibration token under "
                                   f"policy {self.policy} and were rounded to nearest: {experts[:16]}"
                                   f"{' …' if len(experts) > 16 else ''}")
-                save_file({f"x.{b}": x.contiguous().cpu() for b, x in enumerate(hidden)},
-                          str(run_dir / "acts.safetensors.tmp"))
+                acts = {f"x.{b}": x.contiguous().cpu() for b, x in enumerate(hidden)}
+                acts |= {f"carry.{name}.{b}": v.contiguous().cpu() for b, c in enumerate(carried)
+                         for name, v in c.items() if torch.is_tensor(v)}
+                save_file(acts, str(run_dir / "acts.safetensors.tmp"))
                 os.replace(run_dir / "acts.safetensors.tmp", run_dir / "acts.safetensors")
                 (run_dir / "state.json").write_text(json.dumps({"fingerprint": fingerprint, "finished": i + 1,
                                                                 "layers": report.layers}))

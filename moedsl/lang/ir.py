@@ -262,6 +262,9 @@ class Header(Node):
     embed: tuple[str, ...] | None = None
     final_norm: tuple[str, ...] | None = None
     lm_head: tuple[str, ...] | None = None
+    # `carry a, b`: a decoder layer returns (hidden, x_a, x_b) and the next layer takes x_a, x_b as
+    # the keyword arguments `a`, `b` (the first layer gets none); glm_moe_dsa's `prev_topk_indices`
+    carry: tuple[str, ...] = ()
     doc: tuple[str, ...] = ()
 
 

@@ -26,7 +26,7 @@ MAX_NESTING = 64  # brackets deeper than this are refused before parsing (no sta
 MAX_EXPR_DEPTH = 100  # expression trees deeper than this are refused (`not not ...`, `a.b.c...`, `1 + 1 + ...`)
 MAX_NUMBER_DIGITS = 400  # longer number literals are refused (Python refuses int() of > 4300 digits)
 
-KEYWORDS = ("arch", "extends", "match", "experts", "top_k", "layers", "embed", "final_norm", "lm_head",
+KEYWORDS = ("arch", "extends", "match", "carry", "experts", "top_k", "layers", "embed", "final_norm", "lm_head",
             "let", "fragment", "layer", "when", "otherwise", "use", "tensor", "bias", "fn", "scale",
             "call", "ckpt", "fused", "as", "and", "or", "not", "in", "true", "false", "none")
 FUNCTIONS = ("len", "min", "max", "abs", "floordiv", "range", "int", "float", "bool", "str")
@@ -185,6 +185,11 @@ class _Builder:
             return "experts", self.expr(kids[0])
         if kind == "top_k_stmt":
             return "top_k", self.expr(kids[0])
+        if kind == "carry_stmt":
+            names = [str(k) for k in kids]
+            if len(set(names)) != len(names):
+                raise self.error("`carry` names an argument twice", stmt)
+            return "carry", tuple(names)
         field = {"layers_stmt": "layers", "embed_stmt": "embed", "norm_stmt": "final_norm", "head_stmt": "lm_head"}[kind]
         return field, self.paths(kids[0])
 
@@ -463,7 +468,7 @@ class _Builder:
         return out
 
 
-_HEADER_WORD = {"name": "arch", "extends": "extends", "matches": "match", "experts": "experts", "top_k": "top_k",
+_HEADER_WORD = {"carry": "carry", "name": "arch", "extends": "extends", "matches": "match", "experts": "experts", "top_k": "top_k",
                 "layers": "layers", "embed": "embed", "final_norm": "final_norm", "lm_head": "lm_head"}
 
 

@@ -171,6 +171,8 @@ def definition(d: ir.Definition) -> str:
     for word, value in (("layers", h.layers), ("embed", h.embed), ("final_norm", h.final_norm), ("lm_head", h.lm_head)):
         if value is not None:
             out.append(f"{word} {_paths(value)}")
+    if h.carry:
+        out.append(f"carry {', '.join(h.carry)}")
     if d.lets:
         out.append("")
     for let in d.lets:

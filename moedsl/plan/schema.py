@@ -140,6 +140,7 @@ class HookPlan(Frozen):
     hidden_size: int
     policy: Policy
     tokens: int
+    carry: tuple[str, ...] = ()  # extra layer outputs passed to the next layer as these keyword arguments
     kinds: tuple[KindPlan, ...]
     kind_of_layer: tuple[str, ...]
 
