@@ -118,6 +118,7 @@ class LayerQuantizer:
         """batched=False is the reference path: one expert at a time, one GPTQ solve per matrix."""
         self.batched = batched
         self.measure_error = measure_error
+        self.stop_early = True  # stop each stage's forward once its captures fired (tests turn it off)
         self.kind = kind
         self.layer = layer
         self.cfg = cfg
@@ -166,7 +167,7 @@ class LayerQuantizer:
 
         def done(path: str) -> None:
             fired.add(path)
-            if fired >= needed:
+            if self.stop_early and fired >= needed:
                 raise StopForward
 
         by_key = {k.key: k for k in stage.stats}
