@@ -164,6 +164,7 @@ class Runner:
         self.opts = opts
         self.device = pick_device(opts.device)
         self.policy = opts.moe_policy()
+        opts.quant_config()  # bad bits, group size or damping fail here, before any model is loaded
 
     def run(self) -> Report:
         from moedsl.calib.data import load_calibration

@@ -27,7 +27,8 @@ import torch
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
 from moedsl.gptq.gptq import damp_error, damp_schedule, gptq_solve
-from moedsl.gptq.quantizer import QuantConfig, QuantResult, dequantize, find_params, group_grids, quantize
+from moedsl.gptq.quantizer import (QuantConfig, QuantResult, dequantize, find_params, full_fp32, group_grids,
+                                   quantize)
 
 
 def gptq_quantize_shared(
@@ -75,6 +76,11 @@ def gptq_quantize_shared(
 
 def gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> list[QuantResult]:
     """Quantize W [B, out, in], member b against its own Hessian H[b] [in, in]."""
+    with full_fp32():
+        return _gptq_quantize_batched(W, H, cfg)
+
+
+def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> list[QuantResult]:
     if W.dim() != 3 or H.dim() != 3 or H.shape[0] != W.shape[0]:
         raise MoedslError(
             f"batched GPTQ expects W [B, out, in] and H [B, in, in]; got {tuple(W.shape)} and {tuple(H.shape)}",

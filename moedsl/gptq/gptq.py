@@ -24,7 +24,8 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
-from moedsl.gptq.quantizer import QuantConfig, QuantResult, dequantize, find_params, group_grids, quantize
+from moedsl.gptq.quantizer import (QuantConfig, QuantResult, dequantize, find_params, full_fp32, group_grids,
+                                   quantize)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantResult:
@@ -35,6 +36,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantRe
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[QuantResult, torch.Tensor]:
     """gptq_quantize, also returning the loss of each row (fp32 [out]); rows are independent."""
+    with full_fp32():
+        return _gptq_solve(W, H, cfg)
+
+
+def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[QuantResult, torch.Tensor]:
     check_inputs(W, H)
     W = W.detach().to(torch.float32, copy=True)
     H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)

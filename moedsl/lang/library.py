@@ -42,7 +42,10 @@ def find(name: str, extra_dirs: Iterable[Path] = ()) -> ir.Definition:
                 return parsed
     names = []
     for f in library_files(extra_dirs):
-        parsed = parse_cached(f)
+        try:
+            parsed = parse_cached(f)
+        except MoedslError:
+            continue  # a broken file beside the one being resolved is not this definition's problem
         if parsed.header.name == name:
             return parsed
         names.append(parsed.header.name)
