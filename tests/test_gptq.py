@@ -18,17 +18,9 @@ from moedsl.gptq import (
     rtn_quantize,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 IN, OUT, TOKENS = 128, 64, 512
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are small: one thread is fastest, and immune to a busy machine
-    (several OpenMP threads on shared cores stall each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def correlated_inputs(seed: int, n: int = IN, tokens: int = TOKENS) -> torch.Tensor:

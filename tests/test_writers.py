@@ -23,17 +23,11 @@ from moedsl.write import CheckpointWriter, pack, required_scale_dtype, unpack
 sys.path.insert(0, str(Path(__file__).parent))
 from unpack_reference import dequantize_ct, dequantize_gptq, read_checkpoint, unpack_ct, unpack_gptq_axis0  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 OUT, IN = 64, 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are small: one thread is fastest, and immune to a busy machine
-    (several OpenMP threads on shared cores stall each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def hessian(seed: int, n: int = IN) -> torch.Tensor:

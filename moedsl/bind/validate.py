@@ -152,10 +152,9 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
         keys = checkpoint_keys(model_dir)
         ck_errs, ck_detail = check_checkpoint_names(d, bound, keys)
     else:
-        from transformers.utils import logging as hf_logging
+        from moedsl.models.tiny import quiet_transformers
 
-        with tempfile.TemporaryDirectory() as tmp:
-            hf_logging.disable_progress_bar()  # validate prints its own report; no "Writing model shards" bar
+        with tempfile.TemporaryDirectory() as tmp, quiet_transformers():  # no "Writing model shards" bar
             real.save_pretrained(tmp)
             keys = checkpoint_keys(Path(tmp))
         ck_errs, ck_detail = check_checkpoint_names(d, real_bound, keys)

@@ -75,20 +75,10 @@ def _transformers_api():
     }
 
 
-@contextlib.contextmanager
 def _quiet():
-    from transformers.utils import logging as hf_logging
+    from moedsl.models.tiny import quiet_transformers
 
-    old = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(old)
-        if bars:
-            hf_logging.enable_progress_bar()
+    return quiet_transformers()
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

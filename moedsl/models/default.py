@@ -151,10 +151,10 @@ def _is_complete(path: Path) -> bool:
 
 
 def _write_default(path: Path) -> None:
-    from moedsl.models.tiny import _quiet_transformers, build_model
+    from moedsl.models.tiny import quiet_transformers, build_model
 
     model = build_model(default_config(), device="cpu", seed=DEFAULT_SEED)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(path, safe_serialization=True)
         save_byte_tokenizer(path)
     (path / _COMPLETE_MARKER).write_text(f"{DEFAULT_NAME}\n")

@@ -497,7 +497,7 @@ def _make_config(model_type: str, kw: dict):
     from transformers import AutoConfig
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoConfig.for_model(model_type, **kw)
     except Exception as exc:  # config validation of transformers
         raise MoedslError(
@@ -530,7 +530,8 @@ def _all_configs(config):
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
+    """Silence transformers' warnings and progress bars for the duration (restored afterwards)."""
     from transformers.utils import logging as hf_logging
 
     old = hf_logging.get_verbosity()
@@ -610,7 +611,7 @@ def build_model(config, device: str | torch.device = "meta", seed: int = 0, dtyp
 
     device = torch.device(device)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    with _quiet_transformers():
+    with quiet_transformers():
         if device.type == "meta":
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, **kwargs)
@@ -639,7 +640,7 @@ def save_tiny(model_type: str, out_dir: str | Path, seed: int = 0, **overrides) 
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_config(model_type, **overrides)
     model = build_model(config, device="cpu", seed=seed)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out, safe_serialization=True)
         save_byte_tokenizer(out)
     return out

@@ -35,10 +35,10 @@ def config_from_file(path: str | Path) -> Any:
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise MoedslError(f"{path}: a config.json needs a `model_type`")
     model_type = data.pop("model_type")
-    from moedsl.models.tiny import _quiet_transformers
+    from moedsl.models.tiny import quiet_transformers
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError, TypeError) as err:
         raise MoedslError(f"{path}: not a valid `{model_type}` config: {err}") from None

@@ -13,15 +13,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
 
-from moedsl.bind.bound import BoundMoe
+from moedsl.bind.bound import BoundMoe, Frozen
 from moedsl.errors import MoedslError
 from moedsl.lang import ir
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Policy(Frozen):
