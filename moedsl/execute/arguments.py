@@ -34,5 +34,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if a partial run is there")
     p.add_argument("--overwrite", action="store_true", help="replace a finished output directory")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--activations", default="auto", choices=["auto", "device", "cpu"],
+                   help="where the calibration activations live between layers: on the device when they fit "
+                        "(auto, the default), always on the device, or in host memory")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="also GPTQ-quantize lm_head, on the final-norm outputs of the calibration data")

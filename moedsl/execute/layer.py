@@ -119,6 +119,7 @@ class LayerQuantizer:
         self.batched = batched
         self.measure_error = measure_error
         self.stop_early = True  # stop each stage's forward once its captures fired (tests turn it off)
+        self.out_device = device  # where the replay leaves the next layer's inputs (the CPU when they don't fit)
         self.kind = kind
         self.layer = layer
         self.cfg = cfg
@@ -148,8 +149,8 @@ class LayerQuantizer:
         """The quantized layer with native routing: next layer's inputs, and any extra outputs it carries."""
         outs, carried = [], []
         for x, kw in zip(inputs, kwargs):
-            y = self.layer(x, **kw)
-            outs.append(y[0] if isinstance(y, tuple) else y)
+            y = self.layer(x.to(self.device), **kw)
+            outs.append((y[0] if isinstance(y, tuple) else y).to(self.out_device))
             carried.append(tuple(y[1:]) if isinstance(y, tuple) else ())
         return outs, carried
 
@@ -265,7 +266,7 @@ class LayerQuantizer:
                 fired.clear()
                 reference.clear()
                 try:
-                    self.layer(x, **kw)
+                    self.layer(x.to(self.device), **kw)
                 except StopForward:
                     pass
                 missing = needed - fired

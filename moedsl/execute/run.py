@@ -202,7 +202,7 @@ class Runner:
             progress.warn(w)
 
         batches = list(ids.split(opts.batch_size))
-        act_device = self.device
+        act_device = self.activation_device(model, tokens, progress)
         hidden, layer_kwargs = capture_layer_inputs(model, plan, batches, self.device, act_device)
         run_dir = opts.out / RUN_DIR
         run_dir.mkdir(exist_ok=True)
@@ -231,9 +231,9 @@ class Runner:
                 t0 = time.perf_counter()
                 layer = loader.load_layer(model, i, self.device)
                 kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], carried)]
-                inputs = [x.to(self.device) for x in hidden]
                 quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device)
-                result = quantizer.run(inputs, kwargs)
+                quantizer.out_device = act_device
+                result = quantizer.run(hidden, kwargs)
                 self.write_layer(writer, loader, plan, i, kind, result, dtype)
                 hidden = [y.to(act_device) for y in result.outputs]
                 carried = [dict(zip(plan.carry, extra)) for extra in result.carried]
@@ -269,6 +269,20 @@ class Runner:
         if opts.progress:
             print_summary(report)
         return report
+
+    def activation_device(self, model, tokens: int, progress) -> torch.device:
+        """The device when a layer's inputs and outputs fit in a quarter of its free memory, else the CPU."""
+        choice = self.opts.activations
+        if choice == "device" or self.device.type != "cuda":
+            return self.device
+        hidden = getattr(model.config, "hidden_size", 0) or 0
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        need = 2 * tokens * hidden * torch.finfo(dtype).bits // 8  # a layer's inputs and its outputs
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if choice == "cpu" or need > free // 4:
+            progress.note(f"calibration activations ({need / 2**30:.1f} GiB per layer) kept in host memory")
+            return torch.device("cpu")
+        return self.device
 
     def write_layer(self, writer, loader, plan: HookPlan, i: int, kind, result: LayerResult, dtype) -> None:
         prefix = f"{plan.layers_path}.{i}."
