@@ -84,6 +84,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8, help="sequences per forward")
     p.add_argument("--no-unbatched", action="store_true", help="skip timing the unbatched path on the full shape")
+    p.add_argument("--policy", default="all", help="MoE policy: all (default), routed, topk=N, auto(min_tokens=N)")
     args = p.parse_args(argv)
 
     from moedsl.lang.library import load
@@ -95,11 +96,11 @@ def main(argv=None) -> dict:
     seqs, seq_len = (8, 128) if args.small else (args.seqs, args.seq_len)
     definition = load("qwen3_moe")
     out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "shape": shape,
-                 "tokens": seqs * seq_len, "bits": 4, "group_size": 128, "policy": "all"}
+                 "tokens": seqs * seq_len, "bits": 4, "group_size": 128, "policy": args.policy}
 
     # 1. the full-size layer: fast path, then the unbatched path on the same starting weights
     model = build(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    plan = compile_plan(definition, model, policy=Policy(kind="all"), tokens=seqs * seq_len)
+    plan = compile_plan(definition, model, policy=Policy.parse(args.policy), tokens=seqs * seq_len)
     hidden, kwargs = layer_inputs(model, plan, seqs, seq_len, args.batch, device)
     original = {k: v.detach().to("cpu", copy=True) for k, v in model.model.layers[0].state_dict().items()}
     run_path(model, plan, hidden, kwargs, True, device)  # warm-up: kernels, allocator, cuBLAS handles
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
 
     # 2. equality of the two paths on a small fp32 layer
     small = build("small", device, torch.float32)
-    splan = compile_plan(definition, small, policy=Policy(kind="all"), tokens=8 * 128)
+    splan = compile_plan(definition, small, policy=Policy.parse(args.policy), tokens=8 * 128)
     shidden, skwargs = layer_inputs(small, splan, 8, 128, 4, device)
     twin = copy.deepcopy(small)
     run_path(small, splan, shidden, skwargs, True, device)

@@ -332,12 +332,16 @@ class LayerQuantizer:
             raise MoedslError(f"{ex.module_class}: routed statistics need the chosen experts (`index` in `call(...)`)")
         if all_tokens is not None:
             all_tokens.add(x)
-        order, counts = _tokens_by_expert(index, ex.num_experts)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                h.add_expert(e, x[order[start:start + n]])
-            start += n
+        if not self.batched:
+            order, counts = _tokens_by_expert(index, ex.num_experts)
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    h.add_expert(e, x[order[start:start + n]])
+                start += n
+            return
+        for xs, mask, counts in self.routed_batches(x, index, ex.num_experts, ex.hidden_size):
+            h.add_batched(xs, counts)  # padding rows are zeros: they add nothing
 
     def add_experts_hidden(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
                            ex: BoundExperts, module: nn.Module) -> None:
@@ -362,6 +366,19 @@ class LayerQuantizer:
         low = set()
         if self.policy.kind == "auto" and counts_before is not None:
             low = set((counts_before < self.policy.min_tokens).nonzero().flatten().tolist())
+        if self.batched:
+            # the routed tokens of all experts, padded to one [E, n, H] batch per token chunk; an
+            # expert topped up by `auto` reads every token instead, one at a time (there are few)
+            keep = torch.ones(ex.num_experts, dtype=torch.bool, device=x.device)
+            keep[list(low)] = False
+            for xs, mask, counts in self.routed_batches(x, index, ex.num_experts, ex.intermediate_size * 3):
+                hid = expert_fn.hidden(xs, ex.fn, w, b) * (mask & keep[:, None])[..., None].to(xs.dtype)
+                h.add_batched(hid, counts * keep)
+            for e in sorted(low):
+                we = {r: t[e:e + 1] for r, t in w.items()}
+                be = {r: (t[e:e + 1] if t is not None else None) for r, t in b.items()}
+                h.add_expert(e, expert_fn.hidden(x, ex.fn, we, be)[0])
+            return
         order, counts = _tokens_by_expert(index, ex.num_experts)
         start = 0
         for e, n in enumerate(counts.tolist()):
@@ -372,6 +389,28 @@ class LayerQuantizer:
             we = {r: t[e:e + 1] for r, t in w.items()}
             be = {r: (t[e:e + 1] if t is not None else None) for r, t in b.items()}
             h.add_expert(e, expert_fn.hidden(xe, ex.fn, we, be)[0])
+
+    def routed_batches(self, x: torch.Tensor, index: torch.Tensor, E: int, width: int):
+        """Token chunks of routed inputs as padded batches: (xs [E, n, H], mask [E, n], counts [E]).
+
+        Tokens are grouped by expert (one sort), scattered into a zero-padded [E, n, H] tensor,
+        n the largest count in the chunk; chunks keep E·n·width·4 bytes under chunk_bytes."""
+        T, k = index.shape
+        step = max(1, min(T, self.chunk_bytes // max(1, 4 * width * k * 4)))
+        for s in range(0, T, step):
+            xc, ic = x[s:s + step], index[s:s + step]
+            order, counts = _tokens_by_expert(ic, E)
+            n = int(counts.max()) if counts.numel() else 0
+            if n == 0:
+                continue
+            starts = torch.cumsum(counts, 0) - counts
+            flat = ic.reshape(-1)[torch.argsort(ic.reshape(-1), stable=True)]  # expert of each sorted row
+            slot = torch.arange(order.numel(), device=x.device) - starts[flat]
+            xs = x.new_zeros(E, n, x.shape[-1])
+            xs[flat, slot] = xc[order]
+            mask = torch.zeros(E, n, dtype=torch.bool, device=x.device)
+            mask[flat, slot] = True
+            yield xs, mask, counts
 
     # -- solving -----------------------------------------------------------------------------
 
