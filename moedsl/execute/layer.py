@@ -171,7 +171,6 @@ class LayerQuantizer:
             if self.stop_early and fired >= needed:
                 raise StopForward
 
-        by_key = {k.key: k for k in stage.stats}
         # Linear inputs: the key's capture path accumulates; the other members are checked to read the same tensor
         for key in stage.stats:
             if key.capture.kind != "linear_input":

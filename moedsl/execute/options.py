@@ -7,9 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from moedsl.execute.arguments import add_quantize_arguments  # noqa: F401  (re-exported; torch-free home)
+from moedsl.execute.arguments import add_quantize_arguments  # re-exported; its torch-free home keeps `moedsl fmt` fast
 from moedsl.gptq.quantizer import QuantConfig
 from moedsl.plan.schema import Policy
+
+__all__ = ["QuantizeOptions", "add_quantize_arguments"]
 
 
 class QuantizeOptions(BaseModel):

@@ -24,8 +24,7 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
-from moedsl.gptq.quantizer import (QuantConfig, QuantResult, dequantize, find_params, full_fp32, group_grids,
-                                   quantize)
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, full_fp32, group_grids
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantResult:

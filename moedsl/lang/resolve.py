@@ -9,7 +9,6 @@ The result has no `extends` and no `use` left in it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from moedsl.errors import MoedslError, nearest

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
