@@ -213,9 +213,11 @@ def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[s
                 for t in ex.tensors:
                     want(prefix + (t.ckpt or f"{ex.path}.{t.name}"), item)
                 continue
+            declared = {c.role: c for c in (item.children or ()) if isinstance(c, ir.Ckpt)} \
+                if isinstance(item, ir.Module) else {}
             for role, template in ex.ckpt.items():
                 for e in sorted({0, ex.num_experts - 1}):
-                    want(prefix + template.format(e=e) + ".weight", item)
+                    want(prefix + template.format(e=e) + ".weight", declared.get(role, item))
     return errs, f"{checked} checkpoint keys found"
 
 
