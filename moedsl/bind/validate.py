@@ -116,8 +116,6 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
         checks.append(Check(name=name, passed=not errs, detail=detail_ok if not errs else f"{len(errs)} problem(s)"))
         problems.extend(e.render() for e in errs)
 
-    with torch.device("meta"):
-        pass
     meta = model_from(cfg, "meta")
     try:
         bound = bind(d, meta)

@@ -103,13 +103,13 @@ def _routing(ex: BoundExperts, args: tuple, kwargs: dict) -> tuple[torch.Tensor,
     return hidden.reshape(-1, hidden.shape[-1]), index
 
 
-def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids sorted by expert, tokens per expert)."""
+def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids sorted by expert, tokens per expert, the expert of each sorted row)."""
     T, k = index.shape
     flat = index.reshape(-1)
     tokens = torch.arange(T, device=index.device).repeat_interleave(k)
     order = torch.argsort(flat, stable=True)
-    return tokens[order], torch.bincount(flat, minlength=E)
+    return tokens[order], torch.bincount(flat, minlength=E), flat[order]
 
 
 class LayerQuantizer:
@@ -332,7 +332,7 @@ class LayerQuantizer:
         if all_tokens is not None:
             all_tokens.add(x)
         if not self.batched:
-            order, counts = _tokens_by_expert(index, ex.num_experts)
+            order, counts, _ = _tokens_by_expert(index, ex.num_experts)
             start = 0
             for e, n in enumerate(counts.tolist()):
                 if n:
@@ -378,7 +378,7 @@ class LayerQuantizer:
                 be = {r: (t[e:e + 1] if t is not None else None) for r, t in b.items()}
                 h.add_expert(e, expert_fn.hidden(x, ex.fn, we, be)[0])
             return
-        order, counts = _tokens_by_expert(index, ex.num_experts)
+        order, counts, _ = _tokens_by_expert(index, ex.num_experts)
         start = 0
         for e, n in enumerate(counts.tolist()):
             xe = x if e in low else x[order[start:start + n]]
@@ -398,12 +398,11 @@ class LayerQuantizer:
         step = max(1, min(T, self.chunk_bytes // max(1, 4 * width * k * 4)))
         for s in range(0, T, step):
             xc, ic = x[s:s + step], index[s:s + step]
-            order, counts = _tokens_by_expert(ic, E)
+            order, counts, flat = _tokens_by_expert(ic, E)
             n = int(counts.max()) if counts.numel() else 0
             if n == 0:
                 continue
             starts = torch.cumsum(counts, 0) - counts
-            flat = ic.reshape(-1)[torch.argsort(ic.reshape(-1), stable=True)]  # expert of each sorted row
             slot = torch.arange(order.numel(), device=x.device) - starts[flat]
             xs = x.new_zeros(E, n, x.shape[-1])
             xs[flat, slot] = xc[order]
