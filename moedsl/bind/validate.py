@@ -25,7 +25,7 @@ from moedsl.bind.binder import bind, get_path
 from moedsl.bind.bound import BoundDefinition, BoundExperts
 from moedsl.errors import MoedslError, MoedslErrors, nearest
 from moedsl.experts import fn as expert_fn
-from moedsl.experts import layout as fused
+from moedsl.experts import weights as expert_weights
 from moedsl.lang import ir
 from moedsl.lang.library import load
 
@@ -220,25 +220,6 @@ def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[s
 
 
 @torch.no_grad()
-def expert_weights(ex: BoundExperts, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
-    """Every role's weights `[E, out, in]` and biases `[E, out]` of one experts module."""
-    w: dict[str, torch.Tensor] = {}
-    b: dict[str, torch.Tensor | None] = {}
-    for t in ex.tensors:
-        p = get_path(module, t.name)
-        bias = get_path(module, t.bias) if t.bias else None
-        for role in t.roles:
-            w[role] = fused.read(p, t.layout, t.split, t.roles, role, ex.num_experts)
-            b[role] = fused.read_bias(bias, t.split, t.roles, role) if bias is not None else None
-    for lin in ex.module_list:
-        rel = lin.path[len(ex.path) + 1:].split(".", 1)[1]
-        mods = [get_path(module, f"{e}.{rel}") for e in range(ex.num_experts)]
-        w[lin.proj] = torch.stack([m.weight for m in mods])
-        b[lin.proj] = torch.stack([m.bias for m in mods]) if mods[0].bias is not None else None
-    return w, b
-
-
-@torch.no_grad()
 def run_experts_module(ex: BoundExperts, module: nn.Module, x: torch.Tensor, index: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
     """Call the experts module itself the way its block does, per the declared `call(...)`."""
@@ -270,7 +251,7 @@ def run_experts_module(ex: BoundExperts, module: nn.Module, x: torch.Tensor, ind
 @torch.no_grad()
 def declared_output(ex: BoundExperts, module: nn.Module, x: torch.Tensor, index: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
-    w, b = expert_weights(ex, module)
+    w, b = expert_weights.read(ex, module)
     if ex.scale == "input":
         dense = torch.zeros(x.shape[0], ex.num_experts, dtype=x.dtype)
         dense.scatter_(1, index, weights.to(x.dtype))

@@ -21,11 +21,10 @@ from torch import nn
 
 from moedsl.bind.binder import get_path
 from moedsl.bind.bound import BoundExperts, BoundMoe
-from moedsl.bind.validate import expert_weights
 from moedsl.errors import MoedslError
 from moedsl.execute.stats import Hessian
 from moedsl.experts import fn as expert_fn
-from moedsl.experts import layout as fused
+from moedsl.experts import weights as expert_weights
 from moedsl.gptq.batched import gptq_quantize_batched, gptq_quantize_shared
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, rtn_quantize
 from moedsl.plan.schema import KindPlan, Policy, Stage, StatsKey, Target
@@ -308,7 +307,7 @@ class LayerQuantizer:
         for key in keys:
             h = hessians[key.key]
             if key.capture.kind == "experts_hidden" and w is None:
-                w, b = expert_weights(ex, module)
+                w, b = expert_weights.read(ex, module)
             for e, xe in enumerate(inputs):
                 if xe.shape[0] == 0:
                     continue
@@ -318,8 +317,7 @@ class LayerQuantizer:
                     elif e == 0:
                         h.add(xe)
                 else:
-                    we = {r: t[e:e + 1] for r, t in w.items()}
-                    be = {r: (t[e:e + 1] if t is not None else None) for r, t in b.items()}
+                    we, be = expert_weights.one(w, b, e)
                     h.add_expert(e, expert_fn.hidden(xe, ex.fn, we, be)[0])
 
     def add_experts_input(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
@@ -344,12 +342,11 @@ class LayerQuantizer:
 
     def add_experts_hidden(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
                            ex: BoundExperts, module: nn.Module) -> None:
-        w, b = expert_weights(ex, module)
+        w, b = expert_weights.read(ex, module)
         dtype = x.dtype
         if key.tokens == "all" and not self.batched:
             for e in range(ex.num_experts):
-                we = {r: t[e:e + 1] for r, t in w.items()}
-                be = {r: (t[e:e + 1] if t is not None else None) for r, t in b.items()}
+                we, be = expert_weights.one(w, b, e)
                 h.add_expert(e, expert_fn.hidden(x, ex.fn, we, be)[0])
             return
         if key.tokens == "all":
@@ -374,8 +371,7 @@ class LayerQuantizer:
                 hid = expert_fn.hidden(xs, ex.fn, w, b) * (mask & keep[:, None])[..., None].to(xs.dtype)
                 h.add_batched(hid, counts * keep)
             for e in sorted(low):
-                we = {r: t[e:e + 1] for r, t in w.items()}
-                be = {r: (t[e:e + 1] if t is not None else None) for r, t in b.items()}
+                we, be = expert_weights.one(w, b, e)
                 h.add_expert(e, expert_fn.hidden(x, ex.fn, we, be)[0])
             return
         order, counts, _ = _tokens_by_expert(index, ex.num_experts)
@@ -385,8 +381,7 @@ class LayerQuantizer:
             start += n
             if xe.shape[0] == 0:
                 continue
-            we = {r: t[e:e + 1] for r, t in w.items()}
-            be = {r: (t[e:e + 1] if t is not None else None) for r, t in b.items()}
+            we, be = expert_weights.one(w, b, e)
             h.add_expert(e, expert_fn.hidden(xe, ex.fn, we, be)[0])
 
     def routed_batches(self, x: torch.Tensor, index: torch.Tensor, E: int, width: int):
@@ -456,7 +451,7 @@ class LayerQuantizer:
         first = targets[0]
         ex = _expert_bound(self.kind, first.path if first.kind == "fused" else _experts_path(first)).experts
         module = get_path(self.layer, ex.path)
-        w, b = expert_weights(ex, module)
+        w, b = expert_weights.read(ex, module)
         E, cols = ex.num_experts, w[first.role].shape[2]
         no_tokens: list[int] = []
         if key.per_expert:
@@ -476,7 +471,7 @@ class LayerQuantizer:
             results = self.solve_chunk(Wc, Hc, key.per_expert)  # [target][expert in chunk]
             for t, W, res in zip(targets, Wc, results):
                 Q = torch.stack([r.weight for r in res])
-                self.write_expert(ex, module, t, Q, slice(e0, e1))
+                expert_weights.write(ex, module, t.role, Q, slice(e0, e1))
                 if self.measure_error:
                     err, rtn = _output_error(W, Q, Hc, self.cfg)
                     acc[t.id][1] += float(err.sum())
@@ -506,17 +501,6 @@ class LayerQuantizer:
         sizes = [W.shape[1] for W in Wc for _ in range(n)]
         parts = _split_rows([whole], sizes)[0]
         return [parts[j * n:(j + 1) * n] for j in range(len(Wc))]
-
-    def write_expert(self, ex: BoundExperts, module: nn.Module, t: Target, Q: torch.Tensor, experts: slice) -> None:
-        if t.kind == "fused":
-            tensor = next(x for x in ex.tensors if x.name == t.param)
-            fused.write(get_path(module, t.param), tensor.layout, tensor.split, tensor.roles, t.role, ex.num_experts,
-                        Q.to(self.device), experts)
-            return
-        rel = t.path[len(ex.path) + 1:].split(".", 1)[1]
-        for q, e in zip(Q, range(experts.start, experts.stop)):
-            lin = get_path(module, f"{e}.{rel}")
-            lin.weight.data.copy_(q.to(lin.weight.dtype))
 
 
 def _split_rows(results: list[QuantResult], sizes: list[int]) -> list[list[QuantResult]]:
