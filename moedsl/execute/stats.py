@@ -6,24 +6,9 @@ holds E Hessians and E token counts.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-
-@contextlib.contextmanager
-def _tf32_if_exact(x: torch.Tensor):
-    """TF32 matmuls for bf16/fp16 data: their values are exact in TF32's 10-bit mantissa and the
-    products accumulate in fp32, so the Hessian is the same as in full fp32, several times faster."""
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+from moedsl.precision import exact_in_tf32, tf32
 
 
 class Hessian:
@@ -37,20 +22,20 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         """x [n, features]: rows seen by the (single) matrix."""
-        with _tf32_if_exact(x):
+        with tf32(exact_in_tf32(x)):
             x = x.reshape(-1, x.shape[-1]).float()
             self.sum.addmm_(x.t(), x)
         self.count += x.shape[0]
 
     def add_expert(self, e: int, x: torch.Tensor) -> None:
-        with _tf32_if_exact(x):
+        with tf32(exact_in_tf32(x)):
             x = x.reshape(-1, x.shape[-1]).float()
             self.sum[e].addmm_(x.t(), x)
         self.count[e] += x.shape[0]
 
     def add_batched(self, h: torch.Tensor, counts: torch.Tensor | int) -> None:
         """h [E, n, features]: every expert's rows (rows of zeros add nothing)."""
-        with _tf32_if_exact(h):
+        with tf32(exact_in_tf32(h)):
             hf = h.float()
             self.sum.baddbmm_(hf.transpose(1, 2), hf)
         self.count += counts

@@ -27,7 +27,8 @@ import torch
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
 from moedsl.gptq.gptq import damp_error, damp_schedule, gptq_solve
-from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, full_fp32, group_grids
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, group_grids
+from moedsl.precision import tf32
 
 
 def gptq_quantize_shared(
@@ -75,7 +76,7 @@ def gptq_quantize_shared(
 
 def gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> list[QuantResult]:
     """Quantize W [B, out, in], member b against its own Hessian H[b] [in, in]."""
-    with full_fp32():
+    with tf32(False):  # GPTQ needs true fp32 whatever the caller set (moedsl/precision.py)
         return _gptq_quantize_batched(W, H, cfg)
 
 

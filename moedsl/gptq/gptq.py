@@ -24,7 +24,8 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
-from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, full_fp32, group_grids
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, group_grids
+from moedsl.precision import tf32
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantResult:
@@ -35,7 +36,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantRe
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[QuantResult, torch.Tensor]:
     """gptq_quantize, also returning the loss of each row (fp32 [out]); rows are independent."""
-    with full_fp32():
+    with tf32(False):  # GPTQ needs true fp32 whatever the caller set (moedsl/precision.py)
         return _gptq_solve(W, H, cfg)
 
 

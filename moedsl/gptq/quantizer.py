@@ -14,7 +14,6 @@ really compute, and a writer stores the scales without changing them.
 
 from __future__ import annotations
 
-import contextlib
 
 import math
 from dataclasses import dataclass
@@ -228,16 +227,3 @@ def rtn_quantize(W: torch.Tensor, cfg: QuantConfig) -> QuantResult:
         loss=loss,
         damp=0.0,
     )
-
-
-@contextlib.contextmanager
-def full_fp32():
-    """GPTQ's solves in true fp32, whatever the caller set: TF32 matmuls (an 11-bit significand)
-    in the Cholesky inverse and the lazy block updates visibly worsen the quantized weights."""
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
