@@ -436,7 +436,7 @@ class LayerQuantizer:
         reports = []
         for t, m, W, r in zip(targets, modules, Ws, results):
             m.weight.data.copy_(r.weight.to(m.weight.dtype))
-            err, rtn = (_output_error(W[None], r.weight[None], H, self.cfg) if self.measure_error
+            err, rtn = (output_error(W[None], r.weight[None], H, self.cfg) if self.measure_error
                         else (torch.zeros(1), torch.zeros(1)))
             reports.append(TargetReport(t.id, stage.index, 1, r.loss, float(err.sum()), float(rtn.sum()), [tokens]))
             out.append(Quantized(t.ckpt, _slim(r), m.bias.detach().cpu() if m.bias is not None else None, False))
@@ -473,7 +473,7 @@ class LayerQuantizer:
                 Q = torch.stack([r.weight for r in res])
                 expert_weights.write(ex, module, t.role, Q, slice(e0, e1))
                 if self.measure_error:
-                    err, rtn = _output_error(W, Q, Hc, self.cfg)
+                    err, rtn = output_error(W, Q, Hc, self.cfg)
                     acc[t.id][1] += float(err.sum())
                     acc[t.id][2] += float(rtn.sum())
                 acc[t.id][0] += sum(r.loss for r in res)
@@ -528,7 +528,7 @@ def _slim(r: QuantResult) -> QuantResult:
                        zeros=r.zeros.detach().cpu(), g_idx=r.g_idx.detach().cpu(), loss=r.loss, damp=r.damp)
 
 
-def _output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared output error per matrix, tr(ΔW H ΔWᵀ)/2 (H = 2/n Σxxᵀ), for GPTQ's Q and for RTN.
 
     W, Q [n, out, in]; H [n or 1, in, in]. RTN is row-wise, so all n matrices are one call."""

@@ -311,7 +311,7 @@ class Runner:
         from moedsl.bind.binder import get_path
         from moedsl.execute.stats import Hessian
         from moedsl.gptq.batched import gptq_quantize_shared
-        from moedsl.gptq.quantizer import rtn_quantize
+        from moedsl.execute.layer import output_error
 
         if plan.lm_head is None or plan.final_norm is None:
             raise MoedslError("--quantize-lm-head: the definition names no `lm_head` or no `final_norm`")
@@ -327,8 +327,8 @@ class Runner:
         W = head.weight.detach().to(self.device, torch.float32, copy=True)
         Hf = H.finalize()
         r = gptq_quantize_shared([W], Hf, cfg)[0]
-        d, drtn = W - r.weight, W - rtn_quantize(W, cfg).weight
-        report.head = {"error": float(((d @ Hf) * d).sum() / 2), "rtn_error": float(((drtn @ Hf) * drtn).sum() / 2),
+        err, rtn = output_error(W[None], r.weight[None], Hf[None], cfg)
+        report.head = {"error": float(err), "rtn_error": float(rtn),
                        "tokens": int(H.count)}
         writer.add_quantized(plan.lm_head, r, head.bias, dtype)
         return plan.lm_head + ".weight"
