@@ -32,12 +32,12 @@ def main() -> int:
 
     torch.set_num_threads(1)
     from moedsl.lang.library import load
-    from moedsl.plan.cli import config_from_file, meta_model
+    from moedsl.models.source import build, config_from_file
     from moedsl.plan.compiler import compile_plan
 
     t0 = time.perf_counter()
     config = config_from_file(CONFIG)
-    model = meta_model(config)
+    model = build(config)
     build_s = time.perf_counter() - t0
     definition = load(DEFINITION)
 

@@ -31,11 +31,11 @@ def bind(definition, model):
     return _bind(definition, model)
 
 
-def compile_plan(definition, model, policy="routed", tokens=131072):
+def compile_plan(definition, model, policy="routed", tokens=None):
     """Compile a definition bound to `model` into a `HookPlan`."""
-    from moedsl.plan.compiler import compile_plan as _compile
+    from moedsl.plan.compiler import DEFAULT_TOKENS, compile_plan as _compile
 
-    return _compile(definition, model, policy=policy, tokens=tokens)
+    return _compile(definition, model, policy=policy, tokens=DEFAULT_TOKENS if tokens is None else tokens)
 
 
 def quantize(**kwargs):

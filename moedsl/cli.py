@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moedsl.errors import MoedslError
+from moedsl.plan.schema import DEFAULT_TOKENS
 
 EXIT_BAD_INPUT = 2
 EXIT_CHECK_FAILED = 1
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config")
     src.add_argument("--model")
     pl.add_argument("--policy", default="routed", help="routed | all | topk=N | auto(min_tokens=N)")
-    pl.add_argument("--tokens", type=int, default=131072, help="calibration tokens, for the memory estimate")
+    pl.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens, for the memory estimate")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
 

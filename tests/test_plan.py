@@ -25,7 +25,7 @@ from moedsl.lang.library import load
 from moedsl.lang.parser import parse
 from moedsl.lang.resolve import resolve
 from moedsl.plan import compile_bound, compile_plan, compress_indices, render, summary_lines
-from moedsl.plan.cli import config_from_file, meta_model
+from moedsl.models.source import build, config_from_file
 from moedsl.plan.schema import HookPlan, Policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def test_235b_compiles_in_under_2s():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = meta_model(config_from_file(CONFIG_235B))  # not timed
+        model = build(config_from_file(CONFIG_235B))  # not timed
         d = load(DEFS / "qwen3_moe.moedef")
         t = time.perf_counter()
         plan = compile_plan(d, model, policy="all", tokens=131072)

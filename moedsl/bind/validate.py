@@ -28,6 +28,7 @@ from moedsl.experts import fn as expert_fn
 from moedsl.experts import weights as expert_weights
 from moedsl.lang import ir
 from moedsl.lang.library import load
+from moedsl.models.source import build, config_for
 
 
 class Check(BaseModel):
@@ -47,44 +48,6 @@ class Report(BaseModel):
     checks: tuple[Check, ...]
     problems: tuple[str, ...]
     kinds: dict[str, list[int]] = {}
-
-
-def model_from(config: Any, device: str = "meta") -> nn.Module:
-    from moedsl.models.tiny import build_model
-
-    return build_model(config, device=device)
-
-
-def _config_for(model_type: str | None, config_path: Path | None, model_dir: Path | None):
-    from transformers import AutoConfig
-
-    from moedsl.models.tiny import tiny_config
-
-    try:
-        if model_dir is not None:
-            if not (model_dir / "config.json").is_file():
-                raise MoedslError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
-            return AutoConfig.from_pretrained(model_dir), f"model directory {model_dir}"
-        if config_path is not None:
-            try:
-                data = json.loads(Path(config_path).read_text())
-            except FileNotFoundError:
-                raise MoedslError(f"{config_path}: no such file") from None
-            except json.JSONDecodeError as err:
-                raise MoedslError(f"{config_path}:{err.lineno}:{err.colno}: not valid JSON: {err.msg}") from None
-            if not isinstance(data, dict) or "model_type" not in data:
-                raise MoedslError(f"{config_path}: a config.json needs a `model_type`")
-            mt = data.pop("model_type")
-            try:
-                return AutoConfig.for_model(mt, **data), f"config {config_path}"
-            except ValueError as err:
-                raise MoedslError(f"{config_path}: {err}") from None
-        assert model_type is not None
-        return tiny_config(model_type), f"transformers' own `{model_type}` config, shrunk"
-    except MoedslError:
-        raise
-    except (OSError, ValueError, KeyError) as err:
-        raise MoedslError(f"could not build a config: {err}") from None
 
 
 def validate(source: str | Path | ir.Definition, config: str | Path | None = None, model_dir: str | Path | None = None,
@@ -107,7 +70,7 @@ def validate(source: str | Path | ir.Definition, config: str | Path | None = Non
 
 def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_path: Path | None,
                   model_dir: Path | None) -> Report:
-    cfg, source = _config_for(model_type, config_path, model_dir)
+    cfg, source = config_for(model_type, config_path, model_dir)
     mt = str(getattr(cfg, "model_type", model_type))
     checks: list[Check] = []
     problems: list[str] = []
@@ -116,7 +79,7 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
         checks.append(Check(name=name, passed=not errs, detail=detail_ok if not errs else f"{len(errs)} problem(s)"))
         problems.extend(e.render() for e in errs)
 
-    meta = model_from(cfg, "meta")
+    meta = build(cfg, "meta")
     try:
         bound = bind(d, meta)
     except MoedslError as err:
@@ -136,7 +99,7 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
     from moedsl.models.tiny import tiny_config
 
     tiny_cfg = tiny_config(mt)
-    real = model_from(tiny_cfg, "cpu")
+    real = build(tiny_cfg, "cpu")
     try:
         real_bound = bound if config_path is None and model_dir is None else bind(d, real)
     except MoedslError as err:

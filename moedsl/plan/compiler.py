@@ -43,9 +43,9 @@ from typing import Any
 from moedsl.bind.bound import BoundDefinition, BoundExperts, BoundKind, BoundMoe
 from moedsl.errors import MoedslError
 from moedsl.lang import ir
-from moedsl.plan.schema import CapturePoint, HookPlan, KindPlan, Memory, Policy, Stage, StatsKey, Target
+from moedsl.plan.schema import (DEFAULT_TOKENS, CapturePoint, HookPlan, KindPlan, Memory, Policy, Stage, StatsKey,
+                                 Target)
 
-DEFAULT_TOKENS = 131072
 HESSIAN_DTYPE_BYTES = 4  # fp32
 ACTIVATION_DTYPE_BYTES = 2  # bf16
 

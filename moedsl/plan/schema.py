@@ -19,6 +19,9 @@ from moedsl.errors import MoedslError
 from moedsl.lang import ir
 
 
+DEFAULT_TOKENS = 131072  # calibration tokens assumed by plan estimates when none are given (64 × 2048)
+
+
 class Policy(Frozen):
     """How MoE experts get calibration tokens (a run option, not part of the architecture).
 
