@@ -496,10 +496,8 @@ class LayerQuantizer:
             solved = gptq_quantize_batched(stacked, Hc, self.cfg)
             split = _split_rows(solved, [W.shape[1] for W in Wc])  # [expert][target]
             return [[split[e][j] for e in range(n)] for j in range(len(Wc))]
-        flat = torch.cat([W.reshape(-1, W.shape[-1]) for W in Wc])  # every expert's gate and up rows: one Hessian
-        whole = gptq_quantize_shared([flat], Hc[0], self.cfg)[0]
-        sizes = [W.shape[1] for W in Wc for _ in range(n)]
-        parts = _split_rows([whole], sizes)[0]
+        # every expert's gate and up rows against the one Hessian: one solve of the stacked rows
+        parts = gptq_quantize_shared([W[e] for W in Wc for e in range(n)], Hc[0], self.cfg)
         return [parts[j * n:(j + 1) * n] for j in range(len(Wc))]
 
 

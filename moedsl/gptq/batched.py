@@ -52,7 +52,8 @@ def gptq_quantize_shared(
                     code="gptq",
                 )
         sizes = [m.shape[0] for m in mats]
-        stacked = torch.cat([m.to(device=mats[0].device, dtype=torch.float32) for m in mats])
+        # gptq_solve takes its own fp32 copy; concatenating one matrix would only copy it once more
+        stacked = mats[0] if len(mats) == 1 else torch.cat([m.to(device=mats[0].device, dtype=torch.float32) for m in mats])
 
     whole, row_losses = gptq_solve(stacked, H, cfg)
     out = []

@@ -52,8 +52,9 @@ def _solve_block_torch(W1, Hinv1, scale, zero, maxq):
         q = dequantize(q_code, s, z)
         codes[:, :, i] = q_code
         Q1[:, :, i] = q
-        Losses1[:, :, i] = (w - q) ** 2 / d**2 / 2
-        err = (w - q) / d
+        t = w - q
+        Losses1[:, :, i] = t**2 / d**2 / 2
+        err = t / d
         W1[:, :, i:] -= err.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)
         Err1[:, :, i] = err
     return Q1, codes, Err1, Losses1

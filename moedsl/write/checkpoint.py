@@ -111,8 +111,9 @@ class CheckpointWriter:
             tensors = gptq_tensors(name, result, self.cfg, bias, dtype, self.gptq_checkpoint_format)
         else:
             tensors = ct_tensors(name, result, self.cfg, dtype, bias, expert)
-        # clone: results may share storage (one g_idx for matrices that shared a Hessian), which safetensors refuses
-        keys = {f"{name}.{local}": t.clone() for local, t in tensors.items()}
+        # every tensor is new (packed, or copied where it could share the caller's storage: one g_idx
+        # serves every matrix that shared a Hessian, and safetensors refuses shared storage)
+        keys = {f"{name}.{local}": t for local, t in tensors.items()}
         for key in keys:
             self._check_new_key(key)
         self._pending.update(keys)

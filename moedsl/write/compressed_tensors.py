@@ -81,7 +81,7 @@ def ct_tensors(
 
     tensors = {
         "weight_packed": pack(result.codes.detach().to("cpu", torch.int64), cfg.bits, dim=1),
-        "weight_scale": result.scales.detach().to("cpu", dtype).contiguous(),
+        "weight_scale": result.scales.detach().to("cpu", dtype, copy=True).contiguous(),
         "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
     }
     if not cfg.sym:
@@ -89,7 +89,7 @@ def ct_tensors(
     if bias is not None:
         if tuple(bias.shape) != (out_features,):
             raise MoedslError(f"cannot write `{name}`: bias shape {tuple(bias.shape)} != ({out_features},)", code="write")
-        tensors["bias"] = bias.detach().to("cpu", dtype).contiguous()
+        tensors["bias"] = bias.detach().to("cpu", dtype, copy=True).contiguous()
     return tensors
 
 

@@ -91,12 +91,12 @@ def gptq_tensors(
         "qweight": pack(codes.T, bits, dim=0),  # [in, out] -> [in·bits/32, out]
         "qzeros": pack(zeros.T, bits, dim=1),  # [G, out] -> [G, out·bits/32]
         "scales": result.scales.detach().to("cpu").T.to(torch.float16).contiguous(),
-        "g_idx": result.g_idx.detach().to("cpu", torch.int32).contiguous(),
+        "g_idx": result.g_idx.detach().to("cpu", torch.int32, copy=True).contiguous(),
     }
     if bias is not None:
         if tuple(bias.shape) != (out_features,):
             raise MoedslError(f"cannot write `{name}`: bias shape {tuple(bias.shape)} != ({out_features},)", code="write")
-        tensors["bias"] = bias.detach().to("cpu", bias_dtype).contiguous()
+        tensors["bias"] = bias.detach().to("cpu", bias_dtype, copy=True).contiguous()
     return tensors
 
 
