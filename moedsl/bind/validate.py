@@ -12,7 +12,6 @@ Four checks, each reported by name:
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -125,19 +124,9 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
 
 
 def checkpoint_keys(model_dir: Path) -> set[str]:
-    from safetensors import safe_open
+    from moedsl.execute.loader import shard_map
 
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text())["weight_map"])
-    keys: set[str] = set()
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise MoedslError(f"{model_dir}: no .safetensors files")
-    for f in files:
-        with safe_open(str(f), "pt") as fh:
-            keys |= set(fh.keys())
-    return keys
+    return set(shard_map(Path(model_dir)))
 
 
 def _experts_item(d: ir.Definition, kind: str) -> ir.Module | None:

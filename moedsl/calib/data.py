@@ -86,16 +86,14 @@ def _has_tokenizer(model_dir: Path | None) -> bool:
 
 def _load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    from moedsl.models.tiny import quiet_transformers
+
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as exc:
         raise MoedslError(f"{model_dir}: cannot load the tokenizer: {type(exc).__name__}: {exc}") from None
-    finally:
-        hf_logging.set_verbosity(old)
 
 
 class _Tokenize:
@@ -117,14 +115,10 @@ class _Tokenize:
                     notes=["give token ids instead (.jsonl lists of ints, .npy or .safetensors)"],
                 )
             self._tok = _load_tokenizer(self.model_dir)
-        from transformers.utils import logging as hf_logging
+        from moedsl.models.tiny import quiet_transformers
 
-        old = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # "sequence longer than model_max_length" is fine here
-        try:
+        with quiet_transformers():  # "sequence longer than model_max_length" is fine here
             ids = self._tok(text, add_special_tokens=False)["input_ids"]
-        finally:
-            hf_logging.set_verbosity(old)
         return [int(i) for i in ids]
 
     @property

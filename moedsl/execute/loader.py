@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from moedsl.errors import MoedslError
+from moedsl.models.tiny import quiet_transformers
 
 __all__ = ["LayerwiseLoader", "find_decoder_layers", "materialized_parameters"]
 
@@ -75,12 +76,6 @@ def _transformers_api():
     }
 
 
-def _quiet():
-    from moedsl.models.tiny import quiet_transformers
-
-    return quiet_transformers()
-
-
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder-layer container of a causal LM: (path, ModuleList).
 
@@ -112,6 +107,38 @@ def materialized_parameters(module: nn.Module) -> list[str]:
     out = [n for n, p in module.named_parameters() if p.device.type != "meta"]
     out += [n for n, b in module.named_buffers() if b is not None and b.device.type != "meta"]
     return out
+
+
+def shard_map(model_dir: Path) -> dict[str, Path]:
+    """Checkpoint key → the safetensors shard holding it (from the index, else from every shard)."""
+    index = model_dir / _INDEX_FILE
+    shard_of: dict[str, Path] = {}
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise MoedslError(f"{index}: not a safetensors index (needs a `weight_map` object): {exc}") from None
+        for key, shard in weight_map.items():
+            path = model_dir / shard
+            if not path.is_file():
+                raise MoedslError(f"{index}: `{key}` is in shard {shard}, which does not exist in {model_dir}")
+            shard_of[key] = path
+        return shard_of
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        found = sorted(p.name for p in model_dir.glob("*.bin"))
+        notes = [f"found {', '.join(found)}: convert the checkpoint to safetensors"] if found else []
+        raise MoedslError(f"{model_dir}: no *.safetensors weights", notes=notes)
+    from safetensors import safe_open
+
+    for path in shards:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shard_of.setdefault(key, path)
+        except Exception as exc:  # safetensors raises its own error types
+            raise MoedslError(f"{path}: not a readable safetensors file: {exc}") from None
+    return shard_of
 
 
 class LayerwiseLoader:
@@ -164,34 +191,7 @@ class LayerwiseLoader:
     # ------------------------------------------------------------------ checkpoint files
 
     def _read_index(self) -> dict[str, Path]:
-        index = self.model_dir / _INDEX_FILE
-        shard_of: dict[str, Path] = {}
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise MoedslError(f"{index}: not a safetensors index (needs a `weight_map` object): {exc}") from None
-            for key, shard in weight_map.items():
-                path = self.model_dir / shard
-                if not path.is_file():
-                    raise MoedslError(f"{index}: `{key}` is in shard {shard}, which does not exist in {self.model_dir}")
-                shard_of[key] = path
-            return shard_of
-        shards = sorted(self.model_dir.glob("*.safetensors"))
-        if not shards:
-            found = sorted(p.name for p in self.model_dir.glob("*.bin"))
-            notes = [f"found {', '.join(found)}: convert the checkpoint to safetensors"] if found else []
-            raise MoedslError(f"{self.model_dir}: no *.safetensors weights", notes=notes)
-        from safetensors import safe_open
-
-        for path in shards:
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for key in f.keys():
-                        shard_of.setdefault(key, path)
-            except Exception as exc:  # safetensors raises its own error types
-                raise MoedslError(f"{path}: not a readable safetensors file: {exc}") from None
-        return shard_of
+        return shard_map(self.model_dir)
 
     def checkpoint_keys(self) -> list[str]:
         """Every tensor name in the checkpoint (on-disk names), in natural order."""
@@ -216,7 +216,7 @@ class LayerwiseLoader:
             from transformers import AutoConfig
 
             try:
-                with _quiet():
+                with quiet_transformers():
                     self._config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
             except Exception as exc:
                 raise MoedslError(f"{self.model_dir / 'config.json'}: cannot read the config: {exc}") from None
@@ -234,7 +234,7 @@ class LayerwiseLoader:
         if self.experts_implementation is not None:
             kwargs["experts_implementation"] = self.experts_implementation
         try:
-            with _quiet(), torch.device("meta"):
+            with quiet_transformers(), torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(self.config, **kwargs)
         except ValueError as exc:
             raise MoedslError(
@@ -250,7 +250,7 @@ class LayerwiseLoader:
         api = _transformers_api()
         self._layers_path, layers = find_decoder_layers(model)
         self._num_layers = len(layers)
-        with _quiet():
+        with quiet_transformers():
             mapping = api["get_model_conversion_mapping"](model)
         renamings = [m for m in mapping if isinstance(m, api["WeightRenaming"])]
         converters = [m for m in mapping if isinstance(m, api["WeightConverter"])]
@@ -359,7 +359,7 @@ class LayerwiseLoader:
                 f = stack.enter_context(safe_open(str(shard), framework="pt", device="cpu"))
                 for key in shard_keys:
                     state[key] = f.get_slice(key)  # read lazily, by the loader
-            with _quiet():
+            with quiet_transformers():
                 info, _ = api["convert_and_load"](model, state, load_config)
         # the loader overwrites this with the transforms used by *this* call; keep them all
         model._weight_conversions = [m for m in self._mapping if m.was_used()]
@@ -407,7 +407,7 @@ class LayerwiseLoader:
         if not tied:
             return
         if any(k in missing or v in missing for k, v in tied.items()):
-            with _quiet():
+            with quiet_transformers():
                 model.tie_weights(missing_keys=set(missing), recompute_mapping=False)
 
     def _materialize_rest(

@@ -23,12 +23,14 @@ def library_files(extra_dirs: Iterable[Path] = ()) -> list[Path]:
 
 
 @lru_cache(maxsize=256)
-def _parse_cached(path: str, mtime: float) -> ir.Definition:
+def _parse_cached(path: str, mtime_ns: int, size: int) -> ir.Definition:
     return parse_file(path)
 
 
 def parse_cached(path: Path) -> ir.Definition:
-    return _parse_cached(str(path), path.stat().st_mtime)
+    """parse_file, once per version of the file (its modification time and size)."""
+    st = path.stat()
+    return _parse_cached(str(path), st.st_mtime_ns, st.st_size)
 
 
 def find(name: str, extra_dirs: Iterable[Path] = ()) -> ir.Definition:
@@ -57,7 +59,7 @@ def load(source: str | Path, extra_dirs: Iterable[Path] = ()) -> ir.Definition:
     """A resolved definition from a file path or a library name (`extends` and `use` expanded)."""
     path = Path(source)
     if path.suffix == ".moedef" or path.exists():
-        parsed = parse_file(path)
+        parsed = parse_cached(path) if path.is_file() else parse_file(path)  # parse_file says what is wrong
         dirs = (path.resolve().parent, *extra_dirs)
     else:
         parsed = find(str(source), extra_dirs)
