@@ -59,10 +59,6 @@ def _children_names(module: Any) -> list[str]:
     return [*module._modules, *module._parameters, *module._buffers]
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 @dataclass
 class _LayerBinding:
     """What one decoder layer's walk found."""
@@ -195,7 +191,7 @@ class Binder:
         # every quantizable weight is a target or skipped
         for mname, module in layer.named_modules():
             for pname, p in module.named_parameters(recurse=False):
-                full = _join(mname, pname)
+                full = ir.join_path(mname, pname)
                 if full in b.covered or not is_quantizable(module, pname, p):
                     continue
                 if any(full.startswith(s + ".") for s in b.skipped):
@@ -215,7 +211,7 @@ class Binder:
         head, _, last = alt.rpartition(".")
         container = get_path(parent, head) if head else parent
         siblings = _children_names(container)
-        where = _join(prefix, alt)
+        where = ir.join_path(prefix, alt)
         self.fail(f"`{where}` does not exist in {self.where}", m,
                   suggestion=nearest(last, siblings), notes=[f"siblings: {' '.join(siblings) or '(none)'}"])
         return None, None
@@ -228,7 +224,7 @@ class Binder:
             name, obj = self.resolve(it, parent, prefix)
             if name is None:
                 continue
-            path = _join(prefix, name)
+            path = ir.join_path(prefix, name)
             if it.skip or it.role == "router":
                 b.skipped.append(path)
                 self.cover(obj, path, b)
@@ -253,7 +249,7 @@ class Binder:
     def cover(self, obj: Any, path: str, b: _LayerBinding) -> None:
         if isinstance(obj, nn.Module):
             for pname, _ in obj.named_parameters():
-                b.covered.add(_join(path, pname))
+                b.covered.add(ir.join_path(path, pname))
         else:
             b.covered.add(path)
 
@@ -274,22 +270,22 @@ class Binder:
     def moe_block(self, it: ir.Module, block: nn.Module, path: str, b: _LayerBinding, num_experts: int | None) -> None:
         router, shared, experts_item, experts_name = None, [], None, None
         for sub, subpath in _roles(it.children or (), ""):
-            name = next((n for n in sub.names if get_path(block, _join(subpath, n)) is not None), None)
+            name = next((n for n in sub.names if get_path(block, ir.join_path(subpath, n)) is not None), None)
             if name is None:
                 continue
-            full = _join(path, _join(subpath, name))
+            full = ir.join_path(path, ir.join_path(subpath, name))
             if sub.role == "router":
                 router = full
             elif sub.role == "moe-share":
                 shared.append(full)
             elif sub.role == "experts":
-                experts_item, experts_name = sub, _join(subpath, name)
+                experts_item, experts_name = sub, ir.join_path(subpath, name)
         if experts_item is None:
             return  # `walk` has already reported the experts path that does not resolve (or it is optional)
         if num_experts is None:
             self.fail("the experts count did not evaluate", it)
             return
-        experts = self.experts(experts_item, get_path(block, experts_name), _join(path, experts_name), b, num_experts)
+        experts = self.experts(experts_item, get_path(block, experts_name), ir.join_path(path, experts_name), b, num_experts)
         if experts is not None:
             b.moe.append(BoundMoe(path=path, router=router, shared=tuple(shared), experts=experts,
                                   module_class=type(block).__name__))
@@ -326,8 +322,8 @@ class Binder:
                 total = out_f * len(t.roles)
                 if tuple(bias.shape) != (E, total):
                     self.fail(f"bias `{t.bias}` is {list(bias.shape)}, expected [{E}, {total}]", t)
-                b.covered.add(_join(path, t.bias))
-            b.covered.add(_join(path, t.name))
+                b.covered.add(ir.join_path(path, t.bias))
+            b.covered.add(ir.join_path(path, t.name))
             for r in t.roles:
                 dims[r] = (out_f, in_f)
             tensors.append(BoundTensor(name=t.name, layout=t.layout, split=t.split, roles=t.roles, stage=t.stage,
@@ -384,7 +380,7 @@ def _roles(items: tuple, prefix: str):
             if it.role in ("router", "moe-share", "experts"):
                 yield it, prefix
             if it.children and it.role not in ("experts", "moe-share"):
-                yield from _roles(it.children, _join(prefix, it.names[0]))
+                yield from _roles(it.children, ir.join_path(prefix, it.names[0]))
 
 
 def _proj_of(items: tuple, rel: str) -> str | None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from moedsl.lang import ir
 from moedsl.lang.library import LIBRARY_DIR, library_files, load, parse_cached
+from moedsl.lang.printer import _fn as printer_fn
+from moedsl.lang.printer import _paths
 from moedsl.lang.printer import expr
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
@@ -64,20 +66,12 @@ SKIPPED: dict[str, str] = {
 }
 
 
-def _paths(names: tuple[str, ...]) -> str:
-    return "|".join(names)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _stages(items: tuple, prefix: str = "", out: dict[int, list[str]] | None = None) -> dict[int, list[str]]:
     """stage → the targets quantized in it (module paths; fused tensors as `experts:tensor`)."""
     out = {} if out is None else out
     for it in items:
         if isinstance(it, ir.Module):
-            path = _join(prefix, _paths(it.names))
+            path = ir.join_path(prefix, _paths(it.names))
             if it.stage is not None:
                 out.setdefault(it.stage, []).append(path + ("?" if it.optional else ""))
             if it.children:
@@ -86,7 +80,7 @@ def _stages(items: tuple, prefix: str = "", out: dict[int, list[str]] | None = N
             roles = "+".join(it.roles)
             out.setdefault(it.stage, []).append(f"{prefix}.{it.name} ({roles})")
         elif isinstance(it, ir.Each):
-            _stages(it.children, _join(prefix, "#"), out)
+            _stages(it.children, ir.join_path(prefix, "#"), out)
     return out
 
 
@@ -94,7 +88,7 @@ def _moe_blocks(items: tuple, prefix: str = ""):
     """(path, module) for every `:moe` block of a layer kind."""
     for it in items:
         if isinstance(it, ir.Module):
-            path = _join(prefix, _paths(it.names))
+            path = ir.join_path(prefix, _paths(it.names))
             if it.role == "moe":
                 yield path, it
             elif it.children:
@@ -104,7 +98,7 @@ def _moe_blocks(items: tuple, prefix: str = ""):
 def _roles(items: tuple, role: str, prefix: str = ""):
     for it in items:
         if isinstance(it, ir.Module):
-            path = _join(prefix, _paths(it.names))
+            path = ir.join_path(prefix, _paths(it.names))
             if it.role == role:
                 yield path, it
             elif it.children and it.role != "experts":
@@ -112,9 +106,7 @@ def _roles(items: tuple, role: str, prefix: str = ""):
 
 
 def _fn(f: ir.ExpertFn) -> str:
-    if f.form == "swiglu_clamped":
-        return f"swiglu_clamped(alpha={f.alpha}, limit={f.limit})"
-    return f"{f.form}({f.act})"
+    return printer_fn(f).removeprefix("fn ")
 
 
 def _tensor(t: ir.FusedTensor) -> str:

@@ -286,6 +286,11 @@ for _model in (Attr, Index, Call, ListExpr, Unary, Binary, Let, Module, Each, Fr
     _model.model_rebuild()
 
 
+def join_path(prefix: str, name: str) -> str:
+    """`prefix.name`, or `name` at the root."""
+    return f"{prefix}.{name}" if prefix else name
+
+
 def walk_items(items: tuple[Any, ...]):
     """Every item in a tree, depth first (fragments are not followed)."""
     for item in items:

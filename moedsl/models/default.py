@@ -109,27 +109,30 @@ def default_config():
     """The default model's config (a qwen3_moe; eager attention and experts)."""
     from moedsl.models.tiny import tiny_config
 
-    return tiny_config(
-        DEFAULT_MODEL_TYPE,
-        hidden_size=128,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_experts=16,
-        num_experts_per_tok=4,
-        norm_topk_prob=True,
-        mlp_only_layers=[0],
-        decoder_sparse_step=1,
-        vocab_size=BYTE_VOCAB_SIZE,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
-    )
+    return tiny_config(DEFAULT_MODEL_TYPE, **_DEFAULT_SHAPE)
+
+
+# expert width = hidden = 128 so that the default group size (128) divides every input
+_DEFAULT_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    num_experts=16,
+    num_experts_per_tok=4,
+    norm_topk_prob=True,
+    mlp_only_layers=[0],
+    decoder_sparse_step=1,
+    vocab_size=BYTE_VOCAB_SIZE,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
+)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -151,12 +154,9 @@ def _is_complete(path: Path) -> bool:
 
 
 def _write_default(path: Path) -> None:
-    from moedsl.models.tiny import quiet_transformers, build_model
+    from moedsl.models.tiny import save_tiny
 
-    model = build_model(default_config(), device="cpu", seed=DEFAULT_SEED)
-    with quiet_transformers():
-        model.save_pretrained(path, safe_serialization=True)
-        save_byte_tokenizer(path)
+    save_tiny(DEFAULT_MODEL_TYPE, path, seed=DEFAULT_SEED, **_DEFAULT_SHAPE)
     (path / _COMPLETE_MARKER).write_text(f"{DEFAULT_NAME}\n")
 
 

@@ -101,13 +101,9 @@ def _check_tokens(tokens: Any) -> None:
         raise MoedslError(f"`tokens` must be a positive integer, not {tokens!r}")
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _group_name(parent: str, members: list[str], suffix: str = ":in") -> str:
     if len(members) == 1:
-        return f"{_join(parent, members[0])}{suffix}"
+        return f"{ir.join_path(parent, members[0])}{suffix}"
     return f"{parent}[{','.join(members)}]{suffix}"
 
 
@@ -140,7 +136,7 @@ def tree_order(kind: ir.LayerKind, bk: BoundKind) -> dict[str, int]:
     def walk(items: tuple, prefixes: list[str]) -> None:
         for it in items:
             if isinstance(it, ir.Module):
-                hits = [p for p in (_join(pre, alt) for pre in prefixes for alt in it.names) if p in known]
+                hits = [p for p in (ir.join_path(pre, alt) for pre in prefixes for alt in it.names) if p in known]
                 for h in hits:
                     order.setdefault(h, len(order))
                 if it.children and hits:
