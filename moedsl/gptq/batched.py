@@ -26,7 +26,7 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
-from moedsl.gptq.gptq import damp_error, damp_schedule, gptq_solve
+from moedsl.gptq.gptq import check_finite, damp_error, damp_schedule, gptq_solve
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, group_grids
 from moedsl.precision import tf32
 
@@ -91,10 +91,7 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -
         raise MoedslError(
             f"Hessian shape {tuple(H.shape)} does not match the weights' {W.shape[2]} input columns", code="gptq"
         )
-    if not bool(torch.isfinite(W).all()):
-        raise MoedslError("weight contains NaN or infinite values", code="gptq")
-    if not bool(torch.isfinite(H).all()):
-        raise MoedslError("Hessian contains NaN or infinite values", code="gptq")
+    check_finite(W, H)
     W = W.detach().to(torch.float32, copy=True)
     H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
     B, rows, columns = W.shape

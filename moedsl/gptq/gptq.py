@@ -164,6 +164,10 @@ def check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
         raise MoedslError(
             f"Hessian shape {tuple(H.shape)} does not match the weight's {n} input columns", code="gptq"
         )
+    check_finite(W, H)
+
+
+def check_finite(W: torch.Tensor, H: torch.Tensor) -> None:
     if not bool(torch.isfinite(W).all()):
         raise MoedslError("weight contains NaN or infinite values", code="gptq")
     if not bool(torch.isfinite(H).all()):

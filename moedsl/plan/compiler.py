@@ -162,9 +162,8 @@ def bound_order(bk: BoundKind) -> dict[str, int]:
 
 @dataclass
 class _Entry:
-    """A target with its stage and its position in tree order (float: experts roles sub-order)."""
+    """A target with its position in tree order (float: experts roles sub-order)."""
 
-    stage: int
     pos: float
     target: Target
 
@@ -206,7 +205,7 @@ class _KindCompiler:
         acc.captures.setdefault(key.capture, (cap_pos, width, rows))
 
     def add_target(self, stage: int, pos: float, target: Target) -> None:
-        self.stages[stage].entries.append(_Entry(stage, pos, target))
+        self.stages[stage].entries.append(_Entry(pos, target))
 
     # -- linears -----------------------------------------------------------------------------------
 
@@ -325,6 +324,6 @@ class _KindCompiler:
                           activation_bytes=sum(s.memory.activation_bytes for s in stages)))
 
 
-def peak_stage(kind: KindPlan) -> Stage | None:
-    """The stage with the largest Hessian memory (ties: the earlier stage)."""
-    return max(kind.stages, key=lambda s: (s.memory.hessian_bytes, -s.index), default=None)
+def peak_stage(kind: KindPlan, memory: str = "hessian_bytes") -> Stage | None:
+    """The stage with the most `memory` (a `Memory` field; ties: the earlier stage)."""
+    return max(kind.stages, key=lambda s: (getattr(s.memory, memory), -s.index), default=None)

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moedsl.plan.compiler import peak_stage
-from moedsl.plan.schema import CapturePoint, HookPlan, KindPlan, Stage, Target
+from moedsl.plan.schema import CapturePoint, HookPlan, KindPlan, Target
 
 MiB = 1024 ** 2
 GiB = 1024 ** 3
@@ -56,10 +56,6 @@ def hessian_count(kind: KindPlan) -> int:
     return sum((k.experts or 1) if k.per_expert else 1 for s in kind.stages for k in s.stats)
 
 
-def peak_activation_stage(kind: KindPlan) -> Stage | None:
-    return max(kind.stages, key=lambda s: (s.memory.activation_bytes, -s.index), default=None)
-
-
 def _capture_text(c: CapturePoint) -> str:
     """The capture's kind; its path is the first target of the row (linear_input: the first
     member of the group; experts_input / experts_hidden: the experts module)."""
@@ -85,7 +81,7 @@ def summary_line(plan: HookPlan, kind: KindPlan) -> str:
     per_expert = [t for t in targets if t.experts]
     keys = sum(len(s.stats) for s in kind.stages)
     peak = peak_stage(kind)
-    apeak = peak_activation_stage(kind)
+    apeak = peak_stage(kind, "activation_bytes")
     experts = f" ({len(per_expert)} per-expert ×{per_expert[0].experts})" if per_expert else ""
     line = (f"{kind.name}: layers {compress_indices(kind.layers)} ({len(kind.layers)}) · {len(kind.stages)} stages · "
             f"{len(targets)} targets{experts} · {keys} statistics keys = {hessian_count(kind)} Hessians · "
@@ -140,7 +136,7 @@ def kind_footer(plan: HookPlan, kind: KindPlan) -> Text:
                "  ■ early stop: the stage's forward may stop once this capture (and the stage's others) has fired\n",
                style="dim")
     peak = peak_stage(kind)
-    apeak = peak_activation_stage(kind)
+    apeak = peak_stage(kind, "activation_bytes")
     out.append(f"  per layer: Hessians {gib(kind.memory.hessian_bytes)} ({hessian_count(kind)} fp32 Hessians, "
                f"sum of {len(kind.stages)} stages)")
     if peak is not None:
