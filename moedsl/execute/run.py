@@ -129,20 +129,15 @@ def _prepare_out(opts: QuantizeOptions) -> bool:
 
 
 def check_shapes(plan: HookPlan, cfg, fmt: str) -> None:
+    from moedsl.write.pack import shape_problems
+
     """Pre-flight: every target's shape must suit the group size and the format's packing, checked
     before any layer is quantized or any shard written (the writer would refuse them only later)."""
     bad: dict[str, str] = {}
     for kind in plan.kinds:
         for stage in kind.stages:
             for t in stage.targets:
-                why = []
-                if cfg.group_size != -1 and t.in_features % cfg.group_size:
-                    why.append(f"in_features {t.in_features} is not a multiple of group_size {cfg.group_size}")
-                if fmt == "gptq":
-                    need = 32 if cfg.bits == 3 else 32 // cfg.bits
-                    for what, n in (("in_features", t.in_features), ("out_features", t.out_features)):
-                        if (n * cfg.bits) % 32:
-                            why.append(f"{what} {n} is not a multiple of {need} ({cfg.bits}-bit GPTQ packing)")
+                why = shape_problems(t.out_features, t.in_features, cfg, fmt)
                 if why:
                     bad.setdefault(f"{kind.name}: {t.id} [{t.out_features}x{t.in_features}]", "; ".join(why))
     if bad:

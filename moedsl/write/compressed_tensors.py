@@ -28,7 +28,7 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.quantizer import QuantConfig, QuantResult
-from moedsl.write.pack import check_result, check_scales_fit, pack
+from moedsl.write.pack import check_result, check_scales_fit, pack, shape_problems
 
 CT_BITS = (4, 8)
 FORMAT = "pack-quantized"
@@ -71,12 +71,9 @@ def ct_tensors(
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise MoedslError(f"cannot write `{name}`: scales in {dtype} are not supported", code="write")
     out_features, in_features = check_result(name, result, cfg)
-    if cfg.group_size != -1 and in_features % cfg.group_size:
-        raise MoedslError(
-            f"cannot write `{name}`: in_features {in_features} is not a multiple of group_size {cfg.group_size}, "
-            "which compressed-tensors requires",
-            code="write",
-        )
+    problems = shape_problems(out_features, in_features, cfg, "compressed-tensors")
+    if problems:
+        raise MoedslError(f"cannot write `{name}` in compressed-tensors: " + "; ".join(problems), code="write")
     check_scales_fit(name, result.scales, dtype, cfg)
 
     tensors = {

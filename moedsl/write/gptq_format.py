@@ -21,7 +21,7 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.quantizer import QuantConfig, QuantResult
-from moedsl.write.pack import check_result, check_scales_fit, pack
+from moedsl.write.pack import check_result, check_scales_fit, pack, shape_problems
 
 GPTQ_BITS = (2, 3, 4, 8)
 CheckpointFormat = Literal["gptq", "gptq_v2"]
@@ -57,20 +57,9 @@ def gptq_tensors(
     check_gptq_config(cfg, checkpoint_format)
     out_features, in_features = check_result(name, result, cfg)
     bits = cfg.bits
-    for what, n in (("input features", in_features), ("output features", out_features)):
-        if (n * bits) % 32:
-            need = 32 if bits == 3 else 32 // bits
-            raise MoedslError(
-                f"cannot write `{name}` as {bits}-bit GPTQ: its {what} ({n}) must be a multiple of {need} "
-                "to pack into whole int32 words",
-                code="write",
-            )
-    if cfg.group_size != -1 and in_features % cfg.group_size:
-        raise MoedslError(
-            f"cannot write `{name}`: in_features {in_features} is not a multiple of group_size {cfg.group_size}, "
-            "which GPTQ loaders require",
-            code="write",
-        )
+    problems = shape_problems(out_features, in_features, cfg, "gptq")
+    if problems:
+        raise MoedslError(f"cannot write `{name}` as {bits}-bit GPTQ: " + "; ".join(problems), code="write")
     check_scales_fit(name, result.scales, torch.float16, cfg)
 
     codes = result.codes.detach().to("cpu", torch.int64)

@@ -17,6 +17,7 @@ import math
 import torch
 
 from moedsl.errors import MoedslError
+from moedsl.gptq.quantizer import QuantConfig
 
 
 def packed_length(n: int, bits: int) -> int:
@@ -113,3 +114,20 @@ def check_scales_fit(name: str, scales: torch.Tensor, dtype: torch.dtype, cfg) -
             f"quantize with QuantConfig(scale_dtype='{stored}')",
             code="write",
         )
+
+
+def shape_problems(out_features: int, in_features: int, cfg: QuantConfig, fmt: str) -> list[str]:
+    """Why a matrix of this shape cannot be written with `cfg` in format `fmt` (empty: it can).
+
+    Both formats need whole groups along the input; GPTQ also packs both dimensions into whole
+    int32 words. The writers and the executor's pre-flight check ask the same question here."""
+    problems = []
+    if cfg.group_size != -1 and in_features % cfg.group_size:
+        problems.append(f"in_features {in_features} is not a multiple of group_size {cfg.group_size}")
+    if fmt == "gptq":
+        need = 32 if cfg.bits == 3 else 32 // cfg.bits
+        for what, n in (("in_features", in_features), ("out_features", out_features)):
+            if (n * cfg.bits) % 32:
+                problems.append(f"{what} {n} is not a multiple of {need} ({cfg.bits}-bit GPTQ packs whole int32 words)")
+    return problems
+
