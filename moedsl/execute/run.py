@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from moedsl.errors import MoedslError
 from moedsl.execute.layer import LayerQuantizer, LayerResult, StopForward
 from moedsl.execute.options import QuantizeOptions
+from moedsl.execute.outdir import check_apart
 from moedsl.execute.report import Report, print_summary
 from moedsl.plan.schema import HookPlan
 
@@ -172,6 +173,7 @@ class Runner:
 
         opts = self.opts
         t_start = time.perf_counter()
+        check_apart(opts.out, opts.model, {"--calib": opts.calib, "--def": opts.definition})
         model_dir = opts.model if opts.model is not None else default_model_dir()
         if not Path(model_dir).is_dir():
             raise MoedslError(f"--model {model_dir}: no such directory")
