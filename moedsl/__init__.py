@@ -17,11 +17,13 @@ __all__ = ["MoedslError", "MoedslErrors", "Span", "parse", "parse_file", "load",
            "bind", "compile_plan", "quantize"]
 
 
-def validate(source, config=None, model_dir=None, model_type=None):
-    """Validate a definition; returns one `Report` per model_type checked (see moedsl.bind.validate)."""
+def validate(source, config=None, model_dir=None, model_type=None, trust_remote_code=False):
+    """Validate a definition; returns one `Report` per model_type checked (see moedsl.bind.validate).
+    `trust_remote_code=True` lets a model directory run its own modeling code (`auto_map`)."""
     from moedsl.bind.validate import validate as _validate
 
-    return _validate(source, config=config, model_dir=model_dir, model_type=model_type)
+    return _validate(source, config=config, model_dir=model_dir, model_type=model_type,
+                     trust_remote_code=trust_remote_code)
 
 
 def bind(definition, model):
@@ -39,7 +41,8 @@ def compile_plan(definition, model, policy="routed", tokens=None):
 
 
 def quantize(**kwargs):
-    """Quantize a model; the keyword arguments mirror `moedsl quantize` (see moedsl.execute.run)."""
+    """Quantize a model; the keyword arguments mirror `moedsl quantize` (see moedsl.execute.run), e.g.
+    `trust_remote_code=True` for a model directory that ships its own modeling code."""
     from moedsl.execute.run import quantize as _quantize
 
     return _quantize(**kwargs)

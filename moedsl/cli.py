@@ -51,7 +51,8 @@ def cmd_validate(args) -> int:
 
     reports = []
     for f in args.files:
-        reports += validate(f, config=args.config, model_dir=args.model, model_type=args.model_type)
+        reports += validate(f, config=args.config, model_dir=args.model, model_type=args.model_type,
+                            trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps([r.model_dump() for r in reports], indent=2))
     else:
@@ -59,6 +60,8 @@ def cmd_validate(args) -> int:
         for r in reports:
             mark = "[green]ok[/green]" if r.ok else "[red]FAILED[/red]"
             con.print(f"{r.file}: {r.arch} on {r.model_type} ({r.model_source}): {mark}")
+            if r.remote_code:
+                con.print(f"  ran the model directory's own code: {', '.join(r.remote_code)}")
             for c in r.checks:
                 sign = "[green]✓[/green]" if c.passed else "[red]✗[/red]"
                 con.print(f"  {sign} {c.name}: {c.detail}")
@@ -127,6 +130,8 @@ def cmd_quantize(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moedsl.execute.arguments import TRUST_HELP
+
     p = argparse.ArgumentParser(prog="moedsl", description="GPTQ quantization of MoE LLMs from declarative model definitions")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -143,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="a config.json to build the model from (meta device)")
     src.add_argument("--model", help="a Hugging Face model directory")
     src.add_argument("--model-type", help="check against this model_type's shrunk config (default: every `match`)")
+    v.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_validate)
 
@@ -155,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = pl.add_mutually_exclusive_group()
     src.add_argument("--config")
     src.add_argument("--model")
+    pl.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     pl.add_argument("--policy", default="routed", help="routed | all | topk=N | auto(min_tokens=N)")
     pl.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens, for the memory estimate")
     pl.add_argument("--json", action="store_true")

@@ -27,7 +27,8 @@ from moedsl.experts import fn as expert_fn
 from moedsl.experts import weights as expert_weights
 from moedsl.lang import ir
 from moedsl.lang.library import load
-from moedsl.models.source import build, config_for
+from moedsl.models.remote import is_remote_config
+from moedsl.models.source import build, code_of, config_for
 
 
 class Check(BaseModel):
@@ -47,11 +48,13 @@ class Report(BaseModel):
     checks: tuple[Check, ...]
     problems: tuple[str, ...]
     kinds: dict[str, list[int]] = {}
+    remote_code: dict[str, str] = {}  # the model directory's own code files that ran -> sha256
 
 
 def validate(source: str | Path | ir.Definition, config: str | Path | None = None, model_dir: str | Path | None = None,
-             model_type: str | None = None) -> list[Report]:
-    """Validate a definition (a file, a library name or a resolved IR); one report per model_type checked."""
+             model_type: str | None = None, trust_remote_code: bool = False) -> list[Report]:
+    """Validate a definition (a file, a library name or a resolved IR); one report per model_type checked.
+    `trust_remote_code`: a config or model directory may bring its own classes (`auto_map`)."""
     d = source if isinstance(source, ir.Definition) else load(source)
     file = str(d.source_file or source)
     if config is not None or model_dir is not None:
@@ -63,14 +66,16 @@ def validate(source: str | Path | ir.Definition, config: str | Path | None = Non
         if not types:
             raise MoedslError(f"`{d.header.name}` has no `match` and no model or config was given to check it against",
                               span=d.header.span)
-    return [_validate_one(d, file, mt, Path(config) if config else None, Path(model_dir) if model_dir else None)
-            for mt in types]
+    return [_validate_one(d, file, mt, Path(config) if config else None, Path(model_dir) if model_dir else None,
+                          trust_remote_code) for mt in types]
 
 
 def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_path: Path | None,
-                  model_dir: Path | None) -> Report:
-    cfg, source = config_for(model_type, config_path, model_dir)
+                  model_dir: Path | None, trust: bool = False) -> Report:
+    cfg, source = config_for(model_type, config_path, model_dir, trust)
     mt = str(getattr(cfg, "model_type", model_type))
+    code = code_of(cfg) if trust else None
+    ran = code.digests() if code is not None else {}
     checks: list[Check] = []
     problems: list[str] = []
 
@@ -78,7 +83,7 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
         checks.append(Check(name=name, passed=not errs, detail=detail_ok if not errs else f"{len(errs)} problem(s)"))
         problems.extend(e.render() for e in errs)
 
-    meta = build(cfg, "meta")
+    meta = build(cfg, "meta", trust)
     try:
         bound = bind(d, meta)
     except MoedslError as err:
@@ -87,7 +92,7 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
         record("expressions", expr_errs, "")
         record("structure", [e for e in errs if e not in expr_errs], "")
         return Report(file=file, arch=d.header.name, model_type=mt, model_source=source, ok=False,
-                      checks=tuple(checks), problems=tuple(problems))
+                      checks=tuple(checks), problems=tuple(problems), remote_code=ran)
     kinds = {k.name: list(k.layers) for k in bound.kinds}
     record("expressions", [], f"experts={bound.num_experts} top_k={bound.top_k}; "
            + ", ".join(f"{k}: layers {v}" for k, v in kinds.items()))
@@ -95,17 +100,18 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
     record("structure", [], f"{len(bound.kinds)} layer kind(s), {n_targets} target kinds bound on {bound.model_class}")
 
     # numerics and checkpoint names need real weights: a tiny CPU model of the same model_type
-    from moedsl.models.tiny import tiny_config
+    # (for a family with its own code: this config, shrunk, built by that code)
+    from moedsl.models.tiny import shrink_like, tiny_config
 
-    tiny_cfg = tiny_config(mt)
-    real = build(tiny_cfg, "cpu")
+    tiny_cfg = shrink_like(cfg) if is_remote_config(cfg) else tiny_config(mt)
+    real = build(tiny_cfg, "cpu", trust)
     try:
         real_bound = bound if config_path is None and model_dir is None else bind(d, real)
     except MoedslError as err:
         errs = err.errors if isinstance(err, MoedslErrors) else [err]
         record("expert function", errs, "")
         return Report(file=file, arch=d.header.name, model_type=mt, model_source=source, ok=False,
-                      checks=tuple(checks), problems=tuple(problems), kinds=kinds)
+                      checks=tuple(checks), problems=tuple(problems), kinds=kinds, remote_code=ran)
     fn_errs, fn_detail = check_expert_functions(d, real_bound, real)
     record("expert function", fn_errs, fn_detail)
     if model_dir is not None:
@@ -120,7 +126,7 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
         ck_errs, ck_detail = check_checkpoint_names(d, real_bound, keys)
     record("checkpoint names", ck_errs, ck_detail)
     return Report(file=file, arch=d.header.name, model_type=mt, model_source=source, ok=not problems,
-                  checks=tuple(checks), problems=tuple(problems), kinds=kinds)
+                  checks=tuple(checks), problems=tuple(problems), kinds=kinds, remote_code=ran)
 
 
 def checkpoint_keys(model_dir: Path) -> set[str]:

@@ -84,14 +84,16 @@ def _has_tokenizer(model_dir: Path | None) -> bool:
     return model_dir is not None and any((model_dir / f).is_file() for f in _TOKENIZER_FILES)
 
 
-def _load_tokenizer(model_dir: Path):
+def _load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     from moedsl.models.tiny import quiet_transformers
 
     try:
         with quiet_transformers():
-            return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            # an explicit bool: with None, transformers would stop and ask on stdin about remote code
+            return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True,
+                                                 trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise MoedslError(f"{model_dir}: cannot load the tokenizer: {type(exc).__name__}: {exc}") from None
 
@@ -99,8 +101,9 @@ def _load_tokenizer(model_dir: Path):
 class _Tokenize:
     """Tokenizes documents with the model's tokenizer, loaded on first use."""
 
-    def __init__(self, model_dir: Path | None):
+    def __init__(self, model_dir: Path | None, trust_remote_code: bool = False):
         self.model_dir = model_dir
+        self.trust_remote_code = trust_remote_code
         self._tok = None
 
     def available(self) -> bool:
@@ -114,7 +117,7 @@ class _Tokenize:
                     f"{where}: text needs a tokenizer, and {where_dir} has none",
                     notes=["give token ids instead (.jsonl lists of ints, .npy or .safetensors)"],
                 )
-            self._tok = _load_tokenizer(self.model_dir)
+            self._tok = _load_tokenizer(self.model_dir, self.trust_remote_code)
         from moedsl.models.tiny import quiet_transformers
 
         with quiet_transformers():  # "sequence longer than model_max_length" is fine here
@@ -296,11 +299,13 @@ def load_calibration(
     seed: int = 0,
     *,
     vocab_size: int | None = None,
+    trust_remote_code: bool = False,
 ) -> CalibrationSet:
     """Calibration token ids [n_samples, seq_len] from `path` (or the built-in text).
 
     `model_dir` provides the tokenizer (for text) and `vocab_size` (from config.json) that every
     id is checked against; `vocab_size=` overrides it. Deterministic for a given `seed`.
+    `trust_remote_code`: the tokenizer may be the model directory's own code (its `auto_map`).
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise MoedslError(f"n_samples must be a positive integer, got {n_samples!r}")
@@ -310,7 +315,7 @@ def load_calibration(
     if mdir is not None and not mdir.is_dir():
         raise MoedslError(f"model directory {mdir} does not exist")
     vocab = vocab_size if vocab_size is not None else _model_vocab_size(mdir)
-    tokenize = _Tokenize(mdir)
+    tokenize = _Tokenize(mdir, trust_remote_code)
     warnings: list[str] = []
 
     if path is None:

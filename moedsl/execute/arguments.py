@@ -11,8 +11,13 @@ import argparse
 from pathlib import Path
 
 
+TRUST_HELP = ("let a model directory run its own modeling code (the configuration_*.py / modeling_*.py that "
+              "config.json's auto_map names), in this process, as transformers' trust_remote_code=True does")
+
+
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="a local Hugging Face model directory (default: the built-in tiny MoE)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--out", type=Path, default=Path("moedsl-out"), help="output directory (default: moedsl-out)")
     p.add_argument("--def", dest="definition", help="a .moedef file or library name (default: chosen by model_type)")
     p.add_argument("--calib", type=Path, help="calibration data: .jsonl/.npy/.safetensors token ids, or a text file")

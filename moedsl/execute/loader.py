@@ -153,7 +153,9 @@ class LayerwiseLoader:
     ...     loader.unload_layer(model, i)
 
     `strict=True` makes a checkpoint that lacks a parameter an error; by default the parameter is
-    initialized as `from_pretrained` would and a note is added to `warnings`.
+    initialized as `from_pretrained` would and a note is added to `warnings`. `trust_remote_code`
+    lets the directory's own code (config.json's `auto_map`) define the classes, as in
+    transformers; without it such a directory is refused (`remote_code` lists the files run).
     """
 
     def __init__(
@@ -164,6 +166,7 @@ class LayerwiseLoader:
         attn_implementation: str | None = None,
         experts_implementation: str | None = None,
         strict: bool = False,
+        trust_remote_code: bool = False,
     ):
         self.model_dir = Path(model_dir)
         self.dtype = dtype
@@ -178,6 +181,10 @@ class LayerwiseLoader:
                 f"{self.model_dir}: no config.json (not a transformers model directory)",
                 notes=["save the model with `save_pretrained`"],
             )
+        from moedsl.models import remote
+
+        # the directory's own code (auto_map): refused here without trust_remote_code, else checked
+        self.remote_code = remote.policy(self.model_dir / "config.json", trust_remote_code)
         self._shard_of: dict[str, Path] = self._read_index()
         self._config = None
         # filled by skeleton(): checkpoint key -> runtime key, plan per layer
@@ -215,9 +222,14 @@ class LayerwiseLoader:
         if self._config is None:
             from transformers import AutoConfig
 
+            from moedsl.models import remote
+
             try:
-                with quiet_transformers():
-                    self._config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
+                with remote.running(self.remote_code, "loading the config"), quiet_transformers():
+                    self._config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True,
+                                                              trust_remote_code=self.remote_code is not None)
+            except MoedslError:
+                raise
             except Exception as exc:
                 raise MoedslError(f"{self.model_dir / 'config.json'}: cannot read the config: {exc}") from None
         return self._config
@@ -226,7 +238,9 @@ class LayerwiseLoader:
         """The model of this directory's config.json, built on the meta device (no storage)."""
         from transformers import AutoModelForCausalLM
 
-        kwargs = {}
+        from moedsl.models import remote
+
+        kwargs = {"trust_remote_code": self.remote_code is not None}
         if self.dtype is not None:
             kwargs["dtype"] = self.dtype
         if self.attn_implementation is not None:
@@ -234,7 +248,7 @@ class LayerwiseLoader:
         if self.experts_implementation is not None:
             kwargs["experts_implementation"] = self.experts_implementation
         try:
-            with quiet_transformers(), torch.device("meta"):
+            with remote.running(self.remote_code, "building the model"), quiet_transformers(), torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(self.config, **kwargs)
         except ValueError as exc:
             raise MoedslError(

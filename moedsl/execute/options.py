@@ -18,6 +18,7 @@ class QuantizeOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: Path | None = None  # None: the built-in tiny default
+    trust_remote_code: bool = False  # let the model directory's own code (auto_map) define its classes
     out: Path
     definition: str | None = None  # a .moedef file or library name; None: picked by model_type
     calib: Path | None = None
@@ -49,5 +50,6 @@ class QuantizeOptions(BaseModel):
 
     def fingerprint(self) -> dict:
         """What must be equal for a resumed run to continue an interrupted one."""
-        skip = {"resume", "overwrite", "progress", "out", "device", "activations"}  # none changes the result
+        # none changes the result (the remote code's own files are fingerprinted by their sha256)
+        skip = {"resume", "overwrite", "progress", "out", "device", "activations", "trust_remote_code"}
         return {k: str(v) for k, v in self.model_dump().items() if k not in skip}

@@ -28,6 +28,7 @@ from moedsl.execute.layer import LayerQuantizer, LayerResult, StopForward
 from moedsl.execute.options import QuantizeOptions
 from moedsl.execute.outdir import check_apart
 from moedsl.execute.report import Report, print_summary
+from moedsl.models import remote
 from moedsl.plan.schema import HookPlan
 
 RUN_DIR = ".moedsl-run"  # resume state inside the output directory; removed when the run finishes
@@ -177,8 +178,10 @@ class Runner:
         model_dir = opts.model if opts.model is not None else default_model_dir()
         if not Path(model_dir).is_dir():
             raise MoedslError(f"--model {model_dir}: no such directory")
+        # before the output directory is touched: a model that needs its own code is refused here
+        loader = LayerwiseLoader(model_dir, trust_remote_code=opts.trust_remote_code)
+        code = loader.remote_code
         resuming = _prepare_out(opts)
-        loader = LayerwiseLoader(model_dir)
         model = loader.skeleton()
         model.eval()
         loader.load_non_layer(model, self.device)
@@ -190,22 +193,27 @@ class Runner:
         check_shapes(plan, cfg, opts.format)
         head_options = dict(ignore=(), extra_quantization_config={"lm_head": True} if opts.format == "gptq" else None)
         writer = CheckpointWriter(opts.out, opts.format, cfg, **(head_options if opts.quantize_lm_head else {}))
-        calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed)
+        calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed,
+                                 trust_remote_code=code is not None)
         ids, warnings = (calib.input_ids, list(calib.warnings)) if hasattr(calib, "input_ids") else (calib, [])
         report = Report.start(opts, plan, str(model_dir), definition.source_file or definition.header.name,
                               str(self.device), warnings)
+        report.remote_code = code.record() if code is not None else None
         progress = Progress(enabled=opts.progress)
         for w in warnings:
             progress.warn(w)
 
         batches = list(ids.split(opts.batch_size))
         act_device = self.activation_device(model, tokens, progress)
-        hidden, layer_kwargs = capture_layer_inputs(model, plan, batches, self.device, act_device)
+        with remote.running(code, "running the model", only_in_code=True):
+            hidden, layer_kwargs = capture_layer_inputs(model, plan, batches, self.device, act_device)
         run_dir = opts.out / RUN_DIR
         run_dir.mkdir(exist_ok=True)
         start_layer = 0
         carried: list[dict] = [{} for _ in batches]  # per batch: what the last layer hands the next (`carry`)
         fingerprint = {**opts.fingerprint(), "definition": definition.header.name}
+        if code is not None:  # other code would give other results
+            fingerprint["remote_code"] = code.digests()
         if resuming:
             state = json.loads((run_dir / "state.json").read_text())
             if state["fingerprint"] != fingerprint:
@@ -230,7 +238,8 @@ class Runner:
                 kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], carried)]
                 quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device)
                 quantizer.out_device = act_device
-                result = quantizer.run(hidden, kwargs)
+                with remote.running(code, f"running decoder layer {i}", only_in_code=True):
+                    result = quantizer.run(hidden, kwargs)
                 self.write_layer(writer, loader, plan, i, kind, result, dtype)
                 hidden = [y.to(act_device) for y in result.outputs]
                 carried = [dict(zip(plan.carry, extra)) for extra in result.carried]
@@ -259,6 +268,8 @@ class Runner:
         self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
         config = json.loads((Path(model_dir) / "config.json").read_text())
         report.finish(time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        if code is not None:  # beside the weights, before config.json (which marks the checkpoint finished)
+            code.copy_to(opts.out)
         writer.finalize(config)
         self.copy_tokenizer(Path(model_dir), opts.out)
         (opts.out / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))

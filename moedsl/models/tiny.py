@@ -37,6 +37,7 @@ __all__ = [
     "UNSUPPORTED_TINY",
     "available_tiny",
     "tiny_config",
+    "shrink_like",
     "build_model",
     "save_tiny",
     "layer_kind_lists",
@@ -472,6 +473,29 @@ def tiny_config(model_type: str, **overrides):
             suggestion=nearest(model_type, CONFIG_MAPPING_NAMES),
             notes=[str(exc).splitlines()[0]] if str(exc) else [],
         ) from None
+    return _shrunk(model_type, base, lambda kw: _make_config(model_type, kw), overrides)
+
+
+def shrink_like(config, **overrides):
+    """`config` shrunk as `tiny_config` shrinks a family's default, keeping its other values; for
+    config classes transformers does not know (a model directory's own code)."""
+    keep = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
+
+    def make(kw: dict):
+        try:
+            with quiet_transformers():
+                small = type(config)(**{**keep, **kw})
+        except Exception as exc:  # the config class's own validation
+            raise MoedslError(f"{config.model_type}: the shrunk config is not valid: {type(exc).__name__}: {exc}",
+                              notes=[f"overrides: {kw}"]) from None
+        small._name_or_path = config._name_or_path  # where its own code lives
+        return small
+
+    return _shrunk(str(config.model_type), config, make, overrides)
+
+
+def _shrunk(model_type: str, base, make, overrides: dict):
+    """`make(kwargs)` with the tiny sizes for `base`'s keys, then every layer kind of `base` restored."""
     d = base.to_dict()
     attribute_map = dict(getattr(base, "attribute_map", {}) or {})
     kw = _shrink(model_type, d, attribute_map)
@@ -480,7 +504,7 @@ def tiny_config(model_type: str, **overrides):
     n_layers = kw.get(_layer_count_key(d), 2)
     family_keys = set(kw) - set(_ALWAYS) - set(_IF_SET)
     kw.update(overrides)
-    config = _make_config(model_type, kw)
+    config = make(kw)
     fixed = family_keys | set(overrides) | set(_FAMILY.get(model_type, (0, {}))[1] or {})
     fix = _fix_layer_kinds(
         model_type, layer_kind_lists(base), layer_kind_lists(config), {k: kw[k] for k in fixed if k in kw}, n_layers
@@ -488,7 +512,7 @@ def tiny_config(model_type: str, **overrides):
     if fix:
         kw.update(fix)
         kw[_layer_count_key(d)] = len(next(iter(fix.values())))
-        config = _make_config(model_type, kw)
+        config = make(kw)
     _set_eager(config)
     return config
 
@@ -600,17 +624,19 @@ def _spread_routers(model, seed: int) -> list[str]:
     return touched
 
 
-def build_model(config, device: str | torch.device = "meta", seed: int = 0, dtype: torch.dtype = torch.float32):
+def build_model(config, device: str | torch.device = "meta", seed: int = 0, dtype: torch.dtype = torch.float32,
+                trust_remote_code: bool = False):
     """Instantiate `AutoModelForCausalLM.from_config(config)`.
 
     device="meta": structure only, no storage. device="cpu" (or another real device):
     deterministic random weights from the model's own init under `torch.manual_seed(seed)`,
-    with routers spread (see `_spread_routers`). Returned in eval mode.
+    with routers spread (see `_spread_routers`). Returned in eval mode. `trust_remote_code`: the
+    model class may come from the config's `auto_map` (see moedsl.models.remote).
     """
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     with quiet_transformers():
         if device.type == "meta":
             with torch.device("meta"):

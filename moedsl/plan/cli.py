@@ -1,8 +1,9 @@
-"""`moedsl plan FILE [--config FILE | --model DIR] [--policy P] [--tokens N] [--json]`.
+"""`moedsl plan FILE [--config FILE | --model DIR] [--trust-remote-code] [--policy P] [--tokens N] [--json]`.
 
 The definition is a `.moedef` file or a library name. The model structure is built on the
 meta device (no weights) from `--config` (a config.json), `--model` (a model directory's
 config.json) or, by default, the shrunk tiny config of the definition's first `match`.
+`--trust-remote-code` lets a config or model directory bring its own classes (`auto_map`).
 Prints the plan as tables, or with `--json` the HookPlan's JSON (`moedsl schema plan`).
 """
 
@@ -16,13 +17,14 @@ from moedsl.errors import MoedslError
 from moedsl.models.source import build, config_for
 
 
-def model_config(definition, config: str | None, model_dir: str | None) -> tuple[Any, str]:
+def model_config(definition, config: str | None, model_dir: str | None,
+                 trust_remote_code: bool = False) -> tuple[Any, str]:
     """(config, where it came from); without --config or --model, the definition's first `match`."""
     if config is None and model_dir is None and not definition.header.matches:
         raise MoedslError(f"`{definition.header.name}` has no `match`: give --config or --model",
                           span=definition.header.span)
     mt = definition.header.matches[0] if definition.header.matches else None
-    return config_for(mt, config, model_dir)
+    return config_for(mt, config, model_dir, trust_remote_code)
 
 
 def run_plan(args) -> int:
@@ -34,8 +36,9 @@ def run_plan(args) -> int:
     if tokens < 1:
         raise MoedslError(f"--tokens must be a positive integer, not {tokens}")
     definition = load(args.file)
-    config, _source = model_config(definition, getattr(args, "config", None), getattr(args, "model", None))
-    model = build(config, "meta")
+    trust = bool(getattr(args, "trust_remote_code", False))
+    config, _source = model_config(definition, getattr(args, "config", None), getattr(args, "model", None), trust)
+    model = build(config, "meta", trust)
     plan = compile_plan(definition, model, policy=policy, tokens=tokens)
     if args.json:
         sys.stdout.write(plan.model_dump_json(indent=2) + "\n")
