@@ -151,7 +151,19 @@ def find(config_file: Path, data: dict, text: str | None = None) -> RemoteCode:
         for f in _with_relative_imports(root, module):
             if f not in files:
                 files.append(f)
+    for f in files:
+        _check_compiles(root / f)
     return RemoteCode(root=root, auto_map=auto_map, files=tuple(files))
+
+
+def _check_compiles(path: Path) -> None:
+    """A syntax error is reported at its line here: transformers would report it for `<unknown>`."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        compile(text, str(path), "exec", dont_inherit=True)
+    except SyntaxError as err:
+        raise MoedslError(f"SyntaxError in the model directory's own code: {err.msg}",
+                          span=Span(str(path), err.lineno or 1, err.offset or 1, 1, text), code="remote code") from None
 
 
 def _collect(refs: dict, label: str, ref: Any, where: Path, text: str | None) -> None:
