@@ -7,12 +7,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+# transformers copies a model directory's own code (trust_remote_code) into its modules cache:
+# keep the tests' copies out of ~/.cache (set before transformers is imported; subprocesses inherit it)
+os.environ.setdefault("HF_MODULES_CACHE", str(Path(tempfile.gettempdir()) / f"moedsl-tests-hf-modules-{os.getuid()}"))
 
 
 @pytest.fixture(scope="session", autouse=True)

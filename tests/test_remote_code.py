@@ -159,6 +159,16 @@ def test_strictness_applies_to_remote_families(lumen, tmp_path):
     assert any("shared_expert" in p for p in report.problems), report.problems
 
 
+def test_validate_a_config_beside_its_code(tmp_path, capsys):
+    """`--config FILE`: the code is looked for beside the file; no weights needed."""
+    d = write_code_dir(tmp_path / "cfg")
+    rc, _, err = _run_cli(capsys, "validate", str(DEFINITION), "--config", str(d / "config.json"))
+    assert rc == 2 and FLAG in err, err
+    (report,) = moedsl.validate(DEFINITION, config=d / "config.json", trust_remote_code=True)
+    assert report.ok, report.problems
+    assert set(report.remote_code) == set(CODE)
+
+
 def test_plan_with_the_flag(lumen, capsys):
     rc, out, err = _run_cli(capsys, "plan", str(DEFINITION), "--model", str(lumen), FLAG, "--json")
     assert rc == 0, err
@@ -236,6 +246,8 @@ def load_back(out: Path):
 def test_quantize_and_load_back(lumen, tmp_path, policy):
     from transformers import AutoModelForCausalLM
 
+    from moedsl.models.tiny import quiet_transformers
+
     out = tmp_path / f"q{policy}"
     report = moedsl.quantize(model=lumen, out=out, definition=str(DEFINITION), trust_remote_code=True, policy=policy,
                              **RUN)
@@ -261,7 +273,8 @@ def test_quantize_and_load_back(lumen, tmp_path, policy):
             assert s["error"] <= s["rtn_error"] * 1.0001
 
     loaded = load_back(out)
-    source = AutoModelForCausalLM.from_pretrained(lumen, trust_remote_code=True).eval()
+    with quiet_transformers():
+        source = AutoModelForCausalLM.from_pretrained(lumen, trust_remote_code=True).eval()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         original = source(input_ids=ids).logits
@@ -338,14 +351,30 @@ def test_bad_auto_map_is_a_located_error(lumen, tmp_path, capsys, case):
     assert line > 1 and "^" in err  # ... of the offending entry, with a caret under it
 
 
-def test_bad_auto_map_refused_by_quantize_before_any_output(lumen, tmp_path, cli):
+def test_bad_auto_map_refused_by_quantize_before_any_output(lumen, tmp_path, capsys):
     d = _bad_dir(tmp_path, lumen, _missing)
     out = tmp_path / "out"
-    r = cli("quantize", "--model", str(d), "--def", str(DEFINITION), "--out", str(out), FLAG, "--samples", "4",
-            "--seq-len", "32", "--group-size", "16", "--no-progress")
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "modeling_lumen.py" in r.stderr
+    rc, _, err = _run_cli(capsys, "quantize", "--model", str(d), "--def", str(DEFINITION), "--out", str(out), FLAG,
+                          "--samples", "4", "--seq-len", "32", "--group-size", "16", "--no-progress")
+    assert rc == 2 and "modeling_lumen.py" in err, err
     assert not out.exists()
+
+
+def test_resume_requires_the_same_code(lumen, tmp_path, cli):
+    """A killed run resumes only with the same code files: other code would give other results."""
+    d = tmp_path / "model"
+    shutil.copytree(lumen, d)
+    out = tmp_path / "out"
+    args = ("quantize", "--model", str(d), "--def", str(DEFINITION), "--out", str(out), FLAG, "--samples", "4",
+            "--seq-len", "32", "--group-size", "16", "--no-progress")
+    r = cli(*args, env={"MOEDSL_KILL_AFTER_LAYER": "0"})
+    assert r.returncode == 137, r.stderr
+    path = d / "modeling_lumen_moe.py"
+    path.write_text(path.read_text() + "\n# patched after the run started\n")
+    r = cli(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "interrupted run with other options" in r.stderr
+    assert not (out / "config.json").exists()
 
 
 def test_broken_remote_code_is_located(lumen, tmp_path, capsys):
@@ -361,6 +390,23 @@ def test_broken_remote_code_is_located(lumen, tmp_path, capsys):
     assert rc == 2, err
     assert err.startswith(f"{path}:{at + 1}:"), err
     assert "SyntaxError" in err
+
+
+def test_failing_remote_forward_is_located(lumen, tmp_path):
+    """An exception raised inside the model's own code during the run: a located error, not a traceback."""
+    d = tmp_path / "failing"
+    shutil.copytree(lumen, d)
+    path = d / "modeling_lumen_moe.py"
+    text = path.read_text()
+    anchor = "        batch, seq, _ = hidden_states.shape\n        q = self.q_proj"
+    assert anchor in text
+    path.write_text(text.replace(anchor, "        raise RuntimeError('lumen attention kernel is not built')\n" + anchor))
+    line = path.read_text().splitlines().index("        raise RuntimeError('lumen attention kernel is not built')") + 1
+    with pytest.raises(MoedslError) as info:
+        moedsl.quantize(model=d, out=tmp_path / "out", definition=str(DEFINITION), trust_remote_code=True, **RUN)
+    rendered = info.value.render()
+    assert rendered.startswith(f"{path}:{line}:"), rendered
+    assert "lumen attention kernel is not built" in rendered
 
 
 def test_known_model_type_keeps_built_in_classes(tiny_model, tmp_path, capsys):

@@ -471,7 +471,9 @@ def tiny_config(model_type: str, **overrides):
         raise MoedslError(
             f"unknown model_type `{model_type}` for this transformers",
             suggestion=nearest(model_type, CONFIG_MAPPING_NAMES),
-            notes=[str(exc).splitlines()[0]] if str(exc) else [],
+            notes=([str(exc).splitlines()[0]] if str(exc) else [])
+            + ["a family that ships its own modeling code is checked against a model directory or config.json "
+               "beside that code: --model DIR (or --config FILE) with --trust-remote-code"],
         ) from None
     return _shrunk(model_type, base, lambda kw: _make_config(model_type, kw), overrides)
 
