@@ -93,4 +93,5 @@ def for_model(model_or_config: Any) -> ir.Definition:
             return load(f)
         known += parsed.header.matches
     raise MoedslError(f"no definition in the library matches model_type `{mt}`", suggestion=nearest(mt, known),
-                      notes=["`moedsl list` shows the supported model types; write a .moedef for a new one"])
+                      notes=["`moedsl list` shows the supported model types; write a .moedef for a new one "
+                             "and pass it with --def"])

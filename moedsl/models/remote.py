@@ -105,7 +105,7 @@ def policy(config_file: Path, trust: bool, data: dict | None = None, text: str |
         if needs_remote_code(data):
             raise _refusal(config_file, data, text)
         return None
-    if not isinstance(data.get("auto_map"), dict) and not _tokenizer_auto_map(config_file.parent):
+    if data.get("auto_map") is None and not _tokenizer_auto_map(config_file.parent):
         return None
     return find(config_file, data, text)
 
@@ -120,10 +120,14 @@ def _refusal(config_file: Path, data: dict, text: str | None) -> MoedslError:
                 if name not in modules:
                     modules.append(name)
     key = "AutoConfig" if "AutoConfig" in auto_map else "AutoModelForCausalLM"
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = data.get("model_type")
+    why = (f"transformers has no causal-LM class for model_type `{model_type}`" if model_type in CONFIG_MAPPING_NAMES
+           else f"model_type `{model_type}` is not a transformers model type")
     return MoedslError(
-        f"model_type `{data.get('model_type')}` is not a transformers model type: this model directory "
-        f"ships its own modeling code ({', '.join(modules) or 'named by auto_map'}), which moedsl runs "
-        f"only with {FLAG}",
+        f"{why}: this model directory ships its own modeling code "
+        f"({', '.join(modules) or 'named by auto_map'}), which moedsl runs only with {FLAG}",
         span=_locate(config_file, text, key), code="remote code",
         notes=[f"that code runs in this process with your permissions: read it, then {HOW_TO_TRUST}"])
 
@@ -135,7 +139,11 @@ def find(config_file: Path, data: dict, text: str | None = None) -> RemoteCode:
     """Every code file the `auto_map`s of config.json (and tokenizer_config.json) name, checked."""
     root = config_file.parent
     refs: dict[str, tuple[str, Path, str | None]] = {}  # label -> (ref, json file, its text)
-    for label, ref in (data.get("auto_map") or {}).items():
+    declared = data.get("auto_map") or {}
+    if not isinstance(declared, dict):
+        raise MoedslError(f"`auto_map` must be an object of class references, not {json.dumps(declared)[:80]}",
+                          span=_locate(config_file, text, "auto_map"), code="remote code")
+    for label, ref in declared.items():
         _collect(refs, label, ref, config_file, text)
     tok_file = root / TOKENIZER_CONFIG
     tok_map = _tokenizer_auto_map(root)
