@@ -26,7 +26,8 @@ from moedsl.execute.stats import Hessian
 from moedsl.experts import fn as expert_fn
 from moedsl.experts import weights as expert_weights
 from moedsl.gptq.batched import gptq_quantize_batched, gptq_quantize_shared
-from moedsl.gptq.quantizer import QuantConfig, QuantResult, rtn_quantize
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack, rtn_quantize
+from moedsl.execute.phases import NO_PHASES
 from moedsl.plan.schema import KindPlan, Policy, Stage, StatsKey, Target
 
 
@@ -36,11 +37,11 @@ class StopForward(Exception):
 
 @dataclass
 class Quantized:
-    """One quantized matrix ready for the writer."""
+    """Quantized matrices ready for the packer: one linear, or the experts of a solve chunk, stacked
+    (on the device that solved them)."""
 
-    ckpt: str  # relative to the layer
-    result: QuantResult
-    bias: torch.Tensor | None
+    ckpts: list[str]  # checkpoint names relative to the layer, one per matrix of the stack
+    stack: QuantStack
     expert: bool
 
 
@@ -127,6 +128,8 @@ class LayerQuantizer:
         self.chunk_bytes = chunk_bytes
         self.routed_counts: dict[str, torch.Tensor] = {}  # experts path -> tokens per expert (gate/up stage)
         self.starved: dict[str, list[int]] = {}
+        self.sink = None  # called with each Quantized as soon as it exists (the packer); else kept in the result
+        self.phases = NO_PHASES  # phase timers of the run (moedsl/execute/phases.py)
 
     # -- the whole layer ---------------------------------------------------------------------
 
@@ -135,13 +138,22 @@ class LayerQuantizer:
         stages = []
         for stage in self.kind.stages:
             t0 = time.perf_counter()
-            hessians = self.collect(stage, inputs, kwargs)
-            reports = self.solve(stage, hessians, quantized)
+            with self.phases("statistics"):
+                hessians = self.collect(stage, inputs, kwargs)
+            with self.phases("solve"):
+                reports = self.solve(stage, hessians, quantized)
             seconds = time.perf_counter() - t0
             stages.append(StageReport(stage.index, seconds, sum(r.error for r in reports),
                                       sum(r.rtn_error for r in reports), reports))
-        outputs, carried = self.replay(inputs, kwargs)
+        with self.phases("replay"):
+            outputs, carried = self.replay(inputs, kwargs)
         return LayerResult(quantized, stages, outputs, carried, self.starved)
+
+    def emit(self, q: Quantized, out: list[Quantized]) -> None:
+        if self.sink is None:
+            out.append(q)
+        else:
+            self.sink(q)
 
     @torch.no_grad()
     def replay(self, inputs: list[torch.Tensor], kwargs: list[dict]) -> tuple[list[torch.Tensor], list[tuple]]:
@@ -439,7 +451,8 @@ class LayerQuantizer:
             err, rtn = (output_error(W[None], r.weight[None], H, self.cfg) if self.measure_error
                         else (torch.zeros(1), torch.zeros(1)))
             reports.append(TargetReport(t.id, stage.index, 1, r.loss, float(err.sum()), float(rtn.sum()), [tokens]))
-            out.append(Quantized(t.ckpt, _slim(r), m.bias.detach().cpu() if m.bias is not None else None, False))
+            bias = m.bias.detach()[None] if m.bias is not None else None
+            self.emit(Quantized([t.ckpt], QuantStack.of([r], bias), False), out)
         return reports
 
     def solve_experts(self, stage: Stage, targets: list[Target], key: StatsKey, H: torch.Tensor, counts: torch.Tensor,
@@ -463,7 +476,9 @@ class LayerQuantizer:
                 self.starved[ex.path] = sorted(set(self.starved.get(ex.path, [])) | set(no_tokens))
         rows = sum(w[t.role].shape[1] for t in targets)
         step = max(1, min(E, self.chunk_bytes // (rows * cols * 4 * 8))) if self.batched else 1
-        acc = {t.id: [0.0, 0.0, 0.0] for t in targets}  # loss, error, RTN error
+        acc = {t.id: [0.0, torch.zeros((), dtype=torch.float64, device=self.device),
+                      torch.zeros((), dtype=torch.float64, device=self.device)]
+               for t in targets}  # loss, error, RTN error (the errors summed on the device: no sync per chunk)
         for e0 in range(0, E, step):
             e1 = min(E, e0 + step)
             Wc = [w[t.role][e0:e1].detach().to(self.device, torch.float32, copy=True) for t in targets]
@@ -474,17 +489,16 @@ class LayerQuantizer:
                 expert_weights.write(ex, module, t.role, Q, slice(e0, e1))
                 if self.measure_error:
                     err, rtn = output_error(W, Q, Hc, self.cfg)
-                    acc[t.id][1] += float(err.sum())
-                    acc[t.id][2] += float(rtn.sum())
+                    acc[t.id][1] += err.sum()
+                    acc[t.id][2] += rtn.sum()
                 acc[t.id][0] += sum(r.loss for r in res)
                 bias = b.get(t.role)
-                for e, r in zip(range(e0, e1), res):
-                    out.append(Quantized(t.ckpt.format(e=e), _slim(r),
-                                         bias[e].detach().cpu() if bias is not None else None, True))
+                stack = QuantStack.of(res, bias[e0:e1].detach() if bias is not None else None)
+                self.emit(Quantized([t.ckpt.format(e=e) for e in range(e0, e1)], stack, True), out)
             del Wc, results
         tokens = counts.tolist() if key.per_expert else [int(counts)] * E
-        return [TargetReport(t.id, stage.index, E, acc[t.id][0], acc[t.id][1], acc[t.id][2], tokens, no_tokens)
-                for t in targets]
+        return [TargetReport(t.id, stage.index, E, acc[t.id][0], float(acc[t.id][1]), float(acc[t.id][2]), tokens,
+                             no_tokens) for t in targets]
 
     def solve_chunk(self, Wc: list[torch.Tensor], Hc: torch.Tensor, per_expert: bool) -> list[list[QuantResult]]:
         n = Wc[0].shape[0]
@@ -518,12 +532,6 @@ def _split_rows(results: list[QuantResult], sizes: list[int]) -> list[list[Quant
 
 def _experts_path(t: Target) -> str:
     return t.path.split(".{e}.")[0]
-
-
-def _slim(r: QuantResult) -> QuantResult:
-    """What the writer needs, on the CPU: the dense weight is already in the model and is not kept."""
-    return QuantResult(weight=torch.empty(0), codes=r.codes.detach().cpu(), scales=r.scales.detach().cpu(),
-                       zeros=r.zeros.detach().cpu(), g_idx=r.g_idx.detach().cpu(), loss=r.loss, damp=r.damp)
 
 
 def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
