@@ -36,6 +36,11 @@ class LayerReader:
             self.phases.add("read_ahead", time.perf_counter() - t0)
         return tensors
 
+    def prefetch(self, i: int) -> None:
+        """Start reading layer i now (the first layer, while the run is still starting up)."""
+        if self._pool is not None and i < self.stop and i not in self._ahead:
+            self._ahead[i] = self._pool.submit(self._read, i)
+
     def get(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors (waiting for them if they are being read); starts reading layer i+1."""
         ahead = self._ahead.pop(i, None)

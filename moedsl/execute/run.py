@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import threading
 import resource
 import shutil
 import time
@@ -32,6 +34,8 @@ from moedsl.execute.reader import LayerReader
 from moedsl.execute.report import Report, print_summary
 from moedsl.execute.writer import STATE_NAME, FinishedLayer, LayerWriter, copy_keys, save_start_state
 from moedsl.plan.schema import HookPlan
+
+log = logging.getLogger(__name__)
 
 RUN_DIR = ".moedsl-run"  # resume state inside the output directory; removed when the run finishes
 REPORT_NAME = "moedsl-report.json"
@@ -132,6 +136,26 @@ def _prepare_out(opts: QuantizeOptions) -> bool:
     return False
 
 
+def _first_layer_guess(state: Path) -> int:
+    """Where a resumed run will start (checked properly later; a wrong guess only costs a read)."""
+    try:
+        return int(json.loads(state.read_text())["finished"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _warm_up(device: torch.device, group_size: int) -> None:
+    """Initialize CUDA and compile GPTQ's block kernel for the block width this run's solves use."""
+    import math
+
+    from moedsl.gptq.block import warm_up
+
+    try:
+        warm_up(device, math.gcd(128, group_size) if group_size > 0 else 128)
+    except Exception as exc:  # only a head start: the first solve compiles the kernel (and reports a real problem)
+        log.debug("kernel warm-up failed: %s", exc)
+
+
 def check_shapes(plan: HookPlan, cfg, fmt: str) -> None:
     from moedsl.write.pack import shape_problems
 
@@ -185,6 +209,10 @@ class Runner:
         launched = self.launched if self.launched is not None else t_start
         phases = Phases(self.device)
         phases.add("startup.imports", t_start - launched)
+        warm = None
+        if self.device.type == "cuda":  # CUDA context and GPTQ's Triton kernel, beside the skeleton build
+            warm = threading.Thread(target=_warm_up, args=(self.device, opts.group_size), daemon=True)
+            warm.start()
         model_dir = opts.model if opts.model is not None else default_model_dir()
         if not Path(model_dir).is_dir():
             raise MoedslError(f"--model {model_dir}: no such directory")
@@ -204,6 +232,10 @@ class Runner:
         check_shapes(plan, cfg, opts.format)
         head_options = dict(ignore=(), extra_quantization_config={"lm_head": True} if opts.format == "gptq" else None)
         writer = CheckpointWriter(opts.out, opts.format, cfg, **(head_options if opts.quantize_lm_head else {}))
+        # the first layer is read, and the GPU kernels compiled, while the run starts up
+        overlap = opts.pipeline == "overlap"
+        reader = LayerReader(loader, plan.num_layers, pin=self.device.type == "cuda", overlap=overlap, phases=phases)
+        reader.prefetch(_first_layer_guess(opts.out / RUN_DIR / STATE_NAME) if resuming else 0)
         with phases("startup.calibration"):
             calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed)
         ids, warnings = (calib.input_ids, list(calib.warnings)) if hasattr(calib, "input_ids") else (calib, [])
@@ -240,10 +272,11 @@ class Runner:
         else:  # from here on a killed run can be resumed
             save_start_state(run_dir, {"fingerprint": fingerprint, "layers": []})
 
-        overlap = opts.pipeline == "overlap"
-        reader = LayerReader(loader, plan.num_layers, pin=self.device.type == "cuda", overlap=overlap, phases=phases)
         packer = Packer(writer, dtype)
         layer_writer = LayerWriter(writer, loader, run_dir, overlap=overlap, phases=phases)
+        if warm is not None:
+            with phases("startup.kernels"):
+                warm.join()
         phases.add("startup", time.perf_counter() - launched)
         try:
             with progress.layers(plan.num_layers, start_layer) as bar:
