@@ -17,7 +17,7 @@ import math
 import torch
 
 from moedsl.errors import MoedslError
-from moedsl.gptq.quantizer import QuantConfig
+from moedsl.gptq.quantizer import QuantConfig, QuantStack
 
 
 def packed_length(n: int, bits: int) -> int:
@@ -93,9 +93,7 @@ def check_result(name: str, result, cfg) -> tuple[int, int]:
     return check_stack([name], _as_stack(result), cfg)
 
 
-def _as_stack(result):
-    from moedsl.gptq.quantizer import QuantStack
-
+def _as_stack(result) -> QuantStack:
     return QuantStack(codes=result.codes[None], scales=result.scales[None], zeros=result.zeros[None],
                       g_idx=result.g_idx[None])
 
