@@ -303,6 +303,8 @@ class Runner:
                     hidden = [y.to(act_device) for y in result.outputs]
                     carried = [dict(zip(plan.carry, extra)) for extra in result.carried]
                     loader.unload_layer(model, i)
+                    if not overlap and self.device.type == "cuda":  # step by step: give memory back at each layer
+                        torch.cuda.empty_cache()
                     seconds = time.perf_counter() - t0
                     peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
                     report.add_layer(i, kind.name, seconds, peak, result, tokens)

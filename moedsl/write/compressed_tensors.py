@@ -28,7 +28,7 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack
-from moedsl.write.pack import check_result, check_scales_fit, check_stack, pack_last, shape_problems
+from moedsl.write.pack import check_scales_fit, check_stack, pack_last, shape_problems, single_stack
 
 CT_BITS = (4, 8)
 FORMAT = "pack-quantized"
@@ -61,11 +61,7 @@ def ct_tensors(
     """The tensors of module `name` (local keys: weight_packed, weight_scale, weight_shape,
     weight_zero_point when asymmetric, bias), on the CPU."""
     check_ct_config(cfg)
-    check_result(name, result, cfg)
-    if bias is not None and tuple(bias.shape) != (result.codes.shape[0],):
-        raise MoedslError(f"cannot write `{name}`: bias shape {tuple(bias.shape)} != ({result.codes.shape[0]},)",
-                          code="write")
-    stack = QuantStack.of([result], None if bias is None else bias[None]).to("cpu")
+    stack = single_stack(name, result, cfg, bias)
     return {k: v[0] for k, v in ct_tensors_stacked([name], stack, cfg, dtype, expert).items()}
 
 

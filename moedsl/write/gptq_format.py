@@ -21,7 +21,7 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack
-from moedsl.write.pack import check_result, check_scales_fit, check_stack, pack_last, shape_problems
+from moedsl.write.pack import check_scales_fit, check_stack, pack_last, shape_problems, single_stack
 
 GPTQ_BITS = (2, 3, 4, 8)
 CheckpointFormat = Literal["gptq", "gptq_v2"]
@@ -54,11 +54,7 @@ def gptq_tensors(
     checkpoint_format: CheckpointFormat = "gptq",
 ) -> dict[str, torch.Tensor]:
     """The tensors of module `name` (local keys: qweight, qzeros, scales, g_idx, bias), on the CPU."""
-    check_result(name, result, cfg)
-    if bias is not None and tuple(bias.shape) != (result.codes.shape[0],):
-        raise MoedslError(f"cannot write `{name}`: bias shape {tuple(bias.shape)} != ({result.codes.shape[0]},)",
-                          code="write")
-    stack = QuantStack.of([result], None if bias is None else bias[None]).to("cpu")
+    stack = single_stack(name, result, cfg, bias)
     return {k: v[0] for k, v in gptq_tensors_stacked([name], stack, cfg, bias_dtype, checkpoint_format).items()}
 
 

@@ -93,6 +93,13 @@ def check_result(name: str, result, cfg) -> tuple[int, int]:
     return check_stack([name], _as_stack(result), cfg)
 
 
+def single_stack(name: str, result, cfg, bias: torch.Tensor | None = None) -> QuantStack:
+    """One checked QuantResult (and its bias [out]) as a stack of one on the CPU: what the
+    one-matrix writers hand their stacked versions."""
+    check_result(name, result, cfg)
+    return QuantStack.of([result], None if bias is None else bias.detach()[None]).to("cpu")
+
+
 def _as_stack(result) -> QuantStack:
     return QuantStack(codes=result.codes[None], scales=result.scales[None], zeros=result.zeros[None],
                       g_idx=result.g_idx[None])
