@@ -3,6 +3,8 @@
 Shapes (random weights, built from transformers' qwen3_moe classes):
   qwen3_30b   H=2048, I=768,  128 experts, top-8 (Qwen3-30B-A3B's MoE layer)
   glm45_air   H=4096, I=1408, 128 experts, top-8 (GLM-4.5-Air's MoE-layer shape)
+  deepseek_v3 H=7168, I=2048, 256 routed experts + 1 shared, top-8, MLA attention: a real
+              DeepSeek-V3 decoder layer (transformers' deepseek_v3 classes, the released config)
 Calibration: `--seqs` × `--seq-len` random tokens (default 64 × 2048), 4-bit, group 128.
 
 The timed region is the whole layer: statistics, solves, write-back and the replay that
@@ -28,6 +30,7 @@ SHAPES = {
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128),
     "glm45_air": dict(hidden_size=4096, moe_intermediate_size=1408, num_experts=128, num_experts_per_tok=8,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128),
+    "deepseek_v3": dict(model_type="deepseek_v3", first_k_dense_replace=0),  # the config class's defaults
     "small": dict(hidden_size=256, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=64),
 }
@@ -36,8 +39,11 @@ SHAPES = {
 def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("qwen3_moe", num_hidden_layers=1, vocab_size=1024, intermediate_size=1024,
-                                  max_position_embeddings=4096, **SHAPES[shape])
+    kw = dict(SHAPES[shape])
+    model_type = kw.pop("model_type", "qwen3_moe")
+    if model_type == "qwen3_moe":
+        kw["intermediate_size"] = 1024
+    config = AutoConfig.for_model(model_type, num_hidden_layers=1, vocab_size=1024, max_position_embeddings=4096, **kw)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     with torch.device(device):
@@ -61,7 +67,7 @@ def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device):
 
     layer = model.model.layers[0]
     cfg = QuantConfig(bits=4, group_size=128)
-    q = LayerQuantizer(plan.kinds[0], layer, cfg, plan.policy, device, chunk_bytes=2 << 30, batched=batched,
+    q = LayerQuantizer(plan.kind_for_layer(0), layer, cfg, plan.policy, device, chunk_bytes=2 << 30, batched=batched,
                        measure_error=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -77,7 +83,7 @@ def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="qwen3_30b", choices=["qwen3_30b", "glm45_air"])
+    p.add_argument("--shape", default="qwen3_30b", choices=["qwen3_30b", "glm45_air", "deepseek_v3"])
     p.add_argument("--small", action="store_true", help="a shrunk layer and few tokens (seconds on a CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seqs", type=int, default=64)
@@ -94,7 +100,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     shape = "small" if args.small else args.shape
     seqs, seq_len = (8, 128) if args.small else (args.seqs, args.seq_len)
-    definition = load("qwen3_moe")
+    definition = load(SHAPES[shape].get("model_type", "qwen3_moe"))
     out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "shape": shape,
                  "tokens": seqs * seq_len, "bits": 4, "group_size": 128, "policy": args.policy}
 
@@ -120,7 +126,7 @@ def main(argv=None) -> dict:
 
     # 2. equality of the two paths on a small fp32 layer
     small = build("small", device, torch.float32)
-    splan = compile_plan(definition, small, policy=Policy.parse(args.policy), tokens=8 * 128)
+    splan = compile_plan(load("qwen3_moe"), small, policy=Policy.parse(args.policy), tokens=8 * 128)
     shidden, skwargs = layer_inputs(small, splan, 8, 128, 4, device)
     twin = copy.deepcopy(small)
     run_path(small, splan, shidden, skwargs, True, device)

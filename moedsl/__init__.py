@@ -9,6 +9,10 @@ Library API:
     quantize(...)          run GPTQ and write a checkpoint
 """
 
+import time as _time
+
+LAUNCHED = _time.perf_counter()  # when moedsl was first imported: the report's startup counts from here
+
 from moedsl.errors import MoedslError, MoedslErrors, Span
 from moedsl.lang.library import for_model, load
 from moedsl.lang.parser import parse, parse_file

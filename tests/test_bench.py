@@ -20,3 +20,27 @@ def test_moe_layer_bench_small_cpu():
     assert out["max_abs_weight_diff"] == 0.0  # the batched solves equal one-matrix-at-a-time solves exactly
     assert out["weights_differing"] == 0
     assert out["seconds_per_layer"] > 0 and out["unbatched_seconds"] > 0
+
+
+def test_e2e_bench_small_cpu(tmp_path):
+    """bench/e2e.py --small: builds a loadable checkpoint, quantizes it through the CLI, prints one JSON line."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    proc = subprocess.run([sys.executable, "bench/e2e.py", "--small", "--device", "cpu", "--seqs", "4", "--seq-len",
+                           "32", "--work", str(tmp_path), "--no-llmcompressor"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["shape"] == "small" and out["layers"] == 2 and out["tokens"] == 128
+    run = out["moedsl"]
+    assert run["wall_s"] > 0 and len(run["layer_s"]) == 2
+    for phase in ("startup", "read", "statistics", "solve", "pack", "write", "resume_state", "gpu_idle"):
+        assert phase in run["phases_s"], phase
+    # the built directory is a real transformers checkpoint: from_pretrained loads every weight from it
+    model_dir = tmp_path / "small-2L-0D"
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    experts = model.model.layers[1].mlp.experts.gate_up_proj
+    assert experts.shape == (16, 256, 256) and float(experts.detach().float().std()) > 0.01
+    assert torch.equal(model.model.norm.weight, torch.ones(256, dtype=torch.bfloat16))

@@ -222,7 +222,7 @@ def test_writers_equal_when_scale_dtype_equal(tmp_path, tiny_model):
 
 # ---- 4. resume -------------------------------------------------------------------------------
 
-_TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes"}
+_TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases"}
 
 
 def _strip_timing(obj):

@@ -42,5 +42,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activations", default="auto", choices=["auto", "device", "cpu"],
                    help="where the calibration activations live between layers: on the device when they fit "
                         "(auto, the default), always on the device, or in host memory")
+    p.add_argument("--pipeline", default="overlap", choices=["overlap", "serial"],
+                   help="overlap (the default): read the next layer and write the previous one while a layer is "
+                        "quantized; serial: each step to completion before the next, for the least memory. "
+                        "Both write the same bytes")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="also GPTQ-quantize lm_head, on the final-norm outputs of the calibration data")

@@ -351,16 +351,41 @@ class LayerwiseLoader:
 
     # ------------------------------------------------------------------ loading
 
-    def _load_keys(self, model: nn.Module, keys: list[str], device) -> set[str]:
-        """Read `keys` from their shards and load them through transformers' conversion. Returns
-        the runtime names that were set."""
+    def read_keys(self, keys: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors `keys` (on-disk names), read from their shards into host memory
+        (pinned when `pin`, for fast asynchronous copies to the GPU). Touches no model, so a
+        background thread may read the next layer while the current one is worked on."""
+        from safetensors import safe_open
+
+        by_shard: dict[Path, list[str]] = defaultdict(list)
+        for key in keys:
+            by_shard[self._shard_of[key]].append(key)
+        out: dict[str, torch.Tensor] = {}
+        for shard, shard_keys in by_shard.items():
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                for key in shard_keys:
+                    t = f.get_tensor(key)
+                    out[key] = t.pin_memory() if pin else t
+        return out
+
+    def read_layer(self, i: int, pin: bool = False) -> dict[str, torch.Tensor]:
+        """Every checkpoint tensor of decoder layer `i`, in host memory (see `read_keys`); hand the
+        result to `load_layer(..., tensors=)`."""
+        self.layers_path  # noqa: B018 - raises before skeleton()
+        self._check_index(i)
+        return self.read_keys(self._layer_keys.get(i, []), pin)
+
+    def _load_keys(self, model: nn.Module, keys: list[str], device, tensors: dict | None = None) -> set[str]:
+        """Load `keys` through transformers' conversion: from `tensors` when given (read ahead by
+        `read_keys`), else read lazily from their shards. Returns the runtime names that were set."""
         from safetensors import safe_open
 
         api = _transformers_api()
         device = str(torch.device(device))
         by_shard: dict[Path, list[str]] = defaultdict(list)
         for key in keys:
-            by_shard[self._shard_of[key]].append(key)
+            if tensors is None or key not in tensors:
+                by_shard[self._shard_of[key]].append(key)
         load_config = api["LoadStateDictConfig"](
             pretrained_model_name_or_path=str(self.model_dir),
             device_map={"": device},
@@ -368,7 +393,7 @@ class LayerwiseLoader:
             weight_mapping=self._mapping,
         )
         with contextlib.ExitStack() as stack:
-            state: dict[str, object] = {}
+            state: dict[str, object] = {k: tensors[k] for k in keys if k in tensors} if tensors is not None else {}
             for shard, shard_keys in by_shard.items():
                 f = stack.enter_context(safe_open(str(shard), framework="pt", device="cpu"))
                 for key in shard_keys:
@@ -403,12 +428,12 @@ class LayerwiseLoader:
         self._tie(model, missing)
         self._materialize_rest(model, device, exclude_prefix=layers_prefix, what="outside the decoder layers")
 
-    def load_layer(self, model: nn.Module, i: int, device="cpu") -> nn.Module:
-        """Materialize decoder layer `i` on `device` from the shards (reading only its tensors).
-        Returns the layer module."""
+    def load_layer(self, model: nn.Module, i: int, device="cpu", tensors: dict | None = None) -> nn.Module:
+        """Materialize decoder layer `i` on `device` from the shards (reading only its tensors), or
+        from `tensors` already read by `read_layer`. Returns the layer module."""
         self._ensure_plan(model)
         layer = self._layer(model, i)
-        self._load_keys(model, self._layer_keys.get(i, []), device)
+        self._load_keys(model, self._layer_keys.get(i, []), device, tensors)
         self._materialize_rest(layer, device, what=f"in decoder layer {i}", owner=model)
         return layer
 

@@ -40,6 +40,7 @@ class QuantizeOptions(BaseModel):
     progress: bool = True
     quantize_lm_head: bool = False
     activations: Literal["auto", "device", "cpu"] = "auto"  # where layer inputs/outputs are kept between layers
+    pipeline: Literal["overlap", "serial"] = "overlap"  # read/write beside the quantizer, or each step in turn
 
     def quant_config(self, scale_dtype: str = "float16") -> QuantConfig:
         return QuantConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
@@ -51,5 +52,5 @@ class QuantizeOptions(BaseModel):
     def fingerprint(self) -> dict:
         """What must be equal for a resumed run to continue an interrupted one."""
         # none changes the result (the remote code's own files are fingerprinted by their sha256)
-        skip = {"resume", "overwrite", "progress", "out", "device", "activations", "trust_remote_code"}
+        skip = {"resume", "overwrite", "progress", "out", "device", "activations", "trust_remote_code", "pipeline"}
         return {k: str(v) for k, v in self.model_dump().items() if k not in skip}

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import logging
+import threading
 import resource
 import shutil
 import time
@@ -20,16 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from moedsl.errors import MoedslError
-from moedsl.execute.layer import LayerQuantizer, LayerResult, StopForward
+from moedsl.execute.layer import LayerQuantizer, StopForward
 from moedsl.execute.options import QuantizeOptions
 from moedsl.execute.outdir import check_apart
+from moedsl.execute.packer import Packer
+from moedsl.execute.phases import Phases
+from moedsl.execute.reader import LayerReader
 from moedsl.execute.report import Report, print_summary
+from moedsl.execute.writer import STATE_NAME, FinishedLayer, LayerWriter, copy_keys, save_start_state
 from moedsl.models import remote
 from moedsl.plan.schema import HookPlan
+
+log = logging.getLogger(__name__)
 
 RUN_DIR = ".moedsl-run"  # resume state inside the output directory; removed when the run finishes
 REPORT_NAME = "moedsl-report.json"
@@ -130,6 +137,26 @@ def _prepare_out(opts: QuantizeOptions) -> bool:
     return False
 
 
+def _first_layer_guess(state: Path) -> int:
+    """Where a resumed run will start (checked properly later; a wrong guess only costs a read)."""
+    try:
+        return int(json.loads(state.read_text())["finished"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _warm_up(device: torch.device, group_size: int) -> None:
+    """Initialize CUDA and compile GPTQ's block kernel for the block width this run's solves use."""
+    import math
+
+    from moedsl.gptq.block import warm_up
+
+    try:
+        warm_up(device, math.gcd(128, group_size) if group_size > 0 else 128)
+    except Exception as exc:  # only a head start: the first solve compiles the kernel (and reports a real problem)
+        log.debug("kernel warm-up failed: %s", exc)
+
+
 def check_shapes(plan: HookPlan, cfg, fmt: str) -> None:
     from moedsl.write.pack import shape_problems
 
@@ -151,13 +178,18 @@ def check_shapes(plan: HookPlan, cfg, fmt: str) -> None:
 
 
 def quantize(**kwargs) -> Report:
-    """Quantize a model and write a checkpoint; keyword arguments are `QuantizeOptions` fields."""
+    """Quantize a model and write a checkpoint; keyword arguments are `QuantizeOptions` fields.
+
+    launched: when the process started working (the CLI passes its launch time, so the report's
+    `startup` includes the imports); by default the call itself."""
+    launched = kwargs.pop("launched", None)
     opts = kwargs.pop("options", None) or QuantizeOptions(**kwargs)
-    return Runner(opts).run()
+    return Runner(opts, launched).run()
 
 
 class Runner:
-    def __init__(self, opts: QuantizeOptions):
+    def __init__(self, opts: QuantizeOptions, launched: float | None = None):
+        self.launched = launched
         self.opts = opts
         self.device = pick_device(opts.device)
         self.policy = opts.moe_policy()
@@ -175,6 +207,13 @@ class Runner:
         opts = self.opts
         t_start = time.perf_counter()
         check_apart(opts.out, opts.model, {"--calib": opts.calib, "--def": opts.definition})
+        launched = self.launched if self.launched is not None else t_start
+        phases = Phases(self.device)
+        phases.add("startup.imports", t_start - launched)
+        warm = None
+        if self.device.type == "cuda":  # CUDA context and GPTQ's Triton kernel, beside the skeleton build
+            warm = threading.Thread(target=_warm_up, args=(self.device, opts.group_size), daemon=True)
+            warm.start()
         model_dir = opts.model if opts.model is not None else default_model_dir()
         if not Path(model_dir).is_dir():
             raise MoedslError(f"--model {model_dir}: no such directory")
@@ -182,19 +221,27 @@ class Runner:
         loader = LayerwiseLoader(model_dir, trust_remote_code=opts.trust_remote_code)
         code = loader.remote_code
         resuming = _prepare_out(opts)
-        model = loader.skeleton()
-        model.eval()
-        loader.load_non_layer(model, self.device)
-        definition = load(opts.definition) if opts.definition else for_model(model)
-        tokens = opts.samples * opts.seq_len
-        plan = compile_plan(definition, model, policy=self.policy, tokens=tokens)
+        with phases("startup.skeleton"):
+            model = loader.skeleton()
+            model.eval()
+        with phases("startup.embeddings"):
+            loader.load_non_layer(model, self.device)
+        with phases("startup.plan"):
+            definition = load(opts.definition) if opts.definition else for_model(model)
+            tokens = opts.samples * opts.seq_len
+            plan = compile_plan(definition, model, policy=self.policy, tokens=tokens)
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         cfg = opts.quant_config(required_scale_dtype(opts.format, dtype))
         check_shapes(plan, cfg, opts.format)
         head_options = dict(ignore=(), extra_quantization_config={"lm_head": True} if opts.format == "gptq" else None)
         writer = CheckpointWriter(opts.out, opts.format, cfg, **(head_options if opts.quantize_lm_head else {}))
-        calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed,
-                                 trust_remote_code=code is not None)
+        # the first layer is read, and the GPU kernels compiled, while the run starts up
+        overlap = opts.pipeline == "overlap"
+        reader = LayerReader(loader, plan.num_layers, pin=self.device.type == "cuda", overlap=overlap, phases=phases)
+        reader.prefetch(_first_layer_guess(opts.out / RUN_DIR / STATE_NAME) if resuming else 0)
+        with phases("startup.calibration"):
+            calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed,
+                                     trust_remote_code=code is not None)
         ids, warnings = (calib.input_ids, list(calib.warnings)) if hasattr(calib, "input_ids") else (calib, [])
         report = Report.start(opts, plan, str(model_dir), definition.source_file or definition.header.name,
                               str(self.device), warnings)
@@ -205,7 +252,7 @@ class Runner:
 
         batches = list(ids.split(opts.batch_size))
         act_device = self.activation_device(model, tokens, progress)
-        with remote.running(code, "running the model", only_in_code=True):
+        with phases("startup.capture"), remote.running(code, "running the model", only_in_code=True):
             hidden, layer_kwargs = capture_layer_inputs(model, plan, batches, self.device, act_device)
         run_dir = opts.out / RUN_DIR
         run_dir.mkdir(exist_ok=True)
@@ -215,61 +262,92 @@ class Runner:
         if code is not None:  # other code would give other results
             fingerprint["remote_code"] = code.digests()
         if resuming:
-            state = json.loads((run_dir / "state.json").read_text())
+            state = json.loads((run_dir / STATE_NAME).read_text())
             if state["fingerprint"] != fingerprint:
                 raise MoedslError(f"--out {opts.out} holds an interrupted run with other options",
                                   notes=["pass --no-resume to start over, or repeat the earlier options"])
             start_layer = state["finished"]
-            acts = load_file(str(run_dir / "acts.safetensors"), device=str(act_device))
-            hidden = [acts[f"x.{b}"] for b in range(len(batches))]
-            carried = [{name: acts.get(f"carry.{name}.{b}") for name in plan.carry} for b in range(len(batches))]
+            if state.get("acts"):  # else killed before the first layer was done: the capture above is its input
+                acts = load_file(str(run_dir / state["acts"]), device=str(act_device))
+                hidden = [acts[f"x.{b}"] for b in range(len(batches))]
+                carried = [{name: acts.get(f"carry.{name}.{b}") for name in plan.carry} for b in range(len(batches))]
             for i in range(start_layer):
                 writer.adopt_shard(f"layer-{i:05d}.safetensors")
             report.layers = state["layers"]
-            progress.note(f"resuming after layer {start_layer - 1}")
+            if start_layer:
+                progress.note(f"resuming after layer {start_layer - 1}")
+        else:  # from here on a killed run can be resumed
+            save_start_state(run_dir, {"fingerprint": fingerprint, "layers": []})
 
-        with progress.layers(plan.num_layers, start_layer) as bar:
-            for i in range(start_layer, plan.num_layers):
-                kind = plan.kind_for_layer(i)
-                if self.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                t0 = time.perf_counter()
-                layer = loader.load_layer(model, i, self.device)
-                kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], carried)]
-                quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device)
-                quantizer.out_device = act_device
-                with remote.running(code, f"running decoder layer {i}", only_in_code=True):
-                    result = quantizer.run(hidden, kwargs)
-                self.write_layer(writer, loader, plan, i, kind, result, dtype)
-                hidden = [y.to(act_device) for y in result.outputs]
-                carried = [dict(zip(plan.carry, extra)) for extra in result.carried]
-                loader.unload_layer(model, i)
-                seconds = time.perf_counter() - t0
-                peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-                report.add_layer(i, kind.name, seconds, peak, result, tokens)
-                for path, experts in result.starved.items():
-                    progress.warn(f"layer {i}: {len(experts)} expert(s) of `{path}` saw no calibration token under "
-                                  f"policy {self.policy} and were rounded to nearest: {experts[:16]}"
-                                  f"{' …' if len(experts) > 16 else ''}")
-                acts = {f"x.{b}": x.contiguous().cpu() for b, x in enumerate(hidden)}
-                acts |= {f"carry.{name}.{b}": v.contiguous().cpu() for b, c in enumerate(carried)
-                         for name, v in c.items() if torch.is_tensor(v)}
-                save_file(acts, str(run_dir / "acts.safetensors.tmp"))
-                os.replace(run_dir / "acts.safetensors.tmp", run_dir / "acts.safetensors")
-                (run_dir / "state.json").write_text(json.dumps({"fingerprint": fingerprint, "finished": i + 1,
-                                                                "layers": report.layers}))
-                bar.advance(i, seconds, tokens)
-                if os.environ.get("MOEDSL_KILL_AFTER_LAYER") == str(i):  # tests: die here, as a killed run would
-                    os._exit(137)
+        packer = Packer(writer, dtype)
+        layer_writer = LayerWriter(writer, loader, run_dir, overlap=overlap, phases=phases)
+        if warm is not None:
+            with phases("startup.kernels"):
+                warm.join()
+        phases.add("startup", time.perf_counter() - launched)
+        try:
+            with progress.layers(plan.num_layers, start_layer) as bar:
+                for i in range(start_layer, plan.num_layers):
+                    kind = plan.kind_for_layer(i)
+                    if self.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(self.device)
+                    t0 = time.perf_counter()
+                    with phases("read"):
+                        layer = loader.load_layer(model, i, self.device, tensors=reader.get(i))
+                    kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], carried)]
+                    quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device)
+                    quantizer.out_device = act_device
+                    quantizer.phases = phases
+                    prefix = f"{plan.layers_path}.{i}."
+                    packed: list = []
+
+                    def pack(q, prefix=prefix, packed=packed):
+                        with phases("pack"):
+                            packed.append(packer.pack([prefix + c for c in q.ckpts], q.stack, q.expert))
+
+                    quantizer.sink = pack
+                    with remote.running(code, f"running decoder layer {i}", only_in_code=True):
+                        result = quantizer.run(hidden, kwargs)
+                    hidden = [y.to(act_device) for y in result.outputs]
+                    carried = [dict(zip(plan.carry, extra)) for extra in result.carried]
+                    loader.unload_layer(model, i)
+                    if not overlap and self.device.type == "cuda":  # step by step: give memory back at each layer
+                        torch.cuda.empty_cache()
+                    seconds = time.perf_counter() - t0
+                    peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+                    report.add_layer(i, kind.name, seconds, peak, result, tokens)
+                    for path, experts in result.starved.items():
+                        progress.warn(f"layer {i}: {len(experts)} expert(s) of `{path}` saw no calibration token "
+                                      f"under policy {self.policy} and were rounded to nearest: {experts[:16]}"
+                                      f"{' …' if len(experts) > 16 else ''}")
+                    acts = {f"x.{b}": x for b, x in enumerate(hidden)}
+                    acts |= {f"carry.{name}.{b}": v for b, c in enumerate(carried)
+                             for name, v in c.items() if torch.is_tensor(v)}
+                    names = [n for p in packed for n in p.names]
+                    done = FinishedLayer(i, f"layer-{i:05d}.safetensors", packed,
+                                         self.layer_copies(loader, plan, i, kind, names), acts,
+                                         {"fingerprint": fingerprint, "layers": list(report.layers)})
+                    with phases("write_wait") if overlap else contextlib.nullcontext():
+                        layer_writer.submit(done)
+                    del packed, done, acts
+                    bar.advance(i, seconds, tokens)
+                with phases("write_wait"):
+                    layer_writer.drain()
+        finally:
+            reader.close()
+            layer_writer.close()
 
         head_key = None
         if opts.quantize_lm_head:
-            head_key = self.quantize_head(model, plan, hidden, cfg, writer, dtype, report)
-        self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
+            with phases("head"):
+                head_key = self.quantize_head(model, plan, hidden, cfg, writer, dtype, report)
+        with phases("rest"):
+            self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
         config = json.loads((Path(model_dir) / "config.json").read_text())
         report.finish(time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         if code is not None:  # beside the weights, before config.json (which marks the checkpoint finished)
             code.copy_to(opts.out)
+        report.phases = phases.summary(time.perf_counter() - launched)
         writer.finalize(config)
         self.copy_tokenizer(Path(model_dir), opts.out)
         (opts.out / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
@@ -292,12 +370,13 @@ class Runner:
             return torch.device("cpu")
         return self.device
 
-    def write_layer(self, writer, loader, plan: HookPlan, i: int, kind, result: LayerResult, dtype) -> None:
+    @staticmethod
+    def layer_copies(loader, plan: HookPlan, i: int, kind, quantized: list[str]) -> list[str]:
+        """Layer i's checkpoint keys stored unchanged: all but the quantized modules' weights and
+        biases (`quantized`: full module names) and the fused expert tensors they replace."""
         prefix = f"{plan.layers_path}.{i}."
         replaced: set[str] = set()
-        for q in result.quantized:
-            name = prefix + q.ckpt
-            writer.add_quantized(name, q.result, q.bias, dtype, expert=q.expert)
+        for name in quantized:
             replaced |= {name + ".weight", name + ".bias"}
         for moe in kind.moe:
             ex = moe.experts
@@ -306,8 +385,7 @@ class Runner:
                     replaced.add(prefix + (t.ckpt or f"{ex.path}.{t.name}"))
                     if t.bias:
                         replaced.add(f"{prefix}{ex.path}.{t.bias}")
-        self.copy_keys(writer, loader, [k for k in loader.layer_keys(i) if k not in replaced])
-        writer.flush_shard(f"layer-{i:05d}.safetensors")
+        return [k for k in loader.layer_keys(i) if k not in replaced]
 
     def write_rest(self, writer, loader, plan: HookPlan, skip: set[str]) -> None:
         self.copy_keys(writer, loader, [k for k in loader.non_layer_keys() if k not in skip])
@@ -343,13 +421,7 @@ class Runner:
 
     @staticmethod
     def copy_keys(writer, loader, keys: list[str]) -> None:
-        by_shard: dict[Path, list[str]] = {}
-        for k in keys:
-            by_shard.setdefault(loader.shard_of(k), []).append(k)
-        for shard, ks in sorted(by_shard.items()):
-            with safe_open(str(shard), "pt") as fh:
-                for k in ks:
-                    writer.add_tensor(k, fh.get_tensor(k))
+        copy_keys(writer, loader, keys)
 
     @staticmethod
     def copy_tokenizer(src: Path, out: Path) -> None:

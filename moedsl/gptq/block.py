@@ -116,3 +116,17 @@ def _solve_block_triton(W1, Hinv1, scale, zero, maxq):
     if W1c.data_ptr() != W1.data_ptr():
         W1.copy_(W1c)
     return Q1, codes, Err1, Losses1
+
+
+def warm_up(device: torch.device, columns: int = 128) -> None:
+    """Compile (or load from Triton's cache) the kernel for blocks of `columns` columns now, on a tiny
+    problem: the run calls this on a background thread while it builds the model skeleton, so the
+    first layer's first solve does not wait for the compiler."""
+    if not (HAVE_TRITON and device.type == "cuda" and os.environ.get("MOEDSL_NO_TRITON") != "1"):
+        return
+    B, R = 1, 32
+    W = torch.zeros(B, R, columns, device=device)
+    H = torch.eye(columns, device=device)[None]
+    S = torch.ones(B, R, columns, device=device)
+    _solve_block_triton(W, H, S, torch.zeros_like(S), 15)
+    torch.cuda.synchronize(device)

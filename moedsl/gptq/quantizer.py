@@ -143,6 +143,41 @@ class QuantResult:
         return dequantize_codes(self.codes, self.scales, self.zeros, self.g_idx)
 
 
+@dataclass(frozen=True, eq=False)
+class QuantStack:
+    """n quantized matrices of one shape, stacked on a leading axis: what the packer and the
+    writers take (many experts at once, or a single matrix with n = 1). Codes and grids only;
+    the dense weights live in the model.
+
+    codes   uint8 [n, out, in]
+    scales  fp32  [n, out, G]
+    zeros   int32 [n, out, G]
+    g_idx   int32 [n, in]
+    bias          [n, out] or None
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @staticmethod
+    def of(results: list[QuantResult], bias: torch.Tensor | None = None) -> "QuantStack":
+        """Stack same-shape results (bias: [n, out] or None)."""
+        return QuantStack(codes=torch.stack([r.codes for r in results]),
+                          scales=torch.stack([r.scales for r in results]),
+                          zeros=torch.stack([r.zeros for r in results]),
+                          g_idx=torch.stack([r.g_idx for r in results]), bias=bias)
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def to(self, device) -> "QuantStack":
+        return QuantStack(*(t.detach().to(device) if t is not None else None
+                            for t in (self.codes, self.scales, self.zeros, self.g_idx, self.bias)))
+
+
 def round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round fp32 scales to `dtype` and back, never to zero or infinity."""
     if dtype == torch.float32:

@@ -29,9 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moedsl.errors import MoedslError
-from moedsl.gptq.quantizer import QuantConfig, QuantResult
-from moedsl.write.compressed_tensors import check_ct_config, ct_quantization_config, ct_tensors
-from moedsl.write.gptq_format import CheckpointFormat, check_gptq_config, gptq_quantize_config, gptq_tensors
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack
+from moedsl.write.compressed_tensors import check_ct_config, ct_quantization_config, ct_tensors, ct_tensors_stacked
+from moedsl.write.gptq_format import (CheckpointFormat, check_gptq_config, gptq_quantize_config, gptq_tensors,
+                                     gptq_tensors_stacked)
 
 Format = Literal["gptq", "compressed-tensors"]
 FORMATS = ("gptq", "compressed-tensors")
@@ -113,6 +114,24 @@ class CheckpointWriter:
             tensors = ct_tensors(name, result, self.cfg, dtype, bias, expert)
         # every tensor is new (packed, or copied where it could share the caller's storage: one g_idx
         # serves every matrix that shared a Hessian, and safetensors refuses shared storage)
+        self.add_packed(name, tensors)
+
+    def pack_stack(self, names: list[str], stack: QuantStack, dtype: torch.dtype = torch.bfloat16, *,
+                   expert: bool = False) -> dict[str, torch.Tensor]:
+        """The stored tensors of n modules at once (`names`, one per matrix of `stack`), by local key,
+        each [n, ...] on the stack's device (GPU packing). Reads only the writer's settings, so the
+        packer may call it while another thread adds and flushes; `add_packed` takes the results."""
+        for name in names:
+            self._check_name(name)
+        if self.fmt == "gptq":
+            return gptq_tensors_stacked(names, stack, self.cfg, dtype, self.gptq_checkpoint_format)
+        return ct_tensors_stacked(names, stack, self.cfg, dtype, expert)
+
+    def add_packed(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Add module `name` from its stored tensors by local key (`pack_stack`'s, one matrix of them),
+        which must be on the CPU and own their storage."""
+        self._check_open()
+        self._check_name(name)
         keys = {f"{name}.{local}": t for local, t in tensors.items()}
         for key in keys:
             self._check_new_key(key)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 
 from moedsl.errors import MoedslError
-from moedsl.gptq.quantizer import QuantConfig, QuantResult
-from moedsl.write.pack import check_result, check_scales_fit, pack, shape_problems
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack
+from moedsl.write.pack import check_scales_fit, check_stack, pack_last, shape_problems, single_stack
 
 CT_BITS = (4, 8)
 FORMAT = "pack-quantized"
@@ -59,34 +59,48 @@ def ct_tensors(
     expert: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The tensors of module `name` (local keys: weight_packed, weight_scale, weight_shape,
-    weight_zero_point when asymmetric, bias)."""
+    weight_zero_point when asymmetric, bias), on the CPU."""
+    check_ct_config(cfg)
+    stack = single_stack(name, result, cfg, bias)
+    return {k: v[0] for k, v in ct_tensors_stacked([name], stack, cfg, dtype, expert).items()}
+
+
+def ct_tensors_stacked(
+    names: list[str],
+    stack: QuantStack,
+    cfg: QuantConfig,
+    dtype: torch.dtype,
+    expert: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The tensors of n modules at once (one name per matrix of the stack), each [n, ...] and on
+    the stack's device."""
     check_ct_config(cfg)
     if expert and not cfg.sym:
         raise MoedslError(
-            f"cannot write MoE expert `{name}` asymmetrically in compressed-tensors: vLLM's MoE kernels "
+            f"cannot write MoE expert `{names[0]}` asymmetrically in compressed-tensors: vLLM's MoE kernels "
             "for this format need symmetric weights",
             notes=["quantize experts with sym=True, or use the GPTQ format"],
             code="write",
         )
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise MoedslError(f"cannot write `{name}`: scales in {dtype} are not supported", code="write")
-    out_features, in_features = check_result(name, result, cfg)
+        raise MoedslError(f"cannot write `{names[0]}`: scales in {dtype} are not supported", code="write")
+    out_features, in_features = check_stack(names, stack, cfg)
     problems = shape_problems(out_features, in_features, cfg, "compressed-tensors")
     if problems:
-        raise MoedslError(f"cannot write `{name}` in compressed-tensors: " + "; ".join(problems), code="write")
-    check_scales_fit(name, result.scales, dtype, cfg)
+        raise MoedslError(f"cannot write `{names[0]}` in compressed-tensors: " + "; ".join(problems), code="write")
+    check_scales_fit(names, stack.scales, dtype, cfg)
 
+    n = len(names)
     tensors = {
-        "weight_packed": pack(result.codes.detach().to("cpu", torch.int64), cfg.bits, dim=1),
-        "weight_scale": result.scales.detach().to("cpu", dtype, copy=True).contiguous(),
-        "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
+        "weight_packed": pack_last(stack.codes, cfg.bits),  # [n, out, ceil(in·bits/32)]
+        "weight_scale": stack.scales.detach().to(dtype, copy=True).contiguous(),
+        "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64,
+                                     device=stack.codes.device).repeat(n, 1),
     }
-    if not cfg.sym:
-        tensors["weight_zero_point"] = pack(result.zeros.detach().to("cpu", torch.int64), cfg.bits, dim=0)
-    if bias is not None:
-        if tuple(bias.shape) != (out_features,):
-            raise MoedslError(f"cannot write `{name}`: bias shape {tuple(bias.shape)} != ({out_features},)", code="write")
-        tensors["bias"] = bias.detach().to("cpu", dtype, copy=True).contiguous()
+    if not cfg.sym:  # packed along the output dim: [n, ceil(out·bits/32), G]
+        tensors["weight_zero_point"] = pack_last(stack.zeros.transpose(1, 2), cfg.bits).transpose(1, 2).contiguous()
+    if stack.bias is not None:
+        tensors["bias"] = stack.bias.detach().to(dtype, copy=True).contiguous()
     return tensors
 
 

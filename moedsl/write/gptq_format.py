@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 
 from moedsl.errors import MoedslError
-from moedsl.gptq.quantizer import QuantConfig, QuantResult
-from moedsl.write.pack import check_result, check_scales_fit, pack, shape_problems
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack
+from moedsl.write.pack import check_scales_fit, check_stack, pack_last, shape_problems, single_stack
 
 GPTQ_BITS = (2, 3, 4, 8)
 CheckpointFormat = Literal["gptq", "gptq_v2"]
@@ -53,39 +53,50 @@ def gptq_tensors(
     bias_dtype: torch.dtype = torch.float16,
     checkpoint_format: CheckpointFormat = "gptq",
 ) -> dict[str, torch.Tensor]:
-    """The tensors of module `name` (local keys: qweight, qzeros, scales, g_idx, bias)."""
+    """The tensors of module `name` (local keys: qweight, qzeros, scales, g_idx, bias), on the CPU."""
+    stack = single_stack(name, result, cfg, bias)
+    return {k: v[0] for k, v in gptq_tensors_stacked([name], stack, cfg, bias_dtype, checkpoint_format).items()}
+
+
+def gptq_tensors_stacked(
+    names: list[str],
+    stack: QuantStack,
+    cfg: QuantConfig,
+    bias_dtype: torch.dtype = torch.float16,
+    checkpoint_format: CheckpointFormat = "gptq",
+) -> dict[str, torch.Tensor]:
+    """The tensors of n modules at once (one name per matrix of the stack), each [n, ...] and on
+    the stack's device: every expert of a target packed in one pass."""
     check_gptq_config(cfg, checkpoint_format)
-    out_features, in_features = check_result(name, result, cfg)
+    out_features, in_features = check_stack(names, stack, cfg)
     bits = cfg.bits
     problems = shape_problems(out_features, in_features, cfg, "gptq")
     if problems:
-        raise MoedslError(f"cannot write `{name}` as {bits}-bit GPTQ: " + "; ".join(problems), code="write")
-    check_scales_fit(name, result.scales, torch.float16, cfg)
+        raise MoedslError(f"cannot write `{names[0]}` as {bits}-bit GPTQ: " + "; ".join(problems), code="write")
+    check_scales_fit(names, stack.scales, torch.float16, cfg)
 
-    codes = result.codes.detach().to("cpu", torch.int64)
-    zeros = result.zeros.detach().to("cpu", torch.int64)
+    zeros = stack.zeros
     if checkpoint_format == "gptq":
         # v1 stores zero − 1 and loaders add the 1 back, so a zero-point of 0 cannot be stored.
-        if bool((zeros == 0).any()):
+        at_zero = (zeros == 0).reshape(len(names), -1).any(dim=1)
+        if bool(at_zero.any()):
             raise MoedslError(
-                f"cannot write `{name}` in the GPTQ v1 format: some zero-points are 0, which v1 stores as "
-                "zero − 1 = −1 and no loader reads back correctly (asymmetric groups whose weights are all "
-                ">= 0 do this)",
+                f"cannot write `{names[int(at_zero.int().argmax())]}` in the GPTQ v1 format: some zero-points are 0, "
+                "which v1 stores as zero − 1 = −1 and no loader reads back correctly (asymmetric groups whose "
+                "weights are all >= 0 do this)",
                 notes=["use sym=True, checkpoint_format 'gptq_v2', or the compressed-tensors format"],
                 code="write",
             )
         zeros = zeros - 1
 
     tensors = {
-        "qweight": pack(codes.T, bits, dim=0),  # [in, out] -> [in·bits/32, out]
-        "qzeros": pack(zeros.T, bits, dim=1),  # [G, out] -> [G, out·bits/32]
-        "scales": result.scales.detach().to("cpu").T.to(torch.float16).contiguous(),
-        "g_idx": result.g_idx.detach().to("cpu", torch.int32, copy=True).contiguous(),
+        "qweight": pack_last(stack.codes, bits).transpose(1, 2).contiguous(),  # [n, in·bits/32, out]
+        "qzeros": pack_last(zeros.transpose(1, 2), bits),  # [n, G, out·bits/32]
+        "scales": stack.scales.transpose(1, 2).to(torch.float16).contiguous(),  # [n, G, out]
+        "g_idx": stack.g_idx.to(torch.int32, copy=True).contiguous(),
     }
-    if bias is not None:
-        if tuple(bias.shape) != (out_features,):
-            raise MoedslError(f"cannot write `{name}`: bias shape {tuple(bias.shape)} != ({out_features},)", code="write")
-        tensors["bias"] = bias.detach().to("cpu", bias_dtype, copy=True).contiguous()
+    if stack.bias is not None:
+        tensors["bias"] = stack.bias.detach().to(bias_dtype, copy=True).contiguous()
     return tensors
 
 

@@ -17,7 +17,7 @@ import math
 import torch
 
 from moedsl.errors import MoedslError
-from moedsl.gptq.quantizer import QuantConfig
+from moedsl.gptq.quantizer import QuantConfig, QuantStack
 
 
 def packed_length(n: int, bits: int) -> int:
@@ -28,23 +28,36 @@ def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Pack unsigned codes (any integer dtype, each in [0, 2**bits)) along `dim` (0 or 1) of a 2-D tensor."""
     if values.dim() != 2 or dim not in (0, 1):
         raise ValueError("pack expects a 2-D tensor and dim 0 or 1")
-    v = values.to(torch.int64)
-    if dim == 1:
-        return pack(v.T, bits, 0).T.contiguous()
-    n, m = v.shape
+    if dim == 0:
+        return pack_last(values.T, bits).T.contiguous()
+    return pack_last(values, bits)
+
+
+def pack_last(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes along the last axis of a tensor of any rank ([..., n] -> [..., ceil(n·bits/32)]
+    int32), on the tensor's own device: every matrix of a stack in one pass."""
+    *lead, n = values.shape
     runs = math.ceil(n / 32)
     if runs * 32 != n:
-        v = torch.cat([v, v.new_zeros(runs * 32 - n, m)])
-    v = v.view(runs, 32, m)
-    words = v.new_zeros(runs, bits, m)
-    for k in range(32):
-        bit = k * bits
-        word, shift = divmod(bit, 32)
-        words[:, word] += v[:, k] << shift
-        if shift + bits > 32:  # the value's high bits continue in the next word
-            words[:, word + 1] += v[:, k] >> (32 - shift)
-    words = words.view(runs * bits, m)[: packed_length(n, bits)] & 0xFFFFFFFF
-    return to_int32(words)
+        values = torch.cat([values, values.new_zeros(*lead, runs * 32 - n)], dim=-1)
+    if 32 % bits == 0:
+        # whole values per word: value j of a word at bit bits·j (a run is `bits` words)
+        per_word = 32 // bits
+        v = values.reshape(*lead, runs * bits, per_word)
+        words = v[..., 0].to(torch.int64, copy=True)
+        for j in range(1, per_word):
+            words |= v[..., j].to(torch.int64) << (bits * j)
+    else:
+        v = values.reshape(*lead, runs, 32)
+        words = torch.zeros(*lead, runs, bits, dtype=torch.int64, device=values.device)
+        for k in range(32):
+            word, shift = divmod(k * bits, 32)
+            vk = v[..., k].to(torch.int64)
+            words[..., word] |= vk << shift
+            if shift + bits > 32:  # the value's high bits continue in the next word
+                words[..., word + 1] |= vk >> (32 - shift)
+        words = words.reshape(*lead, runs * bits)
+    return to_int32(words[..., : packed_length(n, bits)] & 0xFFFFFFFF).contiguous()
 
 
 def to_int32(x: torch.Tensor) -> torch.Tensor:
@@ -73,43 +86,82 @@ def unpack(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
 
 
 def check_result(name: str, result, cfg) -> tuple[int, int]:
-    """Shapes and value ranges of a QuantResult against its config; returns (out, in).
+    """Shapes and value ranges of a QuantResult against its config; returns (out, in)."""
+    if result.codes.dim() != 2 or (result.weight.numel() and tuple(result.weight.shape) != tuple(result.codes.shape)):
+        raise MoedslError(f"cannot write `{name}`: codes {tuple(result.codes.shape)} and weight "
+                          f"{tuple(result.weight.shape)} must be the same 2-D shape", code="write")
+    return check_stack([name], _as_stack(result), cfg)
+
+
+def single_stack(name: str, result, cfg, bias: torch.Tensor | None = None) -> QuantStack:
+    """One checked QuantResult (and its bias [out]) as a stack of one on the CPU: what the
+    one-matrix writers hand their stacked versions."""
+    check_result(name, result, cfg)
+    return QuantStack.of([result], None if bias is None else bias.detach()[None]).to("cpu")
+
+
+def _as_stack(result) -> QuantStack:
+    return QuantStack(codes=result.codes[None], scales=result.scales[None], zeros=result.zeros[None],
+                      g_idx=result.g_idx[None])
+
+
+def check_stack(names: list[str], stack, cfg) -> tuple[int, int]:
+    """Shapes and value ranges of a QuantStack (one name per matrix) against its config; returns (out, in).
 
     Every writer calls this before packing: a wrong shape or an out-of-range code would
-    otherwise be packed silently into a checkpoint that loads but computes garbage.
-    """
-    def bad(msg: str) -> MoedslError:
-        return MoedslError(f"cannot write `{name}`: {msg}", code="write")
+    otherwise be packed silently into a checkpoint that loads but computes garbage. The checks
+    cover the whole stack at once; a failure names the first matrix at fault."""
+    def bad(msg: str, per_matrix: torch.Tensor | None = None) -> MoedslError:
+        at = int(per_matrix.int().argmax()) if per_matrix is not None and len(names) > 1 else 0
+        return MoedslError(f"cannot write `{names[at]}`: {msg}", code="write")
 
-    if result.codes.dim() != 2 or (result.weight.numel() and tuple(result.weight.shape) != tuple(result.codes.shape)):
-        raise bad(f"codes {tuple(result.codes.shape)} and weight {tuple(result.weight.shape)} must be the same 2-D shape")
-    out_features, in_features = result.codes.shape
+    if stack.codes.dim() != 3 or stack.codes.shape[0] != len(names):
+        raise bad(f"codes {tuple(stack.codes.shape[1:])} must be a 2-D shape per matrix")
+    n, out_features, in_features = stack.codes.shape
     groups = cfg.n_groups(in_features)
-    for what, t in (("scales", result.scales), ("zeros", result.zeros)):
-        if tuple(t.shape) != (out_features, groups):
-            raise bad(f"{what} has shape {tuple(t.shape)}, expected {(out_features, groups)} for group_size {cfg.group_size}")
-    if tuple(result.g_idx.shape) != (in_features,):
-        raise bad(f"g_idx has shape {tuple(result.g_idx.shape)}, expected ({in_features},)")
-    if in_features and (int(result.g_idx.min()) < 0 or int(result.g_idx.max()) >= groups):
-        raise bad(f"g_idx values must lie in [0, {groups})")
-    if result.codes.numel() and (int(result.codes.min()) < 0 or int(result.codes.max()) > cfg.maxq):
-        raise bad(f"codes must lie in [0, {cfg.maxq}] for {cfg.bits} bits")
-    if int(result.zeros.min()) < 0 or int(result.zeros.max()) > cfg.maxq:
-        raise bad(f"zero-points must lie in [0, {cfg.maxq}] for {cfg.bits} bits")
-    if cfg.sym and bool((result.zeros != (cfg.maxq + 1) // 2).any()):
-        raise bad(f"a symmetric config needs every zero-point to be {(cfg.maxq + 1) // 2}; was it quantized with sym=False?")
-    if not bool(torch.isfinite(result.scales).all()) or bool((result.scales <= 0).any()):
-        raise bad("scales must be finite and positive")
+    for what, t in (("scales", stack.scales), ("zeros", stack.zeros)):
+        if tuple(t.shape) != (n, out_features, groups):
+            raise bad(f"{what} has shape {tuple(t.shape[1:])}, expected {(out_features, groups)} for group_size "
+                      f"{cfg.group_size}")
+    if tuple(stack.g_idx.shape) != (n, in_features):
+        raise bad(f"g_idx has shape {tuple(stack.g_idx.shape[1:])}, expected ({in_features},)")
+    if stack.bias is not None and tuple(stack.bias.shape) != (n, out_features):
+        raise bad(f"bias shape {tuple(stack.bias.shape[1:])} != ({out_features},)")
+
+    def outside(t: torch.Tensor, low: int, high: int) -> torch.Tensor | None:
+        """Per matrix: does any value lie outside [low, high]? None when all are inside (one sync)."""
+        if not t.numel():
+            return None
+        flat = t.reshape(n, -1)
+        wrong = (flat.amin(dim=1) < low) | (flat.amax(dim=1) > high)
+        return wrong if bool(wrong.any()) else None
+
+    if in_features and (w := outside(stack.g_idx, 0, groups - 1)) is not None:
+        raise bad(f"g_idx values must lie in [0, {groups})", w)
+    if (w := outside(stack.codes, 0, cfg.maxq)) is not None:
+        raise bad(f"codes must lie in [0, {cfg.maxq}] for {cfg.bits} bits", w)
+    if (w := outside(stack.zeros, 0, cfg.maxq)) is not None:
+        raise bad(f"zero-points must lie in [0, {cfg.maxq}] for {cfg.bits} bits", w)
+    if cfg.sym and (w := outside(stack.zeros, (cfg.maxq + 1) // 2, (cfg.maxq + 1) // 2)) is not None:
+        raise bad(f"a symmetric config needs every zero-point to be {(cfg.maxq + 1) // 2}; was it quantized with "
+                  "sym=False?", w)
+    scales = stack.scales.reshape(n, -1)
+    wrong = ~(torch.isfinite(scales) & (scales > 0)).all(dim=1)
+    if bool(wrong.any()):
+        raise bad("scales must be finite and positive", wrong)
     return out_features, in_features
 
 
-def check_scales_fit(name: str, scales: torch.Tensor, dtype: torch.dtype, cfg) -> None:
+def check_scales_fit(names: list[str] | str, scales: torch.Tensor, dtype: torch.dtype, cfg) -> None:
     """The stored scales must be the quantizer's scales exactly, or the checkpoint would not
-    dequantize to the weights GPTQ produced (and compensated for)."""
-    if not torch.equal(scales.to(dtype).to(torch.float32), scales.to(torch.float32)):
+    dequantize to the weights GPTQ produced (and compensated for). scales: [n, out, G] for n names."""
+    names = [names] if isinstance(names, str) else names
+    scales = scales.reshape(len(names), -1)
+    wrong = (scales.to(dtype).to(torch.float32) != scales.to(torch.float32)).any(dim=1)
+    if bool(wrong.any()):
         stored = str(dtype).removeprefix("torch.")
         raise MoedslError(
-            f"cannot write `{name}`: its scales are not exactly representable in {stored}, the dtype this "
+            f"cannot write `{names[int(wrong.int().argmax())]}`: its scales are not exactly representable in {stored}, the dtype this "
             f"checkpoint stores them in (the config rounds scales to {cfg.scale_dtype}); "
             f"quantize with QuantConfig(scale_dtype='{stored}')",
             code="write",

@@ -1,0 +1,253 @@
+"""A whole model end to end: build a checkpoint of a real MoE shape, quantize it as a user would.
+
+1. Builds a transformers model directory of the given shape with N decoder layers: config.json
+   from the model type's own config class (`AutoConfig.for_model`, full widths), random bf16
+   weights written straight to safetensors shards under the checkpoint's on-disk names (those
+   `from_pretrained` reads: transformers' own conversion mapping, reversed, gives them), and an
+   index. Nothing is materialized as a whole model, so a 23 GB DeepSeek-V3 layer costs its disk
+   write only. The directory is kept in --work and reused by later runs of the same shape.
+2. Writes `--seqs` × `--seq-len` random calibration token ids (.npy).
+3. Runs `python -m moedsl quantize` on it in a subprocess and reads the run's report
+   (moedsl-report.json): per-phase seconds, per-layer seconds, peak GPU and host memory.
+4. If llm-compressor is importable, runs its `oneshot` (GPTQ W4A16, same group size, same
+   tokens) on the same directory in a subprocess, for comparison.
+
+Prints ONE JSON line. Shapes:
+  qwen3_30b    qwen3_moe:   H=2048, I=768,  128 experts, top-8 (Qwen3-30B-A3B)
+  glm45_air    glm4_moe:    H=4096, I=1408, 128 routed + 1 shared, top-8 (GLM-4.5-Air)
+  deepseek_v3  deepseek_v3: H=7168, I=2048, 256 routed + 1 shared, top-8, MLA (DeepSeek-V3)
+  small        qwen3_moe:   H=256,  I=128,  16 experts, top-4 (--small: seconds on a CPU)
+
+    python bench/e2e.py --shape qwen3_30b --layers 8
+    python bench/e2e.py --shape deepseek_v3 --layers 2 --dense 0 --vocab 32000
+    python bench/e2e.py --small --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    "qwen3_30b": ("qwen3_moe", dict(head_dim=128)),
+    "glm45_air": ("glm4_moe", dict()),  # the config class's defaults are GLM-4.5-Air's
+    "deepseek_v3": ("deepseek_v3", dict()),  # the config class's defaults are DeepSeek-V3's
+    "small": ("qwen3_moe", dict(hidden_size=256, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                                vocab_size=1024)),
+}
+
+
+def model_config(shape: str, layers: int, dense: int, vocab: int | None):
+    from transformers import AutoConfig
+
+    model_type, overrides = SHAPES[shape]
+    kw = dict(overrides, num_hidden_layers=layers, max_position_embeddings=4096)
+    if vocab:
+        kw["vocab_size"] = vocab
+    if model_type == "qwen3_moe":
+        kw["mlp_only_layers"] = list(range(dense))
+    else:
+        kw["first_k_dense_replace"] = dense
+    config = AutoConfig.for_model(model_type, **kw)
+    config.dtype = "bfloat16"
+    return config
+
+
+def build_checkpoint(directory: Path, config, device: str, seed: int = 0) -> float:
+    """Write a loadable checkpoint of `config` with random bf16 weights; returns the seconds it took."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    t0 = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    # the checkpoint's names and shapes: the runtime state dict through the reversed conversion (on meta)
+    runtime = {k: v for k, v in model.state_dict().items()}
+    on_disk = revert_weight_conversion(model, runtime)
+    layer_re = re.compile(r"\.layers\.(\d+)\.")
+    groups: dict[int, dict] = {}
+    for key, t in on_disk.items():
+        m = layer_re.search(key)
+        groups.setdefault(int(m.group(1)) if m else -1, {})[key] = t
+    g = torch.Generator(device=device).manual_seed(seed)
+    weight_map, total = {}, 0
+    names = sorted(groups)
+    for n, layer in enumerate(names):
+        shard = f"model-{n + 1:05d}-of-{len(names):05d}.safetensors"
+        tensors = {}
+        for key, meta in sorted(groups[layer].items()):
+            if meta.dim() == 1:  # norms 1, biases (and DeepSeek's routing-score correction) 0
+                t = torch.ones if "norm" in key else torch.zeros
+                value = t(meta.shape, dtype=meta.dtype)
+            else:
+                value = (torch.randn(meta.shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(
+                    meta.dtype).cpu()
+            tensors[key] = value
+            weight_map[key] = shard
+            total += value.numel() * value.element_size()
+        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+        del tensors
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    (directory / "bench-complete").write_text("")
+    return time.perf_counter() - t0
+
+
+def calibration(path: Path, seqs: int, seq_len: int, vocab: int, seed: int = 0) -> Path:
+    import numpy as np
+
+    if not path.is_file():
+        ids = np.random.default_rng(seed).integers(0, vocab, size=(seqs, seq_len), dtype=np.int64)
+        np.save(path, ids)
+    return path
+
+
+def run_moedsl(model_dir: Path, out: Path, calib: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "moedsl", "quantize", "--model", str(model_dir), "--out", str(out),
+           "--calib", str(calib), "--samples", str(args.seqs), "--seq-len", str(args.seq_len),
+           "--batch-size", str(args.batch), "--policy", args.policy, "--bits", str(args.bits),
+           "--group-size", str(args.group_size), "--device", args.device, "--pipeline", args.pipeline,
+           "--no-progress", "--no-resume", "--overwrite"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"moedsl quantize failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    report = json.loads((out / "moedsl-report.json").read_text())
+    peaks = [l["peak_gpu_bytes"] for l in report["layers"] if l["peak_gpu_bytes"] is not None]
+    out_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return {
+        "wall_s": round(wall, 2),
+        "phases_s": report["phases"],
+        "layer_s": [round(l["seconds"], 3) for l in report["layers"]],
+        "peak_gpu_gib": round(max(peaks) / 2**30, 2) if peaks else None,
+        "host_peak_gib": round(report["host_peak_bytes"] / 2**30, 2),
+        "checkpoint_gib": round(out_bytes / 2**30, 2),
+    }
+
+
+LLMC_WORKER = r"""
+import json, sys, time
+import numpy as np, torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+
+model_dir, calib, out, group_size, bits = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+t0 = time.perf_counter()
+ids = np.load(calib)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()})
+scheme = {"W4A16": "W4A16", "W8A16": "W8A16"}.get(f"W{bits}A16", "W4A16")
+recipe = GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head", "re:.*mlp.gate$", "re:.*router.*"])
+kwargs = dict(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(ids), max_seq_length=ids.shape[1],
+              output_dir=out)
+try:  # all-experts calibration (every expert sees every token), where this version offers it
+    oneshot(**kwargs, moe_calibrate_all_experts=True)
+    mode = "moe_calibrate_all_experts"
+except TypeError:
+    oneshot(**kwargs)
+    mode = "default"
+print(json.dumps({"seconds": time.perf_counter() - t0, "mode": mode,
+                  "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}))
+"""
+
+
+def run_llmcompressor(model_dir: Path, out: Path, calib: Path, args) -> dict | None:
+    import importlib.util
+
+    if importlib.util.find_spec("llmcompressor") is None:
+        return None
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", LLMC_WORKER, str(model_dir), str(calib), str(out),
+                           str(args.group_size), str(args.bits)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    inner = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"wall_s": round(wall, 2), "mode": inner["mode"],
+            "peak_gpu_gib": round(inner["peak_gpu_gib"], 2) if inner["peak_gpu_gib"] is not None else None}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3_30b", choices=[s for s in SHAPES if s != "small"])
+    p.add_argument("--small", action="store_true", help="a shrunk 2-layer model and few tokens (seconds on a CPU)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; --small: 2)")
+    p.add_argument("--dense", type=int, default=0, help="how many first layers are dense (DeepSeek-V3 has 3)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the shape's; smaller saves disk)")
+    p.add_argument("--seqs", type=int, default=None, help="calibration sequences (default 64; --small: 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; --small: 64)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per forward")
+    p.add_argument("--policy", default="all")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--pipeline", default="overlap", choices=["overlap", "serial"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moedsl-e2e",
+                   help="where models, calibration ids and outputs go (models are reused)")
+    p.add_argument("--no-llmcompressor", action="store_true", help="skip llm-compressor even when it is installed")
+    p.add_argument("--drop-model", action="store_true", help="delete the built model directory afterwards")
+    args = p.parse_args(argv)
+
+    import torch
+
+    shape = "small" if args.small else args.shape
+    layers = args.layers or (2 if args.small else 8)
+    args.seqs = args.seqs or (8 if args.small else 64)
+    args.seq_len = args.seq_len or (64 if args.small else 2048)
+    if args.small and args.group_size == 128:
+        args.group_size = 64
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    gen_device = "cuda" if cuda else "cpu"
+    config = model_config(shape, layers, args.dense, args.vocab)
+    name = f"{shape}-{layers}L-{args.dense}D" + (f"-v{args.vocab}" if args.vocab else "")
+    model_dir = args.work / name
+    args.work.mkdir(parents=True, exist_ok=True)
+    build_seconds = None
+    if not (model_dir / "bench-complete").is_file():
+        shutil.rmtree(model_dir, ignore_errors=True)
+        build_seconds = round(build_checkpoint(model_dir, config, gen_device), 1)
+    calib = calibration(args.work / f"calib-{args.seqs}x{args.seq_len}-v{config.vocab_size}.npy", args.seqs,
+                        args.seq_len, config.vocab_size)
+    out = {"shape": shape, "model_type": config.model_type, "layers": layers, "dense_layers": args.dense,
+           "hidden_size": config.hidden_size, "tokens": args.seqs * args.seq_len, "policy": args.policy,
+           "bits": args.bits, "group_size": args.group_size, "pipeline": args.pipeline,
+           "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+           "model_gib": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30, 2),
+           "build_s": build_seconds}
+    out["moedsl"] = run_moedsl(model_dir, args.work / f"{name}-moedsl-out", calib, args)
+    shutil.rmtree(args.work / f"{name}-moedsl-out", ignore_errors=True)
+    if not args.no_llmcompressor:
+        out["llmcompressor"] = run_llmcompressor(model_dir, args.work / f"{name}-llmc-out", calib, args)
+        llmc = out["llmcompressor"]
+        if llmc and "wall_s" in llmc:
+            out["speedup_vs_llmcompressor"] = round(llmc["wall_s"] / out["moedsl"]["wall_s"], 2)
+    if args.drop_model:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

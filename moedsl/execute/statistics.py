@@ -1,0 +1,319 @@
+"""A layer's second-moment statistics for one stage, gathered by hooks during one forward.
+
+Linear targets: a pre-hook on the module that owns a statistics key accumulates XᵀX; the other
+members of the key are checked to read the same tensor. Experts never get per-expert hooks:
+one hook on the experts module sees the tokens and the routing; the gate/up statistics are
+XᵀX (one for all experts under `all`, per expert otherwise), and the down-projection
+statistics come from the declared expert function evaluated for all experts at once with
+batched matmuls, in token chunks. The forward stops as soon as every capture has fired.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moedsl.bind.binder import get_path
+from moedsl.bind.bound import BoundExperts, BoundMoe
+from moedsl.errors import MoedslError
+from moedsl.execute.stats import Hessian
+from moedsl.experts import fn as expert_fn
+from moedsl.experts import weights as expert_weights
+from moedsl.plan.schema import KindPlan, Stage, StatsKey
+
+
+class StopForward(Exception):
+    """Raised by a hook once a stage has seen every input it needs."""
+
+
+
+
+def _expert_bound(kind: KindPlan, path: str) -> BoundMoe:
+    for moe in kind.moe:
+        if moe.experts.path == path:
+            return moe
+    raise MoedslError(f"plan error: no MoE block owns experts `{path}`")  # pragma: no cover
+
+
+def _stacked(ex: BoundExperts) -> bool:
+    """Experts called with one stacked input of every expert, already scaled by the routing weights (Llama-4)."""
+    return ex.call == ("hidden",)
+
+
+def _routing(ex: BoundExperts, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens [T, H], chosen experts [T, k]) from the experts module's call, per `call(...)`."""
+    values = dict(zip(ex.call, args))
+    hidden = values.get("hidden")
+    if hidden is None:
+        hidden = kwargs.get("hidden_states")
+    index = values.get("index")
+    if index is None:
+        for name in ("top_k_index", "router_indices", "selected_experts"):
+            index = kwargs.get(name, index)
+    if hidden is None:
+        raise MoedslError(f"{ex.module_class} was called without the tokens the definition's `call(...)` names")
+    return hidden.reshape(-1, hidden.shape[-1]), index
+
+
+def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids sorted by expert, tokens per expert, the expert of each sorted row)."""
+    T, k = index.shape
+    flat = index.reshape(-1)
+    tokens = torch.arange(T, device=index.device).repeat_interleave(k)
+    order = torch.argsort(flat, stable=True)
+    return tokens[order], torch.bincount(flat, minlength=E), flat[order]
+
+
+class LayerStatistics:
+    """The statistics half of `LayerQuantizer` (moedsl/execute/layer.py), which sets the attributes
+    used here: layer, kind, policy, device, chunk_bytes, batched, stop_early, routed_counts."""
+
+    @torch.no_grad()
+    def collect(self, stage: Stage, inputs: list[torch.Tensor], kwargs: list[dict]) -> dict[str, Hessian]:
+        hessians: dict[str, Hessian] = {}
+        for key in stage.stats:
+            hessians[key.key] = Hessian(key.features, self.device, key.experts if key.per_expert else None)
+        handles = []
+        needed: set[str] = set()
+        fired: set[str] = set()
+        reference: dict[str, torch.Tensor] = {}
+
+        def done(path: str) -> None:
+            fired.add(path)
+            if self.stop_early and fired >= needed:
+                raise StopForward
+
+        # Linear inputs: the key's capture path accumulates; the other members are checked to read the same tensor
+        for key in stage.stats:
+            if key.capture.kind != "linear_input":
+                continue
+            members = [t.path for t in stage.targets if t.stats == key.key]
+            for path in members:
+                module = get_path(self.layer, path)
+                needed.add(path)
+
+                def hook(mod, args, kwargs_, path=path, key=key):
+                    x = args[0] if args else kwargs_["input"]
+                    if path == key.capture.path:
+                        hessians[key.key].add(x)
+                        reference[key.key] = x
+                    else:
+                        ref = reference.get(key.key)
+                        if ref is not None and x is not ref and not (x.shape == ref.shape and torch.equal(x, ref)):
+                            raise MoedslError(
+                                f"plan error: `{path}` and `{key.capture.path}` share statistics `{key.key}` but read "
+                                f"different inputs in {self.kind.layer_class}", notes=[
+                                    "give them different stage numbers in the definition"])
+                    done(path)
+
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        # Experts: one hook per experts module, for its gate/up and down statistics
+        experts_keys: dict[str, list[StatsKey]] = {}
+        for key in stage.stats:
+            if key.capture.kind in ("experts_input", "experts_hidden"):
+                experts_keys.setdefault(key.capture.path, []).append(key)
+        all_tokens: dict[str, Hessian] = {}
+        router_out: dict[str, torch.Tensor] = {}
+        block_in: dict[str, torch.Tensor] = {}
+        for path, keys in experts_keys.items():
+            moe = _expert_bound(self.kind, path)
+            ex = moe.experts
+            module = get_path(self.layer, path)
+            needed.add(path)
+            if self.policy.kind == "auto" and any(k.capture.kind == "experts_input" and k.per_expert for k in keys):
+                all_tokens[path] = Hessian(ex.hidden_size, self.device)
+            if _stacked(ex):
+                if self.policy.kind not in ("routed", "all"):
+                    raise MoedslError(f"policy {self.policy} is not supported for `{path}`, whose routing weights scale "
+                                      "the experts' input (`scale input`): use `routed` or `all`")
+                if moe.router is None:
+                    raise MoedslError(f"`{path}` takes a stacked, router-scaled input: the definition must name the "
+                                      f"router of `{moe.path}` (`:router`)")
+
+                def block_hook(mod, args, kwargs_, path=path):
+                    x = args[0] if args else kwargs_["hidden_states"]
+                    block_in[path] = x.reshape(-1, x.shape[-1])
+
+                def scores_hook(mod, args, output, path=path, E=ex.num_experts):
+                    outs = output if isinstance(output, tuple) else (output,)
+                    router_out[path] = next(o for o in outs if torch.is_tensor(o) and o.shape[-1] == E).reshape(-1, E)
+
+                handles.append(get_path(self.layer, moe.path).register_forward_pre_hook(block_hook, with_kwargs=True))
+                handles.append(get_path(self.layer, moe.router).register_forward_hook(scores_hook))
+            if self.policy.kind == "topk":
+                if moe.router is None:
+                    raise MoedslError(f"policy {self.policy} needs the router of `{moe.path}`, which the definition does "
+                                      "not name (`:router`)")
+                router = get_path(self.layer, moe.router)
+
+                def router_hook(mod, args, output, path=path, E=ex.num_experts):
+                    outs = output if isinstance(output, tuple) else (output,)
+                    scores = next((o for o in outs if torch.is_tensor(o) and o.shape[-1] == E and o.is_floating_point()),
+                                  None)
+                    if scores is None:
+                        raise MoedslError(f"policy {self.policy}: the router of `{path}` returned no [T, {E}] scores")
+                    router_out[path] = scores.reshape(-1, E)
+
+                handles.append(router.register_forward_hook(router_hook))
+
+            def experts_hook(mod, args, kwargs_, path=path, keys=keys, ex=ex):
+                if _stacked(ex):
+                    self.add_stacked(hessians, keys, ex, mod, args[0], router_out[path], block_in[path])
+                    done(path)
+                    return
+                x, index = _routing(ex, args, kwargs_)
+                if self.policy.kind == "topk":
+                    index = router_out[path].topk(min(self.policy.top_k, ex.num_experts), dim=-1).indices
+                for key in keys:
+                    if key.capture.kind == "experts_input":
+                        self.add_experts_input(hessians[key.key], key, x, index, ex, all_tokens.get(path))
+                    else:
+                        self.add_experts_hidden(hessians[key.key], key, x, index, ex, mod)
+                done(path)
+
+            handles.append(module.register_forward_pre_hook(experts_hook, with_kwargs=True))
+        try:
+            for x, kw in zip(inputs, kwargs):
+                fired.clear()
+                reference.clear()
+                try:
+                    self.layer(x.to(self.device), **kw)
+                except StopForward:
+                    pass
+                missing = needed - fired
+                if missing:
+                    raise MoedslError(f"stage {stage.index}: {', '.join(sorted(missing))} never ran during the forward "
+                                      f"of {self.kind.layer_class}", notes=["is the module on the forward path?"])
+        finally:
+            for h in handles:
+                h.remove()
+        # policy for experts that saw too few tokens
+        for path, keys in experts_keys.items():
+            for key in keys:
+                if key.capture.kind != "experts_input" or not key.per_expert:
+                    continue
+                h = hessians[key.key]
+                counts = h.count.clone()
+                self.routed_counts[path] = counts
+                if self.policy.kind == "auto":
+                    low = (counts < self.policy.min_tokens).nonzero().flatten()
+                    for e in low.tolist():
+                        h.sum[e] = all_tokens[path].sum
+                        h.count[e] = all_tokens[path].count
+        return hessians
+
+    def add_stacked(self, hessians: dict[str, Hessian], keys: list[StatsKey], ex: BoundExperts, module: nn.Module,
+                    stacked: torch.Tensor, scores: torch.Tensor, x: torch.Tensor) -> None:
+        """Experts that read one stacked input [E·T, H], each expert's rows scaled by its routing weight.
+
+        routed: expert e's rows are its real inputs, x·s_e, on the tokens routed to it (s_e > 0);
+        all: every expert reads every token unscaled (x), as no routing weight exists for the others.
+        """
+        E = ex.num_experts
+        per = stacked.reshape(E, -1, stacked.shape[-1])
+        if self.policy.kind == "all":
+            inputs = [x] * E
+        else:
+            chosen = scores.reshape(-1, E) > 0
+            inputs = [per[e][chosen[:, e]] for e in range(E)]
+        w = b = None
+        for key in keys:
+            h = hessians[key.key]
+            if key.capture.kind == "experts_hidden" and w is None:
+                w, b = expert_weights.read(ex, module)
+            for e, xe in enumerate(inputs):
+                if xe.shape[0] == 0:
+                    continue
+                if key.capture.kind == "experts_input":
+                    if key.per_expert:
+                        h.add_expert(e, xe)
+                    elif e == 0:
+                        h.add(xe)
+                else:
+                    we, be = expert_weights.one(w, b, e)
+                    h.add_expert(e, expert_fn.hidden(xe, ex.fn, we, be)[0])
+
+    def add_experts_input(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
+                          ex: BoundExperts, all_tokens: Hessian | None) -> None:
+        if not key.per_expert:
+            h.add(x)
+            return
+        if index is None:
+            raise MoedslError(f"{ex.module_class}: routed statistics need the chosen experts (`index` in `call(...)`)")
+        if all_tokens is not None:
+            all_tokens.add(x)
+        if not self.batched:
+            order, counts, _ = _tokens_by_expert(index, ex.num_experts)
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    h.add_expert(e, x[order[start:start + n]])
+                start += n
+            return
+        for xs, mask, counts in self.routed_batches(x, index, ex.num_experts, ex.hidden_size):
+            h.add_batched(xs, counts)  # padding rows are zeros: they add nothing
+
+    def add_experts_hidden(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
+                           ex: BoundExperts, module: nn.Module) -> None:
+        w, b = expert_weights.read(ex, module)
+        dtype = x.dtype
+        if key.tokens == "all" and not self.batched:
+            for e in range(ex.num_experts):
+                we, be = expert_weights.one(w, b, e)
+                h.add_expert(e, expert_fn.hidden(x, ex.fn, we, be)[0])
+            return
+        if key.tokens == "all":
+            # every expert on every token: [E, chunk, I] at a time, bounded by chunk_bytes
+            per_token = ex.num_experts * ex.intermediate_size * 4 * 3
+            chunk = max(1, min(x.shape[0], self.chunk_bytes // per_token))
+            for s in range(0, x.shape[0], chunk):
+                xc = x[s:s + chunk].to(dtype)
+                hid = expert_fn.hidden(xc, ex.fn, w, b)
+                h.add_batched(hid, xc.shape[0])
+            return
+        counts_before = self.routed_counts.get(ex.path)
+        low = set()
+        if self.policy.kind == "auto" and counts_before is not None:
+            low = set((counts_before < self.policy.min_tokens).nonzero().flatten().tolist())
+        if self.batched:
+            # the routed tokens of all experts, padded to one [E, n, H] batch per token chunk; an
+            # expert topped up by `auto` reads every token instead, one at a time (there are few)
+            keep = torch.ones(ex.num_experts, dtype=torch.bool, device=x.device)
+            keep[list(low)] = False
+            for xs, mask, counts in self.routed_batches(x, index, ex.num_experts, ex.intermediate_size * 3):
+                hid = expert_fn.hidden(xs, ex.fn, w, b) * (mask & keep[:, None])[..., None].to(xs.dtype)
+                h.add_batched(hid, counts * keep)
+            for e in sorted(low):
+                we, be = expert_weights.one(w, b, e)
+                h.add_expert(e, expert_fn.hidden(x, ex.fn, we, be)[0])
+            return
+        order, counts, _ = _tokens_by_expert(index, ex.num_experts)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            xe = x if e in low else x[order[start:start + n]]
+            start += n
+            if xe.shape[0] == 0:
+                continue
+            we, be = expert_weights.one(w, b, e)
+            h.add_expert(e, expert_fn.hidden(xe, ex.fn, we, be)[0])
+
+    def routed_batches(self, x: torch.Tensor, index: torch.Tensor, E: int, width: int):
+        """Token chunks of routed inputs as padded batches: (xs [E, n, H], mask [E, n], counts [E]).
+
+        Tokens are grouped by expert (one sort), scattered into a zero-padded [E, n, H] tensor,
+        n the largest count in the chunk; chunks keep E·n·width·4 bytes under chunk_bytes."""
+        T, k = index.shape
+        step = max(1, min(T, self.chunk_bytes // max(1, 4 * width * k * 4)))
+        for s in range(0, T, step):
+            xc, ic = x[s:s + step], index[s:s + step]
+            order, counts, flat = _tokens_by_expert(ic, E)
+            n = int(counts.max()) if counts.numel() else 0
+            if n == 0:
+                continue
+            starts = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(order.numel(), device=x.device) - starts[flat]
+            xs = x.new_zeros(E, n, x.shape[-1])
+            xs[flat, slot] = xc[order]
+            mask = torch.zeros(E, n, dtype=torch.bool, device=x.device)
+            mask[flat, slot] = True
+            yield xs, mask, counts

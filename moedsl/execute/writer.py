@@ -1,0 +1,134 @@
+"""The writer stage: finished layers to disk behind the quantizer — shard, then resume state.
+
+For each `FinishedLayer` (plain data from the run loop): the packed modules (waiting for their
+copies from the device), the layer's unquantized tensors copied from the source shards, the
+layer's shard (`CheckpointWriter.flush_shard`: a hidden temporary, fsynced, renamed), and then
+the resume state: the next layer's inputs as `acts-NNNNN.safetensors` (temporary, renamed) and
+`state.json` naming them (temporary, renamed), written last. A run killed at any moment finds
+either the old state (the layer is redone and its shard rewritten byte for byte) or the new
+one, each pointing at inputs that were completely written.
+
+Overlapping (`overlap=True`), a background thread writes layer i−1 while layer i is quantized;
+`submit` first waits for the previous layer, so at most one layer is being written and host
+memory holds at most one layer's packed tensors and activations. Step by step, `submit` writes
+at once. Both write the same bytes. An error in the background is raised by the next
+`submit` or by `drain`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moedsl.execute.packer import Packed
+from moedsl.execute.phases import NO_PHASES
+from moedsl.write.checkpoint import CheckpointWriter
+
+STATE_NAME = "state.json"
+
+
+@dataclass
+class FinishedLayer:
+    index: int
+    shard: str  # file name of the layer's shard
+    packed: list[Packed]  # its quantized modules, from the packer
+    copies: list[str]  # its checkpoint keys stored unchanged (norms, routers, …)
+    acts: dict[str, torch.Tensor]  # the next layer's inputs (and carried state), on any device
+    state: dict = field(default_factory=dict)  # state.json once this layer is on disk (without `acts`)
+
+
+def acts_name(finished: int) -> str:
+    return f"acts-{finished:05d}.safetensors"
+
+
+def copy_keys(writer: CheckpointWriter, loader, keys: list[str]) -> None:
+    """Add checkpoint tensors unchanged, read from the source shards."""
+    by_shard: dict[Path, list[str]] = {}
+    for k in keys:
+        by_shard.setdefault(loader.shard_of(k), []).append(k)
+    for shard, ks in sorted(by_shard.items()):
+        with safe_open(str(shard), "pt") as fh:
+            for k in ks:
+                writer.add_tensor(k, fh.get_tensor(k))
+
+
+def _kill_point(where: str, layer: int) -> None:
+    """Tests: MOEDSL_KILL_IN_WRITE=<layer>:<where> SIGKILLs the run at that point of a write."""
+    if os.environ.get("MOEDSL_KILL_IN_WRITE") == f"{layer}:{where}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_start_state(run_dir: Path, state: dict) -> None:
+    """Before the first layer: a state with nothing finished (its inputs are recomputed on resume)."""
+    _write_atomic(run_dir / STATE_NAME, json.dumps({**state, "finished": 0, "acts": None}).encode())
+
+
+def save_resume_state(run_dir: Path, layer: int, acts: dict[str, torch.Tensor], state: dict) -> None:
+    """After layer `layer` is on disk: its outputs, then state.json (finished = layer + 1) naming them."""
+    name = acts_name(layer + 1)
+    tmp = run_dir / f".{name}.partial"
+    save_file({k: v.detach().contiguous().cpu() for k, v in acts.items()}, str(tmp))
+    _kill_point("acts", layer)
+    os.replace(tmp, run_dir / name)
+    _write_atomic(run_dir / STATE_NAME, json.dumps({**state, "finished": layer + 1, "acts": name}).encode())
+    for old in run_dir.glob("acts-*.safetensors"):  # inputs of layers already done
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+class LayerWriter:
+    def __init__(self, writer: CheckpointWriter, loader, run_dir: Path, *, overlap: bool, phases=NO_PHASES):
+        self.writer = writer
+        self.loader = loader
+        self.run_dir = run_dir
+        self.phases = phases
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moedsl-writer") if overlap else None
+        self._last: Future | None = None
+
+    def submit(self, layer: FinishedLayer) -> None:
+        if self._pool is None:
+            self._write(layer)
+            return
+        self.drain()
+        self._last = self._pool.submit(self._write, layer)
+
+    def drain(self) -> None:
+        """Wait until every submitted layer is written; raises a background error."""
+        if self._last is not None:
+            last, self._last = self._last, None
+            last.result()
+
+    def close(self) -> None:
+        """Finish the write in flight (its files stay consistent) and stop the thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _write(self, layer: FinishedLayer) -> None:
+        t0 = time.perf_counter()
+        for packed in layer.packed:
+            for name, tensors in packed.modules():
+                self.writer.add_packed(name, tensors)
+        copy_keys(self.writer, self.loader, layer.copies)
+        self.writer.flush_shard(layer.shard)
+        t1 = time.perf_counter()
+        self.phases.add("write", t1 - t0)
+        _kill_point("shard", layer.index)
+        save_resume_state(self.run_dir, layer.index, layer.acts, layer.state)
+        self.phases.add("resume_state", time.perf_counter() - t1)
+        if os.environ.get("MOEDSL_KILL_AFTER_LAYER") == str(layer.index):  # tests: die here, as a killed run would
+            os._exit(137)

@@ -1,0 +1,82 @@
+"""The run as a pipeline (reader → quantizer → packer → writer): overlapped and step-by-step runs
+write the same bytes, a run killed while a background write is in flight resumes to the same
+bytes, and the report records where the time went."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import moedsl
+
+RUN = dict(group_size=-1, samples=4, seq_len=32, progress=False)
+ARGS = ["--group-size", "-1", "--samples", "4", "--seq-len", "32", "--no-progress"]
+REPORT = "moedsl-report.json"
+TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases"}
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in TIMING and k not in ("out", "pipeline")}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    names = {p.name for p in a.iterdir()}
+    assert names == {p.name for p in b.iterdir()}
+    assert not any(n.startswith(".") for n in names), names  # no temporary or resume files left
+    for name in sorted(names - {REPORT}):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert _strip(json.loads((a / REPORT).read_text())) == _strip(json.loads((b / REPORT).read_text()))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model) -> Path:
+    return tiny_model("qwen3_moe", num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def overlapped(model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("overlap") / "out"
+    moedsl.quantize(model=model, out=out, pipeline="overlap", **RUN)
+    return out
+
+
+def test_serial_and_overlap_write_the_same_bytes(model, overlapped, tmp_path):
+    out = tmp_path / "serial"
+    moedsl.quantize(model=model, out=out, pipeline="serial", **RUN)
+    assert_same_checkpoint(out, overlapped)
+
+
+def test_report_records_phases(overlapped):
+    phases = json.loads((overlapped / REPORT).read_text())["phases"]
+    for key in ("startup", "read", "statistics", "solve", "pack", "replay", "write", "resume_state", "gpu_idle",
+                "wall", "startup.skeleton", "startup.plan", "startup.capture"):
+        assert key in phases and phases[key] >= 0, key
+    assert phases["statistics"] > 0 and phases["solve"] > 0 and phases["write"] > 0
+    main_thread = sum(v for k, v in phases.items() if not k.startswith("startup.") and k not in (
+        "read_ahead", "write", "resume_state", "gpu_idle", "wall", "startup"))
+    assert main_thread <= phases["wall"]
+
+
+@pytest.mark.parametrize("where", ["1:shard", "1:acts", "0:acts"])
+def test_kill_during_background_write_resumes_byte_identical(model, overlapped, tmp_path, cli, where):
+    """SIGKILL inside the writer thread — after layer 1's shard is renamed but before its resume state,
+    or halfway through writing the resume state — while the quantizer works on the next layer."""
+    out = tmp_path / "killed"
+    r = cli("quantize", "--model", str(model), "--out", str(out), *ARGS, env={"MOEDSL_KILL_IN_WRITE": where})
+    assert r.returncode == -9, r.stderr[-2000:]
+    layer = int(where.split(":")[0])
+    state = json.loads((out / ".moedsl-run" / "state.json").read_text())
+    assert state["finished"] == layer  # the killed layer's state was not committed
+    if where.endswith(":acts"):
+        assert (out / ".moedsl-run" / f".acts-{layer + 1:05d}.safetensors.partial").is_file()
+    assert (out / f"layer-{layer:05d}.safetensors").is_file()  # written, to be redone
+    assert not (out / "config.json").exists()
+    r = cli("quantize", "--model", str(model), "--out", str(out), *ARGS)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_checkpoint(out, overlapped)
