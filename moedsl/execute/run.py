@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moedsl.errors import MoedslError
@@ -177,8 +176,8 @@ class Runner:
         model_dir = opts.model if opts.model is not None else default_model_dir()
         if not Path(model_dir).is_dir():
             raise MoedslError(f"--model {model_dir}: no such directory")
+        loader = LayerwiseLoader(model_dir)  # a checkpoint it cannot read is refused before --out is touched
         resuming = _prepare_out(opts)
-        loader = LayerwiseLoader(model_dir)
         model = loader.skeleton()
         model.eval()
         loader.load_non_layer(model, self.device)
@@ -195,6 +194,9 @@ class Runner:
         report = Report.start(opts, plan, str(model_dir), definition.source_file or definition.header.name,
                               str(self.device), warnings)
         progress = Progress(enabled=opts.progress)
+        if loader.stored_format.method:
+            progress.note(f"source weights stored as {loader.stored_format.describe()}: each layer is dequantized "
+                          "on the device as it loads")
         for w in warnings:
             progress.warn(w)
 
@@ -258,6 +260,7 @@ class Runner:
             head_key = self.quantize_head(model, plan, hidden, cfg, writer, dtype, report)
         self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
         config = json.loads((Path(model_dir) / "config.json").read_text())
+        config.pop("quantization_config", None)  # the source's storage (FP8, MXFP4) was dequantized away
         report.finish(time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         writer.finalize(config)
         self.copy_tokenizer(Path(model_dir), opts.out)
@@ -332,13 +335,9 @@ class Runner:
 
     @staticmethod
     def copy_keys(writer, loader, keys: list[str]) -> None:
-        by_shard: dict[Path, list[str]] = {}
-        for k in keys:
-            by_shard.setdefault(loader.shard_of(k), []).append(k)
-        for shard, ks in sorted(by_shard.items()):
-            with safe_open(str(shard), "pt") as fh:
-                for k in ks:
-                    writer.add_tensor(k, fh.get_tensor(k))
+        # as a bf16 checkpoint holds them: an FP8/MXFP4 source's tensors arrive dequantized
+        for k, t in loader.read_tensors(keys):
+            writer.add_tensor(k, t)
 
     @staticmethod
     def copy_tokenizer(src: Path, out: Path) -> None:

@@ -30,6 +30,9 @@ def config_from_file(path: str | Path) -> Any:
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise MoedslError(f"{path}: a config.json needs a `model_type`")
     model_type = data.pop("model_type")
+    # how the weights are stored (FP8, MXFP4, ...) is not structure: with it, transformers would build
+    # its own quantized modules in place of the Linears a definition binds to
+    data.pop("quantization_config", None)
     try:
         with quiet_transformers():
             return AutoConfig.for_model(model_type, **data)
