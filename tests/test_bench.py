@@ -20,3 +20,15 @@ def test_moe_layer_bench_small_cpu():
     assert out["max_abs_weight_diff"] == 0.0  # the batched solves equal one-matrix-at-a-time solves exactly
     assert out["weights_differing"] == 0
     assert out["seconds_per_layer"] > 0 and out["unbatched_seconds"] > 0
+
+
+def test_fp8_layer_bench_small_cpu():
+    """The DeepSeek-V3-shaped FP8 bench, shrunk: writes the FP8 layer, streams and dequantizes it."""
+    proc = subprocess.run([sys.executable, "bench/fp8_layer.py", "--small", "--device", "cpu", "--no-quantize"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["shape"] == "small" and out["block"] == [128, 128]
+    assert out["fp8_tensors"] == 3 * 16 + 3 + 5  # routed experts, the shared expert, the attention projections
+    for key in ("write_seconds", "load_seconds", "read_seconds", "dequant_seconds"):
+        assert out[key] > 0
