@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -33,9 +34,14 @@ def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     wheels = root / "dist"
+    # build from a clean copy: a stale build/ in the checkout could slip old files into the wheel,
+    # and the build leaves nothing behind in the checkout (the links moedsl/grammars, moedsl/model_defs stay links)
+    src = root / "src"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "moedsl-out", ".*-out"))
     # no build isolation: the build uses this Python's setuptools, offline and in seconds
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-          str(REPO)], cwd=root, env=env)
+          str(src)], cwd=root, env=env)
     (wheel,) = wheels.glob("moedsl-*.whl")
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=root, env=env)
