@@ -2,7 +2,7 @@
 
 What users download is often not bf16. Two published layouts are read:
 
-- FP8 block-scaled (DeepSeek-V3/R1, Kimi-K2, MiniMax-M2, the -FP8 Qwen3 and GLM-4.5 releases):
+- FP8 block-scaled (DeepSeek-V3/R1 and the releases that copy its layout):
   `config.json` has `quantization_config: {quant_method: "fp8", weight_block_size: [bm, bn]}`;
   a Linear weight `X.weight` [out, in] is stored as float8_e4m3fn beside `X.weight_scale_inv`
   float32 [ceil(out/bm), ceil(in/bn)], and W[i, j] = weight[i, j] * weight_scale_inv[i // bm, j // bn]
