@@ -284,9 +284,21 @@ def test_bad_stored_checkpoints_are_refused(fp8_dirs, tmp_path):
 
     d = _copy(fp8, tmp_path / "no-config")  # FP8 tensors, but the config does not say so
     _edit_config(d, quantization_config=None)
+    with pytest.raises(MoedslError, match=r"holds FP8 scales \(e.g. `.*weight_scale_inv`\) but its config.json"):
+        LayerwiseLoader(d)
+
+    d = _copy(fp8, tmp_path / "unscaled")  # an FP8 weight whose scale is gone
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    drop = {k for k in index["weight_map"] if k.endswith("weight_scale_inv")}
+    for shard in {index["weight_map"][k] for k in drop}:
+        with safe_open(str(d / shard), "pt") as f:
+            kept = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+        save_file(kept, str(d / shard), metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in drop}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
     loader = LayerwiseLoader(d)
     model = loader.skeleton()
-    with pytest.raises(MoedslError, match=r"stored as F8_E4M3 with no `.*weight_scale_inv`"):
+    with pytest.raises(MoedslError, match=r"is stored as F8_E4M3 with no `.*weight_scale_inv` beside it"):
         for i in range(loader.num_layers):
             loader.load_layer(model, i)
 

@@ -119,6 +119,14 @@ def group(stored: Iterable[str], fmt: StoredFormat, where: str) -> dict[str, tup
         for key in stored - consumed:
             if key.endswith(MXFP4_SCALES) and key[: -len(MXFP4_SCALES)] + MXFP4_BLOCKS not in stored:
                 raise MoedslError(f"{where}: `{key}` has no `{key[: -len(MXFP4_SCALES)]}{MXFP4_BLOCKS}` beside it")
+    else:
+        hint = next((k for k in sorted(stored) if k.endswith((FP8_SCALE, MXFP4_BLOCKS))), None)
+        if hint is not None:
+            kind = "FP8 scales" if hint.endswith(FP8_SCALE) else "MXFP4 blocks"
+            raise MoedslError(f"{where}: the checkpoint holds {kind} (e.g. `{hint}`) but its config.json has no "
+                              "`quantization_config` saying how they are stored",
+                              notes=['FP8: {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}; '
+                                     'MXFP4: {"quant_method": "mxfp4"}'])
     for key in stored - consumed:
         parts[key] = (key,)
     return parts
