@@ -44,3 +44,13 @@ def test_e2e_bench_small_cpu(tmp_path):
     experts = model.model.layers[1].mlp.experts.gate_up_proj
     assert experts.shape == (16, 256, 256) and float(experts.detach().float().std()) > 0.01
     assert torch.equal(model.model.norm.weight, torch.ones(256, dtype=torch.bfloat16))
+def test_fp8_layer_bench_small_cpu():
+    """The DeepSeek-V3-shaped FP8 bench, shrunk: writes the FP8 layer, streams and dequantizes it."""
+    proc = subprocess.run([sys.executable, "bench/fp8_layer.py", "--small", "--device", "cpu", "--no-quantize"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["shape"] == "small" and out["block"] == [128, 128]
+    assert out["fp8_tensors"] == 3 * 16 + 3 + 5  # routed experts, the shared expert, the attention projections
+    for key in ("write_seconds", "load_seconds", "read_seconds", "dequant_seconds"):
+        assert out[key] > 0

@@ -88,3 +88,17 @@ def test_fast_moe_layer_equals_unbatched_on_cuda():
     # bit-identical on the CPU (tests/test_bench.py); on CUDA only fp32 rounding of differently-shaped
     # matmuls separates them: a handful of codes one step apart
     assert out["weights_differing"] <= 1e-3 * out["weights_total"]
+
+
+def test_stored_format_dequantization_on_cuda_equals_cpu():
+    """FP8 and MXFP4 source weights decode to the same bits on the device as on the CPU."""
+    from moedsl.execute.dequant import fp8_block_dequantize, mxfp4_dequantize
+    from moedsl.models.stored_formats import fp8_block_quantize, mxfp4_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 576, 7168 // 8, generator=g) * 0.02  # partial 128-row blocks, as kv_a_proj_with_mqa
+    q, s = fp8_block_quantize(w, (128, 128))
+    cpu = fp8_block_dequantize(q, s, (128, 128))
+    assert torch.equal(fp8_block_dequantize(q.cuda(), s.cuda(), (128, 128)).cpu(), cpu)
+    b, sc = mxfp4_quantize(w[..., :512])
+    assert torch.equal(mxfp4_dequantize(b.cuda(), sc.cuda()).cpu(), mxfp4_dequantize(b, sc))

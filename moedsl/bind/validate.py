@@ -130,9 +130,11 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
 
 
 def checkpoint_keys(model_dir: Path) -> set[str]:
-    from moedsl.execute.loader import shard_map
+    """The checkpoint's tensor names as a bf16 checkpoint spells them (FP8 scales and MXFP4
+    blocks/scales folded into the weights they make up)."""
+    from moedsl.execute.loader import checkpoint_parts
 
-    return set(shard_map(Path(model_dir)))
+    return set(checkpoint_parts(Path(model_dir)))
 
 
 def _experts_item(d: ir.Definition, kind: str) -> ir.Module | None:

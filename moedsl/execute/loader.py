@@ -17,6 +17,12 @@ lets transformers apply it (`core_model_loading.convert_and_load_state_dict_in_m
 non-persistent buffers, tied weights) are re-created the way `from_pretrained` does: materialized
 on the device, then initialized by the model's own `_init_weights`, and tied with `tie_weights`.
 
+Checkpoints stored as FP8 (block-scaled) or MXFP4 are read by logical name, the name a bf16
+checkpoint would have: each layer's stored tensors are brought to the device and dequantized there
+as the layer loads (`moedsl/execute/dequant.py`), before transformers' conversion sees them; the
+scales are consumed with their weights. The skeleton is built without the source's
+`quantization_config`, so transformers never swaps in its own FP8/MXFP4 modules.
+
 Works with transformers 5.17 through 5.24 (the functions used exist with the same signatures in
 both; see `_transformers_api`).
 """
@@ -35,9 +41,11 @@ import torch
 from torch import nn
 
 from moedsl.errors import MoedslError
+from moedsl.execute import dequant
+from moedsl.execute.dequant import StoredFormat
 from moedsl.models.tiny import quiet_transformers
 
-__all__ = ["LayerwiseLoader", "find_decoder_layers", "materialized_parameters"]
+__all__ = ["LayerwiseLoader", "checkpoint_parts", "find_decoder_layers", "materialized_parameters", "stored_format"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +149,28 @@ def shard_map(model_dir: Path) -> dict[str, Path]:
     return shard_of
 
 
+def stored_format(model_dir: Path) -> StoredFormat:
+    """How the checkpoint in `model_dir` stores its weights, from its config.json."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MoedslError(f"{model_dir}: no config.json (not a transformers model directory)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MoedslError(f"{path}: not a JSON config: {exc}") from None
+    if not isinstance(config, dict):
+        raise MoedslError(f"{path}: not a JSON object")
+    return StoredFormat.of_config(config, str(path))
+
+
+def checkpoint_parts(model_dir: Path, shards: dict[str, Path] | None = None) -> dict[str, tuple[str, ...]]:
+    """Logical checkpoint name (what a bf16 checkpoint would call it) → the stored tensors it is read
+    from: itself, or an FP8 weight and its `weight_scale_inv`, or MXFP4 `_blocks` and `_scales`."""
+    model_dir = Path(model_dir)
+    return dequant.group(shards if shards is not None else shard_map(model_dir), stored_format(model_dir),
+                         str(model_dir))
+
+
 class LayerwiseLoader:
     """Load a safetensors checkpoint directory layer by layer into a meta-device model.
 
@@ -185,7 +215,9 @@ class LayerwiseLoader:
 
         # the directory's own code (auto_map): refused here without trust_remote_code, else checked
         self.remote_code = remote.policy(self.model_dir / "config.json", trust_remote_code)
-        self._shard_of: dict[str, Path] = self._read_index()
+        self._shard_of: dict[str, Path] = self._read_index()  # stored name -> shard
+        self.stored_format = stored_format(self.model_dir)
+        self._parts = checkpoint_parts(self.model_dir, self._shard_of)  # logical name -> stored names
         self._config = None
         # filled by skeleton(): checkpoint key -> runtime key, plan per layer
         self._mapping = None
@@ -201,19 +233,53 @@ class LayerwiseLoader:
         return shard_map(self.model_dir)
 
     def checkpoint_keys(self) -> list[str]:
-        """Every tensor name in the checkpoint (on-disk names), in natural order."""
-        return sorted(self._shard_of, key=_natural_key)
+        """Every tensor name in the checkpoint, in natural order: on-disk names, except that an FP8
+        weight and its scale, or MXFP4 blocks and scales, are one name (the bf16 checkpoint's)."""
+        return sorted(self._parts, key=_natural_key)
 
-    def shard_of(self, key: str) -> Path:
-        """The shard file holding checkpoint tensor `key`."""
+    def stored_keys(self, key: str) -> tuple[str, ...]:
+        """The on-disk tensors checkpoint tensor `key` is read from."""
         try:
-            return self._shard_of[key]
+            return self._parts[key]
         except KeyError:
             from moedsl.errors import nearest
 
             raise MoedslError(
-                f"{self.model_dir}: no tensor `{key}` in the checkpoint", suggestion=nearest(key, self._shard_of)
+                f"{self.model_dir}: no tensor `{key}` in the checkpoint", suggestion=nearest(key, self._parts)
             ) from None
+
+    def shard_of(self, key: str) -> Path:
+        """The shard file holding checkpoint tensor `key` (its weight, for a stored-quantized one)."""
+        return self._shard_of[self.stored_keys(key)[0]]
+
+    @contextlib.contextmanager
+    def _reader(self, device):
+        """get(key) → the checkpoint tensor `key`: a lazy safetensors slice, or for an FP8/MXFP4 one its
+        dequantized tensor on `device`. Shards are opened once each, closed on exit."""
+        from safetensors import safe_open
+
+        with contextlib.ExitStack() as stack:
+            handles: dict[Path, object] = {}
+
+            def stored(name: str):
+                shard = self._shard_of[name]
+                if shard not in handles:
+                    handles[shard] = stack.enter_context(safe_open(str(shard), framework="pt", device="cpu"))
+                return handles[shard].get_slice(name)
+
+            def get(key: str):
+                return dequant.read(key, self.stored_keys(key), stored, self.stored_format, device,
+                                    str(self.model_dir))
+
+            yield get
+
+    def read_tensors(self, keys: list[str], device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) for each checkpoint tensor in `keys`, as a bf16 checkpoint would hold it
+        (dequantized on `device` where stored as FP8/MXFP4), in shard order."""
+        with self._reader(torch.device(device)) as get:
+            for key in sorted(keys, key=lambda k: (str(self.shard_of(k)), _natural_key(k))):
+                t = get(key)
+                yield key, (t if torch.is_tensor(t) else t[...]).to(device)
 
     # ------------------------------------------------------------------ model skeleton
 
@@ -232,6 +298,10 @@ class LayerwiseLoader:
                 raise
             except Exception as exc:
                 raise MoedslError(f"{self.model_dir / 'config.json'}: cannot read the config: {exc}") from None
+            # how the source stores its weights is this loader's business (it dequantizes); with it
+            # in the config, transformers would build its own FP8/MXFP4 modules instead of Linears
+            if hasattr(self._config, "quantization_config"):
+                del self._config.quantization_config
         return self._config
 
     def skeleton(self) -> nn.Module:
@@ -352,14 +422,17 @@ class LayerwiseLoader:
     # ------------------------------------------------------------------ loading
 
     def read_keys(self, keys: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
-        """The checkpoint tensors `keys` (on-disk names), read from their shards into host memory
-        (pinned when `pin`, for fast asynchronous copies to the GPU). Touches no model, so a
-        background thread may read the next layer while the current one is worked on."""
+        """The checkpoint tensors `keys`, read from their shards into host memory (pinned when `pin`,
+        for fast asynchronous copies to the GPU). Touches no model, so a background thread may read
+        the next layer while the current one is worked on. Tensors stored as FP8/MXFP4 are left out:
+        `load_layer` reads those itself and dequantizes them on the device."""
         from safetensors import safe_open
 
         by_shard: dict[Path, list[str]] = defaultdict(list)
         for key in keys:
-            by_shard[self._shard_of[key]].append(key)
+            stored = self.stored_keys(key)
+            if stored == (key,):
+                by_shard[self._shard_of[key]].append(key)
         out: dict[str, torch.Tensor] = {}
         for shard, shard_keys in by_shard.items():
             with safe_open(str(shard), framework="pt", device="cpu") as f:
@@ -377,27 +450,20 @@ class LayerwiseLoader:
 
     def _load_keys(self, model: nn.Module, keys: list[str], device, tensors: dict | None = None) -> set[str]:
         """Load `keys` through transformers' conversion: from `tensors` when given (read ahead by
-        `read_keys`), else read lazily from their shards. Returns the runtime names that were set."""
-        from safetensors import safe_open
-
+        `read_keys`), else from their shards (lazy slices; FP8/MXFP4 ones dequantized on the device).
+        Returns the runtime names that were set."""
         api = _transformers_api()
         device = str(torch.device(device))
-        by_shard: dict[Path, list[str]] = defaultdict(list)
-        for key in keys:
-            if tensors is None or key not in tensors:
-                by_shard[self._shard_of[key]].append(key)
+        tensors = tensors or {}
         load_config = api["LoadStateDictConfig"](
             pretrained_model_name_or_path=str(self.model_dir),
             device_map={"": device},
             dtype=None,  # keep the skeleton's dtype per parameter, as from_pretrained does
             weight_mapping=self._mapping,
         )
-        with contextlib.ExitStack() as stack:
-            state: dict[str, object] = {k: tensors[k] for k in keys if k in tensors} if tensors is not None else {}
-            for shard, shard_keys in by_shard.items():
-                f = stack.enter_context(safe_open(str(shard), framework="pt", device="cpu"))
-                for key in shard_keys:
-                    state[key] = f.get_slice(key)  # read lazily, by the loader
+        with self._reader(device) as get:
+            state = {key: tensors[key] if key in tensors else get(key)
+                     for key in sorted(keys, key=lambda k: str(self.shard_of(k)))}
             with quiet_transformers():
                 info, _ = api["convert_and_load"](model, state, load_config)
         # the loader overwrites this with the transforms used by *this* call; keep them all

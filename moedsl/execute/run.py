@@ -217,7 +217,8 @@ class Runner:
         model_dir = opts.model if opts.model is not None else default_model_dir()
         if not Path(model_dir).is_dir():
             raise MoedslError(f"--model {model_dir}: no such directory")
-        # before the output directory is touched: a model that needs its own code is refused here
+        # before the output directory is touched: a model that needs its own code, or a checkpoint the
+        # loader cannot read, is refused here
         loader = LayerwiseLoader(model_dir, trust_remote_code=opts.trust_remote_code)
         code = loader.remote_code
         resuming = _prepare_out(opts)
@@ -247,6 +248,9 @@ class Runner:
                               str(self.device), warnings)
         report.remote_code = code.record() if code is not None else None
         progress = Progress(enabled=opts.progress)
+        if loader.stored_format.method:
+            progress.note(f"source weights stored as {loader.stored_format.describe()}: each layer is dequantized "
+                          "on the device as it loads")
         for w in warnings:
             progress.warn(w)
 
@@ -344,6 +348,7 @@ class Runner:
         with phases("rest"):
             self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
         config = json.loads((Path(model_dir) / "config.json").read_text())
+        config.pop("quantization_config", None)  # the source's storage (FP8, MXFP4) was dequantized away
         report.finish(time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         if code is not None:  # beside the weights, before config.json (which marks the checkpoint finished)
             code.copy_to(opts.out)

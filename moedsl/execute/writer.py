@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moedsl.execute.packer import Packed
@@ -51,14 +50,10 @@ def acts_name(finished: int) -> str:
 
 
 def copy_keys(writer: CheckpointWriter, loader, keys: list[str]) -> None:
-    """Add checkpoint tensors unchanged, read from the source shards."""
-    by_shard: dict[Path, list[str]] = {}
-    for k in keys:
-        by_shard.setdefault(loader.shard_of(k), []).append(k)
-    for shard, ks in sorted(by_shard.items()):
-        with safe_open(str(shard), "pt") as fh:
-            for k in ks:
-                writer.add_tensor(k, fh.get_tensor(k))
+    """Add checkpoint tensors as a bf16 checkpoint holds them, read from the source shards (an FP8/MXFP4
+    source's arrive dequantized)."""
+    for k, t in loader.read_tensors(keys):
+        writer.add_tensor(k, t)
 
 
 def _kill_point(where: str, layer: int) -> None:

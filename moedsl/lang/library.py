@@ -11,7 +11,8 @@ from moedsl.lang import ir
 from moedsl.lang.parser import parse_file
 from moedsl.lang.resolve import resolve
 
-LIBRARY_DIR = Path(__file__).resolve().parents[2] / "model_defs"
+# moedsl/model_defs is a link to the checkout's top-level model_defs/ and a real folder in the wheel
+LIBRARY_DIR = (Path(__file__).resolve().parents[1] / "model_defs").resolve()
 
 
 def library_files(extra_dirs: Iterable[Path] = ()) -> list[Path]:

@@ -21,7 +21,8 @@ from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, Unex
 from moedsl.errors import MoedslError, Span, nearest
 from moedsl.lang import ir
 
-GRAMMAR_PATH = Path(__file__).resolve().parents[2] / "grammars" / "moedef.lark"
+# moedsl/grammars is a link to the checkout's top-level grammars/ and a real folder in the wheel
+GRAMMAR_PATH = (Path(__file__).resolve().parents[1] / "grammars" / "moedef.lark").resolve()
 MAX_NESTING = 64  # brackets deeper than this are refused before parsing (no stack exhaustion)
 MAX_EXPR_DEPTH = 100  # expression trees deeper than this are refused (`not not ...`, `a.b.c...`, `1 + 1 + ...`)
 MAX_NUMBER_DIGITS = 400  # longer number literals are refused (Python refuses int() of > 4300 digits)

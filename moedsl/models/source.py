@@ -37,6 +37,9 @@ def config_from_file(path: str | Path, trust_remote_code: bool = False) -> Any:
     if rc is not None and rc.config_class_ref is not None:
         return remote.load_config(rc, data)
     model_type = data.pop("model_type")
+    # how the weights are stored (FP8, MXFP4, ...) is not structure: with it, transformers would build
+    # its own quantized modules in place of the Linears a definition binds to
+    data.pop("quantization_config", None)
     try:
         with quiet_transformers():
             return AutoConfig.for_model(model_type, **data)
