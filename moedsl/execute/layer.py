@@ -27,6 +27,7 @@ from moedsl.experts import fn as expert_fn
 from moedsl.experts import weights as expert_weights
 from moedsl.gptq.batched import gptq_quantize_batched, gptq_quantize_shared
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, rtn_quantize
+from moedsl.lang.ckpt_name import expand
 from moedsl.plan.schema import KindPlan, Policy, Stage, StatsKey, Target
 
 
@@ -479,7 +480,7 @@ class LayerQuantizer:
                 acc[t.id][0] += sum(r.loss for r in res)
                 bias = b.get(t.role)
                 for e, r in zip(range(e0, e1), res):
-                    out.append(Quantized(t.ckpt.format(e=e), _slim(r),
+                    out.append(Quantized(expand(t.ckpt, e), _slim(r),
                                          bias[e].detach().cpu() if bias is not None else None, True))
             del Wc, results
         tokens = counts.tolist() if key.per_expert else [int(counts)] * E
