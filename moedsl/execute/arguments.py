@@ -37,5 +37,11 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activations", default="auto", choices=["auto", "device", "cpu"],
                    help="where the calibration activations live between layers: on the device when they fit "
                         "(auto, the default), always on the device, or in host memory")
+    p.add_argument("--allow-missing-weights", action="store_true",
+                   help="initialize parameters the checkpoint lacks as from_pretrained would (random weights), "
+                        "with a warning in the report, instead of refusing the run")
+    p.add_argument("--allow-unused-weights", action="store_true",
+                   help="ignore checkpoint tensors that no parameter of the model takes (e.g. a config with fewer "
+                        "layers than the checkpoint), with a warning in the report, instead of refusing the run")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="also GPTQ-quantize lm_head, on the final-norm outputs of the calibration data")
