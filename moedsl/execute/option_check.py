@@ -28,6 +28,8 @@ def check_options(opts) -> None:
     """Refuse option values no run can use, before anything is loaded."""
     for field in ("samples", "seq_len", "batch_size"):
         _positive(opts, field)
+        if getattr(opts, field) > MAX_TOKENS:
+            raise MoedslError(f"{_flag(field)} {getattr(opts, field)}: more than any run can hold ({MAX_TOKENS:.3g})")
     lo, hi = SEED_RANGE
     if not lo <= opts.seed <= hi:
         raise MoedslError(f"--seed {opts.seed}: out of range; a seed is an integer in [{lo}, {hi}]")
