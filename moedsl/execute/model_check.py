@@ -117,10 +117,9 @@ def checkpoint_layer_counts(keys) -> dict[str, int]:
     """prefix -> number of indexed blocks under it (`model.layers` -> 48), from checkpoint key names."""
     seen: dict[str, set[int]] = {}
     for key in keys:
-        m = _LAYER_INDEX.match(key)
-        while m:  # the first `.N.` segment of the key
+        m = _LAYER_INDEX.match(key)  # the first `.N.` segment of the key
+        if m:
             seen.setdefault(m.group(1), set()).add(int(m.group(2)))
-            break
     return {prefix: max(idx) + 1 for prefix, idx in seen.items()}
 
 
