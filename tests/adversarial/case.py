@@ -245,8 +245,8 @@ def checkpoint_problems(out: Path) -> list[str]:
     return problems
 
 
-def judge(case: Case, ws: Workspace, before: dict[str, str], res: Result) -> list[str]:
-    """Why the case was not handled ([] when it was)."""
+def judge(case: Case, ws: Workspace, before: dict[str, str], res: Result, argv: list[str]) -> list[str]:
+    """Why the case was not handled ([] when it was). Only `quantize` owes a checkpoint on success."""
     problems: list[str] = []
     if "Traceback (most recent call last)" in res.stderr:
         problems.append("traceback in stderr")
@@ -259,7 +259,8 @@ def judge(case: Case, ws: Workspace, before: dict[str, str], res: Result) -> lis
         problems.append(f"files written outside --out: {added[:5]}")
     want = case.expect.outcome
     if res.returncode == 0 and want in ("ok", "either"):
-        problems += checkpoint_problems(ws.out)
+        if argv and argv[0] == "quantize":
+            problems += checkpoint_problems(ws.out)
     elif res.returncode == 2 and want in ("error", "either"):
         if not res.stderr.strip():
             problems.append("exit 2 with nothing on stderr")

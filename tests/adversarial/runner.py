@@ -64,7 +64,7 @@ def run_cases(cases: list[C.Case], jobs: int | None = None, keep: Path | None = 
             return case, C.Result(-1, "", broken), [broken]
         env = C.cli_env({**env_base, **case.env})
         res = (case.execute or C.run_cli)(ws, argv, env, case.timeout)
-        return case, res, C.judge(case, ws, before, res)
+        return case, res, C.judge(case, ws, before, res, argv)
 
     jobs = jobs or os.cpu_count() or 2
     with ThreadPoolExecutor(max_workers=jobs) as pool:
