@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -25,21 +24,21 @@ def _console(stderr: bool = False) -> Console:
 
 
 def cmd_fmt(args) -> int:
-    from moedsl.lang.parser import parse_file
+    from moedsl.lang.parser import parse
     from moedsl.lang.printer import definition
+    from moedsl.textfile import read_text, write_text_atomic
 
     status = 0
     for f in args.files:
-        text = Path(f).read_text(encoding="utf-8") if Path(f).is_file() else None
-        d = parse_file(f)
-        out = definition(d)
+        text = read_text(f)
+        out = definition(parse(text, str(f)))
         if args.check:
             if text != out:
                 print(f"{f}: would be reformatted", file=sys.stderr)
                 status = EXIT_CHECK_FAILED
         elif args.write:
             if text != out:
-                Path(f).write_text(out, encoding="utf-8")
+                write_text_atomic(f, out)
                 print(f"reformatted {f}", file=sys.stderr)
         else:
             sys.stdout.write(out)

@@ -26,6 +26,7 @@ from moedsl.errors import MoedslError, MoedslErrors, nearest
 from moedsl.experts import fn as expert_fn
 from moedsl.experts import weights as expert_weights
 from moedsl.lang import ir
+from moedsl.lang.ckpt_name import expand
 from moedsl.lang.library import load
 from moedsl.models.remote import is_remote_config
 from moedsl.models.source import build, code_of, config_for
@@ -175,7 +176,7 @@ def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[s
                 if isinstance(item, ir.Module) else {}
             for role, template in ex.ckpt.items():
                 for e in sorted({0, ex.num_experts - 1}):
-                    want(prefix + template.format(e=e) + ".weight", declared.get(role, item))
+                    want(prefix + expand(template, e) + ".weight", declared.get(role, item))
     return errs, f"{checked} checkpoint keys found"
 
 

@@ -157,16 +157,36 @@ def _check_int_list(value, path: Path, lineno: int, line: str, what: str) -> lis
     return value
 
 
+class _BadNumber(ValueError):
+    """A JSON number no token id can be (raised while parsing, so a 5000-digit integer is never built)."""
+
+
+def _token_int(text: str) -> int:
+    digits = text.lstrip("-")
+    if len(digits) > 18:  # int64 holds 18 digits safely; no vocabulary comes near
+        raise _BadNumber(f"the integer {text[:20]}… ({len(digits)} digits) is no token id")
+    return int(text)
+
+
+def _no_constant(name: str):
+    raise _BadNumber(f"`{name}` is not a token id (token ids are integers)")
+
+
 def _read_jsonl(path: Path, tokenize: _Tokenize) -> list[Doc]:
     docs: list[Doc] = []
     text = _read_text(path)
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_int=_token_int, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             raise MoedslError(f"not valid JSON: {exc.msg}", span=_line_span(path, lineno, line, exc.colno)) from None
+        except _BadNumber as exc:
+            raise MoedslError(str(exc), span=_line_span(path, lineno, line)) from None
+        except RecursionError:
+            raise MoedslError("JSON nested too deeply (a token-id line is a flat list, or an object holding one)",
+                              span=_line_span(path, lineno, line)) from None
         where = f"{path}:{lineno}"
         if isinstance(obj, list):
             docs.append((_check_int_list(obj, path, lineno, line, "the line"), where))
@@ -211,10 +231,24 @@ def _rows_of_array(arr, path: Path, name: str = "") -> list[Doc]:
 def _read_npy(path: Path) -> list[Doc]:
     import numpy as np
 
+    magic = b"\x93NUMPY"
     try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as exc:  # numpy raises ValueError/OSError/pickle errors
+        with open(path, "rb") as f:
+            head = f.read(len(magic))
+    except OSError as exc:
+        raise MoedslError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if head != magic:
+        raise MoedslError(f"{path}: not a .npy array file (it does not start with numpy's magic bytes)",
+                          notes=["give .npy files written by numpy.save; text goes in a .txt or .jsonl file"])
+    try:
+        arr = np.load(path, allow_pickle=False)  # never unpickle: a .npy of objects is refused
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Object arrays" in str(exc):
+            raise MoedslError(f"{path}: the array holds Python objects, not integer token ids",
+                              notes=["save an integer array (numpy.save of an int32/int64 array)"]) from None
         raise MoedslError(f"{path}: not a readable .npy array: {exc}") from None
+    except Exception as exc:  # numpy raises OSError/EOFError and others for damaged files
+        raise MoedslError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc})") from None
     if not isinstance(arr, np.ndarray):
         raise MoedslError(f"{path}: expected a single array, got {type(arr).__name__}")
     if arr.dtype.kind not in "iu":
@@ -254,12 +288,9 @@ def _read_safetensors(path: Path) -> list[Doc]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise MoedslError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except OSError as exc:
-        raise MoedslError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    from moedsl.textfile import read_text
+
+    return read_text(path)
 
 
 # ------------------------------------------------------------------------------------------

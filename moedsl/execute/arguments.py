@@ -46,5 +46,11 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="overlap (the default): read the next layer and write the previous one while a layer is "
                         "quantized; serial: each step to completion before the next, for the least memory. "
                         "Both write the same bytes")
+    p.add_argument("--allow-missing-weights", action="store_true",
+                   help="initialize parameters the checkpoint lacks as from_pretrained would (random weights), "
+                        "with a warning in the report, instead of refusing the run")
+    p.add_argument("--allow-unused-weights", action="store_true",
+                   help="ignore checkpoint tensors that no parameter of the model takes (e.g. a config with fewer "
+                        "layers than the checkpoint), with a warning in the report, instead of refusing the run")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="also GPTQ-quantize lm_head, on the final-norm outputs of the calibration data")

@@ -23,6 +23,7 @@ from moedsl.execute.stats import Hessian
 from moedsl.experts import weights as expert_weights
 from moedsl.gptq.batched import gptq_quantize_batched, gptq_quantize_shared
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack, rtn_quantize
+from moedsl.lang.ckpt_name import expand
 from moedsl.plan.schema import KindPlan, Policy, Stage, StatsKey, Target
 
 __all__ = ["LayerQuantizer", "LayerResult", "Quantized", "StageReport", "StopForward", "TargetReport", "output_error"]
@@ -199,7 +200,7 @@ class LayerQuantizer(LayerStatistics):
                 acc[t.id][0] += sum(r.loss for r in res)
                 bias = b.get(t.role)
                 stack = QuantStack.of(res, bias[e0:e1].detach() if bias is not None else None)
-                self.emit(Quantized([t.ckpt.format(e=e) for e in range(e0, e1)], stack, True), out)
+                self.emit(Quantized([expand(t.ckpt, e) for e in range(e0, e1)], stack, True), out)
             del Wc, results
         tokens = counts.tolist() if key.per_expert else [int(counts)] * E
         return [TargetReport(t.id, stage.index, E, acc[t.id][0], float(acc[t.id][1]), float(acc[t.id][2]), tokens,

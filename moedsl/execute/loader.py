@@ -124,13 +124,19 @@ def shard_map(model_dir: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exc:
             raise MoedslError(f"{index}: not a safetensors index (needs a `weight_map` object): {exc}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise MoedslError(f"{index}: `weight_map` must be an object of tensor name -> shard file name")
+        root = model_dir.resolve()
         for key, shard in weight_map.items():
             path = model_dir / shard
+            if root not in path.resolve().parents:
+                raise MoedslError(f"{index}: `{key}` is in shard {shard!r}, which is not a file inside {model_dir}")
             if not path.is_file():
                 raise MoedslError(f"{index}: `{key}` is in shard {shard}, which does not exist in {model_dir}")
             shard_of[key] = path
+        _check_index_keys(index, shard_of)
         return shard_of
     shards = sorted(model_dir.glob("*.safetensors"))
     if not shards:
@@ -169,6 +175,26 @@ def checkpoint_parts(model_dir: Path, shards: dict[str, Path] | None = None) -> 
     model_dir = Path(model_dir)
     return dequant.group(shards if shards is not None else shard_map(model_dir), stored_format(model_dir),
                          str(model_dir))
+
+
+def _check_index_keys(index: Path, shard_of: dict[str, Path]) -> None:
+    """Every tensor the index names must be in its shard (reads only the shards' headers)."""
+    from safetensors import safe_open
+
+    by_shard: dict[Path, list[str]] = defaultdict(list)
+    for key, path in shard_of.items():
+        by_shard[path].append(key)
+    for path, keys in sorted(by_shard.items()):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                have = set(f.keys())
+        except Exception as exc:  # safetensors raises its own error types
+            raise MoedslError(f"{path}: not a readable safetensors file: {exc}") from None
+        absent = sorted(set(keys) - have, key=_natural_key)
+        if absent:
+            raise MoedslError(f"{index}: {len(absent)} tensor(s) listed for {path.name} are not in it: "
+                              + ", ".join(absent[:6]) + (f" and {len(absent) - 6} more" if len(absent) > 6 else ""),
+                              notes=["the index does not belong to these shards (an interrupted download?)"])
 
 
 class LayerwiseLoader:
@@ -224,6 +250,7 @@ class LayerwiseLoader:
         self._runtime_of: dict[str, str] = {}
         self._layer_keys: dict[int | None, list[str]] = {}
         self._unexpected: list[str] = []
+        self._converted: set[str] = set()
         self._layers_path: str | None = None
         self._planned_for: int | None = None
 
@@ -320,10 +347,10 @@ class LayerwiseLoader:
         try:
             with remote.running(self.remote_code, "building the model"), quiet_transformers(), torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(self.config, **kwargs)
-        except ValueError as exc:
+        except Exception as exc:  # transformers and torch refuse impossible configs with many error types
             raise MoedslError(
-                f"{self.model_dir}: cannot build a causal LM for model_type "
-                f"`{getattr(self.config, 'model_type', '?')}`: {exc}"
+                f"{self.model_dir / 'config.json'}: cannot build a causal LM for model_type "
+                f"`{getattr(self.config, 'model_type', '?')}`: {type(exc).__name__}: {str(exc)[:300]}"
             ) from None
         model.eval()
         self._plan(model)
@@ -344,21 +371,25 @@ class LayerwiseLoader:
         runtime_of: dict[str, str] = {}
         per_layer: dict[int | None, list[str]] = defaultdict(list)
         unexpected: list[str] = []
+        converted: set[str] = set()
         for key in self.checkpoint_keys():
             # the same two-step renaming that convert_and_load_state_dict_in_model performs
-            renamed, _ = api["rename_source_key"](key, renamings, converters, prefix, meta_sd)
+            renamed, converter = api["rename_source_key"](key, renamings, converters, prefix, meta_sd)
             if renamed not in meta_sd and key in meta_sd:
-                renamed, _ = api["rename_source_key"](key, [], [], prefix, meta_sd)
+                renamed, converter = api["rename_source_key"](key, [], [], prefix, meta_sd)
             if renamed not in meta_sd:
                 unexpected.append(key)
                 continue
             runtime_of[key] = renamed
+            if converter is not None:
+                converted.add(key)
             m = layer_re.match(renamed)
             per_layer[int(m.group(1)) if m else None].append(key)
         self._mapping = mapping
         self._runtime_of = runtime_of
         self._layer_keys = dict(per_layer)
         self._unexpected = unexpected
+        self._converted = converted
         self._planned_for = id(model)
         if unexpected:
             msg = (
@@ -391,6 +422,11 @@ class LayerwiseLoader:
     def unexpected_keys(self) -> list[str]:
         """Checkpoint tensors that match no parameter of the model (ignored, as from_pretrained does)."""
         return list(self._unexpected)
+
+    def is_converted(self, key: str) -> bool:
+        """Whether checkpoint tensor `key` loads through a converter (fused, split or reshaped), not as is."""
+        self.layers_path  # noqa: B018
+        return key in self._converted
 
     def layer_keys(self, i: int) -> list[str]:
         """The checkpoint keys (on-disk names) that make up decoder layer `i`."""

@@ -41,6 +41,13 @@ class QuantizeOptions(BaseModel):
     quantize_lm_head: bool = False
     activations: Literal["auto", "device", "cpu"] = "auto"  # where layer inputs/outputs are kept between layers
     pipeline: Literal["overlap", "serial"] = "overlap"  # read/write beside the quantizer, or each step in turn
+    allow_missing_weights: bool = False  # parameters absent from the checkpoint are initialized, with a warning
+    allow_unused_weights: bool = False  # checkpoint tensors no parameter takes are ignored, with a warning
+
+    def model_post_init(self, _context) -> None:
+        from moedsl.execute.option_check import check_options
+
+        check_options(self)
 
     def quant_config(self, scale_dtype: str = "float16") -> QuantConfig:
         return QuantConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,

@@ -197,7 +197,8 @@ class Runner:
 
     def run(self) -> Report:
         from moedsl.calib.data import load_calibration
-        from moedsl.execute.loader import LayerwiseLoader
+        from moedsl.execute.finite import check_finite_layer
+        from moedsl.execute.model_check import open_model
         from moedsl.execute.progress import Progress
         from moedsl.lang.library import for_model, load
         from moedsl.models.default import default_model_dir
@@ -217,16 +218,11 @@ class Runner:
         model_dir = opts.model if opts.model is not None else default_model_dir()
         if not Path(model_dir).is_dir():
             raise MoedslError(f"--model {model_dir}: no such directory")
-        # before the output directory is touched: a model that needs its own code, or a checkpoint the
-        # loader cannot read, is refused here
-        loader = LayerwiseLoader(model_dir, trust_remote_code=opts.trust_remote_code)
-        code = loader.remote_code
-        resuming = _prepare_out(opts)
+        # before the output directory is touched: a model that needs its own code, a checkpoint the loader
+        # cannot read, or a config that does not fit its checkpoint, is refused here
         with phases("startup.skeleton"):
-            model = loader.skeleton()
-            model.eval()
-        with phases("startup.embeddings"):
-            loader.load_non_layer(model, self.device)
+            loader, model, model_warnings = open_model(model_dir, opts, self.device)
+        code = loader.remote_code
         with phases("startup.plan"):
             definition = load(opts.definition) if opts.definition else for_model(model)
             tokens = opts.samples * opts.seq_len
@@ -234,16 +230,18 @@ class Runner:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         cfg = opts.quant_config(required_scale_dtype(opts.format, dtype))
         check_shapes(plan, cfg, opts.format)
+        with phases("startup.calibration"):
+            calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed,
+                                     trust_remote_code=code is not None)
+        resuming = _prepare_out(opts)  # only once every input has been checked
         head_options = dict(ignore=(), extra_quantization_config={"lm_head": True} if opts.format == "gptq" else None)
         writer = CheckpointWriter(opts.out, opts.format, cfg, **(head_options if opts.quantize_lm_head else {}))
         # the first layer is read, and the GPU kernels compiled, while the run starts up
         overlap = opts.pipeline == "overlap"
         reader = LayerReader(loader, plan.num_layers, pin=self.device.type == "cuda", overlap=overlap, phases=phases)
         reader.prefetch(_first_layer_guess(opts.out / RUN_DIR / STATE_NAME) if resuming else 0)
-        with phases("startup.calibration"):
-            calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed,
-                                     trust_remote_code=code is not None)
         ids, warnings = (calib.input_ids, list(calib.warnings)) if hasattr(calib, "input_ids") else (calib, [])
+        warnings = model_warnings + warnings  # the report lists every warning, not only stderr
         report = Report.start(opts, plan, str(model_dir), definition.source_file or definition.header.name,
                               str(self.device), warnings)
         report.remote_code = code.record() if code is not None else None
@@ -298,6 +296,7 @@ class Runner:
                     t0 = time.perf_counter()
                     with phases("read"):
                         layer = loader.load_layer(model, i, self.device, tensors=reader.get(i))
+                    check_finite_layer(layer, kind, i, plan.layers_path)
                     kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], carried)]
                     quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device)
                     quantizer.out_device = act_device
@@ -321,9 +320,11 @@ class Runner:
                     peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
                     report.add_layer(i, kind.name, seconds, peak, result, tokens)
                     for path, experts in result.starved.items():
-                        progress.warn(f"layer {i}: {len(experts)} expert(s) of `{path}` saw no calibration token "
-                                      f"under policy {self.policy} and were rounded to nearest: {experts[:16]}"
-                                      f"{' …' if len(experts) > 16 else ''}")
+                        msg = (f"layer {i}: {len(experts)} expert(s) of `{path}` saw no calibration token under "
+                               f"policy {self.policy} and were rounded to nearest: {experts[:16]}"
+                               f"{' …' if len(experts) > 16 else ''}")
+                        progress.warn(msg)
+                        report.warnings.append(msg)
                     acts = {f"x.{b}": x for b, x in enumerate(hidden)}
                     acts |= {f"carry.{name}.{b}": v for b, c in enumerate(carried)
                              for name, v in c.items() if torch.is_tensor(v)}

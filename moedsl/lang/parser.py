@@ -20,6 +20,7 @@ from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedEOF, Unex
 
 from moedsl.errors import MoedslError, Span, nearest
 from moedsl.lang import ir
+from moedsl.lang.ckpt_name import template_problem
 
 # moedsl/grammars is a link to the checkout's top-level grammars/ and a real folder in the wheel
 GRAMMAR_PATH = (Path(__file__).resolve().parents[1] / "grammars" / "moedef.lark").resolve()
@@ -381,6 +382,15 @@ class _Builder:
         role_tok, template_tok = node.children
         role = self.proj_role(role_tok)
         template = self.string(template_tok)
+        problem = template_problem(template)
+        if problem is not None:
+            # point at the brace: offsets in the raw token (after its quote) match unless escapes precede it
+            raw = template_problem(str(template_tok)[1:-1])
+            offset, length, why = raw if raw is not None else (-1, 1, problem[2])
+            span = self.span(template_tok)
+            raise MoedslError(f"checkpoint name {json.dumps(template)[:80]}: {why}",
+                              span=Span(span.file, span.line, span.col + 1 + offset, length, self.text),
+                              expected=["{e}"])
         if "{e}" not in template:
             raise self.error("a per-expert checkpoint name needs `{e}` (the expert index)", template_tok)
         return ir.Ckpt(role=role, template=template, doc=self._trailing(node, doc), span=self.span(node))
@@ -398,9 +408,15 @@ class _Builder:
 
     def string(self, tok: Token) -> str:
         try:
-            return json.loads(str(tok))
+            value = json.loads(str(tok))
         except json.JSONDecodeError as err:
             raise self.error(f"bad string escape: {err.msg}", tok) from None
+        surrogate = next((i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff"), None)
+        if surrogate is not None:
+            raise self.error(f"the string holds a lone surrogate U+{ord(value[surrogate]):04X} (from a `\\u` escape), "
+                             "which is not a character", tok, notes=["write the character itself, or escape a valid "
+                                                                    "surrogate pair"])
+        return value
 
     # -- expressions -------------------------------------------------------------------------
 
@@ -597,13 +613,6 @@ def _parse_collecting(lark: Lark, text: str, comments: list[Token]) -> Tree:
 
 
 def parse_file(path: str | Path) -> ir.Definition:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MoedslError(f"{path}: no such file") from None
-    except UnicodeDecodeError as err:
-        raise MoedslError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    except OSError as err:
-        raise MoedslError(f"{path}: cannot read: {err.strerror}") from None
-    return parse(text, str(path))
+    from moedsl.textfile import read_text
+
+    return parse(read_text(path), str(path))

@@ -1,0 +1,5 @@
+import sys
+
+from tests.adversarial.runner import main
+
+sys.exit(main())
