@@ -123,7 +123,7 @@ class Binder:
         hidden = getattr(self.config, "hidden_size", None) or getattr(self.config, "d_model", 0)
         return BoundDefinition(
             arch=h.name, model_type=str(getattr(self.config, "model_type", "")), model_class=self.model_class,
-            num_layers=len(layers), layers_path=layers_path, embed=embed, final_norm=norm, lm_head=head,
+            num_layers=len(layers), layers_path=layers_path, layers_ckpt=h.layers_ckpt or layers_path, embed=embed, final_norm=norm, lm_head=head,
             num_experts=num_experts, top_k=top_k, hidden_size=int(hidden or 0), carry=h.carry, kinds=tuple(kinds),
             kind_of_layer=tuple(kind_of_layer))
 

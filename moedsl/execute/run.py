@@ -48,9 +48,22 @@ def pick_device(name: str) -> torch.device:
 class _Catcher(torch.nn.Module):
     """Stands in for a decoder layer to record the arguments the model calls it with."""
 
-    def __init__(self, index: int, last: int, record: dict, carry: tuple[str, ...] = ()):
+    def __init__(self, index: int, last: int, record: dict, carry: tuple[str, ...] = (),
+                 layer: torch.nn.Module | None = None):
         super().__init__()
         self.index, self.last, self.record, self.carry = index, last, record, carry
+        object.__setattr__(self, "_layer", layer)  # not registered as a submodule
+
+    def __getattr__(self, name: str):
+        # a model may read its layers' attributes while it calls them (nemotron_h picks each
+        # layer's mask by `layer.block_type`): answer with the real layer's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_layer")
+            if layer is None:
+                raise
+            return getattr(layer, name)
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.index == 0:
@@ -80,7 +93,7 @@ def capture_layer_inputs(model, plan: HookPlan, batches: list[torch.Tensor], dev
         for b, ids in enumerate(batches):
             record: dict = {}
             for i in range(n):
-                layers[i] = _Catcher(i, n - 1, record, plan.carry)
+                layers[i] = _Catcher(i, n - 1, record, plan.carry, saved[i])
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except StopForward:
@@ -282,7 +295,7 @@ class Runner:
         return self.device
 
     def write_layer(self, writer, loader, plan: HookPlan, i: int, kind, result: LayerResult, dtype) -> None:
-        prefix = f"{plan.layers_path}.{i}."
+        prefix = f"{plan.layers_ckpt_path}.{i}."  # checkpoint names, as the source checkpoint spells them
         replaced: set[str] = set()
         for q in result.quantized:
             name = prefix + q.ckpt

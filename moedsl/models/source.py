@@ -11,14 +11,18 @@ from moedsl.errors import MoedslError
 
 
 def config_from_file(path: str | Path) -> Any:
-    """A transformers config from a config.json: `AutoConfig.for_model(model_type, **rest)`."""
-    from transformers import AutoConfig
+    """A transformers config from a config.json: `AutoConfig.for_model(model_type, **rest)`.
+
+    The file is read as transformers reads it (`PreTrainedConfig._dict_from_json_file`), so the
+    non-finite floats it writes as `{"__float__": "Infinity"}` (Mamba hybrids' `time_step_limit`)
+    come back as floats."""
+    from transformers import AutoConfig, PretrainedConfig
 
     from moedsl.models.tiny import quiet_transformers
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = PretrainedConfig._dict_from_json_file(path)
     except FileNotFoundError:
         raise MoedslError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -33,7 +37,7 @@ def config_from_file(path: str | Path) -> Any:
     try:
         with quiet_transformers():
             return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # transformers' own validation (strict dataclass fields, ValueError, ...)
         raise MoedslError(f"{path}: not a valid `{model_type}` config: {err}") from None
 
 
