@@ -143,23 +143,31 @@ def _prepare_out(opts: QuantizeOptions) -> bool:
 
 
 def check_shapes(plan: HookPlan, cfg, fmt: str) -> None:
-    from moedsl.write.pack import shape_problems
-
     """Pre-flight: every target's shape must suit the group size and the format's packing, checked
     before any layer is quantized or any shard written (the writer would refuse them only later)."""
+    from moedsl.write.pack import group_problems, packing_problems
+
     bad: dict[str, str] = {}
+    grouping = packing = False
     for kind in plan.kinds:
         for stage in kind.stages:
             for t in stage.targets:
-                why = shape_problems(t.out_features, t.in_features, cfg, fmt)
-                if why:
-                    bad.setdefault(f"{kind.name}: {t.id} [{t.out_features}x{t.in_features}]", "; ".join(why))
+                g = group_problems(t.in_features, cfg)
+                p = packing_problems(t.out_features, t.in_features, cfg, fmt)
+                grouping, packing = grouping or bool(g), packing or bool(p)
+                if g or p:
+                    bad.setdefault(f"{kind.name}: {t.id} [{t.out_features}x{t.in_features}]", "; ".join(g + p))
     if bad:
         lines = [f"{name}: {why}" for name, why in bad.items()]
+        notes = []
+        if grouping:
+            notes.append("choose a group size that divides every in_features (or -1 for one group per row)")
+        if packing:  # a group size cannot help here: say what can
+            notes.append(f"no group size changes this: {cfg.bits}-bit GPTQ packs whole int32 words along both "
+                         "dimensions; use --format compressed-tensors, or mark the module `:!` in the definition")
         raise MoedslError(f"{len(bad)} target(s) cannot be quantized with group_size {cfg.group_size} and "
                           f"{cfg.bits} bits in the {fmt} format:\n  " + "\n  ".join(lines[:20])
-                          + (f"\n  … and {len(lines) - 20} more" if len(lines) > 20 else ""),
-                          notes=["choose a group size that divides every in_features (or -1 for one group per row)"])
+                          + (f"\n  … and {len(lines) - 20} more" if len(lines) > 20 else ""), notes=notes)
 
 
 def quantize(**kwargs) -> Report:

@@ -35,7 +35,11 @@ def merge(child: ir.Definition, parent: ir.Definition) -> ir.Definition:
         out = [own.pop(x.name, x) for x in theirs]
         return tuple(out) + tuple(x for x in mine if x.name in own)
 
-    layers = list(by_name(child.layers, parent.layers))
+    parent_layers = parent.layers
+    if any(k.when is None for k in child.layers):  # one `otherwise` kind: the child's replaces the parent's
+        mine = {k.name for k in child.layers}
+        parent_layers = tuple(k for k in parent.layers if k.when is not None or k.name in mine)
+    layers = list(by_name(child.layers, parent_layers))
     # an `otherwise` kind stays last whichever file it came from
     layers.sort(key=lambda k: k.when is None)
     return ir.Definition(header=header, lets=by_name(child.lets, parent.lets),
