@@ -41,7 +41,10 @@ identifiers = st.one_of(
 ).filter(lambda s: s not in parser.KEYWORDS)
 
 # names that the grammar reads as a NAME wherever they stand (so no keyword at all)
-dotted = st.lists(identifiers, min_size=1, max_size=3).map(".".join)
+# a path segment may also be a number (the children of a ModuleList: `self_attn.0`)
+segments = st.one_of(identifiers, identifiers, st.integers(0, 99).map(str))
+dotted = st.lists(segments, min_size=1, max_size=3).map(".".join)
+roots = st.lists(identifiers, min_size=1, max_size=3).map(".".join)  # `layers ... @ "backbone.layers"`
 paths = st.lists(dotted, min_size=1, max_size=3).map(tuple)
 
 # comment text: anything on one line; the parser strips trailing blanks, so none are generated
@@ -147,13 +150,15 @@ lets_names = identifiers.filter(lambda s: s not in ("i", "config"))
 
 @st.composite
 def definitions(draw) -> ir.Definition:
+    layers_path = draw(st.none() | paths)
     header = ir.Header(
         name=draw(identifiers),
         extends=draw(st.none() | identifiers),
         matches=tuple(draw(st.lists(strings, max_size=3))),
         experts=draw(st.none() | exprs),
         top_k=draw(st.none() | exprs),
-        layers=draw(st.none() | paths),
+        layers=layers_path,
+        layers_ckpt=None if layers_path is None else draw(st.none() | roots),
         embed=draw(st.none() | paths),
         final_norm=draw(st.none() | paths),
         lm_head=draw(st.none() | paths),

@@ -92,11 +92,15 @@ class Binder:
         embed = self.root_path(h.embed, "embed", h)[0] if h.embed else None
         norm = self.root_path(h.final_norm, "final_norm", h)[0] if h.final_norm else None
         head = self.root_path(h.lm_head, "lm_head", h)[0] if h.lm_head else None
-        num_experts = self.header_int(h.experts, "experts")
-        top_k = self.header_int(h.top_k, "top_k")
         if layers is None:
             raise MoedslErrors(self.errors)
         kind_of_layer = self.assign_kinds(len(layers))
+        # the expert count and top-k matter only where a `:moe` layer kind is used: a dense variant of
+        # a MoE family (`num_local_experts = 0`, every layer dense) has no experts to count
+        used = set(kind_of_layer)
+        moe_used = any(_has_moe(k.items) for k in self.d.layers if k.name in used)
+        num_experts = self.header_int(h.experts, "experts") if moe_used else None
+        top_k = self.header_int(h.top_k, "top_k") if moe_used else None
         for name in h.carry:
             params = inspect.signature(type(layers[0]).forward).parameters
             if name not in params:
@@ -123,7 +127,7 @@ class Binder:
         hidden = getattr(self.config, "hidden_size", None) or getattr(self.config, "d_model", 0)
         return BoundDefinition(
             arch=h.name, model_type=str(getattr(self.config, "model_type", "")), model_class=self.model_class,
-            num_layers=len(layers), layers_path=layers_path, embed=embed, final_norm=norm, lm_head=head,
+            num_layers=len(layers), layers_path=layers_path, layers_ckpt=h.layers_ckpt or layers_path, embed=embed, final_norm=norm, lm_head=head,
             num_experts=num_experts, top_k=top_k, hidden_size=int(hidden or 0), carry=h.carry, kinds=tuple(kinds),
             kind_of_layer=tuple(kind_of_layer))
 
@@ -371,6 +375,10 @@ class Binder:
         return BoundExperts(path=path, num_experts=E, hidden_size=hidden_size, intermediate_size=inter, fn=fn,
                             scale=scale, call=call, tensors=tuple(tensors), module_list=tuple(module_list),
                             ckpt=ckpt, ckpt_fused=ckpt_fused, module_class=type(mod).__name__)
+
+
+def _has_moe(items: tuple) -> bool:
+    return any(isinstance(it, ir.Module) and it.role == "moe" for it in ir.walk_items(items))
 
 
 def _roles(items: tuple, prefix: str):

@@ -95,6 +95,7 @@ class BoundDefinition(Frozen):
     model_class: str
     num_layers: int
     layers_path: str  # from the model root
+    layers_ckpt: str = ""  # the checkpoint's name for the decoder-layer list (`layers ... @ "..."`), else layers_path
     embed: str | None
     final_norm: str | None
     lm_head: str | None

@@ -148,16 +148,19 @@ def _experts_item(d: ir.Definition, kind: str) -> ir.Module | None:
 
 def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[str]) -> tuple[list[MoedslError], str]:
     errs: list[MoedslError] = []
+    missing: list[tuple[str, int]] = []  # (name relative to the layer, layer index) of every name not found
     checked = 0
+    root = bound.layers_ckpt or bound.layers_path
     for kind in bound.kinds:
         i = kind.layers[0]
-        prefix = f"{bound.layers_path}.{i}."
+        prefix = f"{root}.{i}."
         layer_keys = sorted(k for k in keys if k.startswith(prefix))
 
         def want(key: str, node: Any) -> None:
             nonlocal checked
             checked += 1
             if key not in keys:
+                missing.append((key[len(prefix):], i))
                 near = nearest(key, layer_keys, cutoff=0.5)
                 errs.append(MoedslError(f"checkpoint name `{key}` is not among the keys the checkpoint holds",
                                         span=getattr(node, "span", None), suggestion=near, code="checkpoint error"))
@@ -177,7 +180,30 @@ def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[s
             for role, template in ex.ckpt.items():
                 for e in sorted({0, ex.num_experts - 1}):
                     want(prefix + expand(template, e) + ".weight", declared.get(role, item))
+    other = _other_root(missing, checked, root, keys)
+    if other is not None:  # one error at the `layers` statement, not one per name
+        span = d.header.spans.get("layers", d.header.span)
+        hint = f'layers {bound.layers_path} @ "{other}"' if other != bound.layers_path else f"layers {other}"
+        return [MoedslError(
+            f"none of the {checked} checkpoint names is in the checkpoint, but every one is there under the root "
+            f"`{other}` instead of `{root}`: the checkpoint stores the decoder layers as `{other}.N`",
+            span=span, suggestion=hint, code="checkpoint error",
+            notes=[f"e.g. `{root}.{missing[0][1]}.{missing[0][0]}` is `{other}.{missing[0][1]}.{missing[0][0]}`"])], \
+            f"{checked} checkpoint names under another root"
     return errs, f"{checked} checkpoint keys found"
+
+
+def _other_root(missing: list[tuple[str, int]], checked: int, root: str, keys: set[str]) -> str | None:
+    """The one other root (`backbone.layers`) under which every missing layer key exists, if all are missing."""
+    if not missing or len(missing) != checked:
+        return None
+    rel, i = missing[0]
+    tail = f".{i}.{rel}"
+    candidates = {k[: -len(tail)] for k in keys if k.endswith(tail) and len(k) > len(tail)}
+    for cand in sorted(candidates):
+        if cand != root and all(f"{cand}.{j}.{r}" in keys for r, j in missing):
+            return cand
+    return None
 
 
 @torch.no_grad()

@@ -56,9 +56,22 @@ def pick_device(name: str) -> torch.device:
 class _Catcher(torch.nn.Module):
     """Stands in for a decoder layer to record the arguments the model calls it with."""
 
-    def __init__(self, index: int, last: int, record: dict, carry: tuple[str, ...] = ()):
+    def __init__(self, index: int, last: int, record: dict, carry: tuple[str, ...] = (),
+                 layer: torch.nn.Module | None = None):
         super().__init__()
         self.index, self.last, self.record, self.carry = index, last, record, carry
+        object.__setattr__(self, "_layer", layer)  # not registered as a submodule
+
+    def __getattr__(self, name: str):
+        # a model may read its layers' attributes while it calls them (nemotron_h picks each
+        # layer's mask by `layer.block_type`): answer with the real layer's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_layer")
+            if layer is None:
+                raise
+            return getattr(layer, name)
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.index == 0:
@@ -88,7 +101,7 @@ def capture_layer_inputs(model, plan: HookPlan, batches: list[torch.Tensor], dev
         for b, ids in enumerate(batches):
             record: dict = {}
             for i in range(n):
-                layers[i] = _Catcher(i, n - 1, record, plan.carry)
+                layers[i] = _Catcher(i, n - 1, record, plan.carry, saved[i])
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except StopForward:
@@ -158,23 +171,31 @@ def _warm_up(device: torch.device, group_size: int) -> None:
 
 
 def check_shapes(plan: HookPlan, cfg, fmt: str) -> None:
-    from moedsl.write.pack import shape_problems
-
     """Pre-flight: every target's shape must suit the group size and the format's packing, checked
     before any layer is quantized or any shard written (the writer would refuse them only later)."""
+    from moedsl.write.pack import group_problems, packing_problems
+
     bad: dict[str, str] = {}
+    grouping = packing = False
     for kind in plan.kinds:
         for stage in kind.stages:
             for t in stage.targets:
-                why = shape_problems(t.out_features, t.in_features, cfg, fmt)
-                if why:
-                    bad.setdefault(f"{kind.name}: {t.id} [{t.out_features}x{t.in_features}]", "; ".join(why))
+                g = group_problems(t.in_features, cfg)
+                p = packing_problems(t.out_features, t.in_features, cfg, fmt)
+                grouping, packing = grouping or bool(g), packing or bool(p)
+                if g or p:
+                    bad.setdefault(f"{kind.name}: {t.id} [{t.out_features}x{t.in_features}]", "; ".join(g + p))
     if bad:
         lines = [f"{name}: {why}" for name, why in bad.items()]
+        notes = []
+        if grouping:
+            notes.append("choose a group size that divides every in_features (or -1 for one group per row)")
+        if packing:  # a group size cannot help here: say what can
+            notes.append(f"no group size changes this: {cfg.bits}-bit GPTQ packs whole int32 words along both "
+                         "dimensions; use --format compressed-tensors, or mark the module `:!` in the definition")
         raise MoedslError(f"{len(bad)} target(s) cannot be quantized with group_size {cfg.group_size} and "
                           f"{cfg.bits} bits in the {fmt} format:\n  " + "\n  ".join(lines[:20])
-                          + (f"\n  … and {len(lines) - 20} more" if len(lines) > 20 else ""),
-                          notes=["choose a group size that divides every in_features (or -1 for one group per row)"])
+                          + (f"\n  … and {len(lines) - 20} more" if len(lines) > 20 else ""), notes=notes)
 
 
 def quantize(**kwargs) -> Report:
@@ -301,7 +322,7 @@ class Runner:
                     quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device)
                     quantizer.out_device = act_device
                     quantizer.phases = phases
-                    prefix = f"{plan.layers_path}.{i}."
+                    prefix = f"{plan.layers_ckpt_path}.{i}."  # the source checkpoint's names
                     packed: list = []
 
                     def pack(q, prefix=prefix, packed=packed):
@@ -380,7 +401,7 @@ class Runner:
     def layer_copies(loader, plan: HookPlan, i: int, kind, quantized: list[str]) -> list[str]:
         """Layer i's checkpoint keys stored unchanged: all but the quantized modules' weights and
         biases (`quantized`: full module names) and the fused expert tensors they replace."""
-        prefix = f"{plan.layers_path}.{i}."
+        prefix = f"{plan.layers_ckpt_path}.{i}."  # checkpoint names, as the source checkpoint spells them
         replaced: set[str] = set()
         for name in quantized:
             replaced |= {name + ".weight", name + ".bias"}

@@ -2,12 +2,13 @@
 
     python -m moedsl.lang.docs_table            # (re)write docs/architectures.md
     python -m moedsl.lang.docs_table --check    # exit 1 if the committed file is out of date
+    python -m moedsl.lang.docs_table --coverage # MoE model types of the installed transformers: covered, and why not
 
 For every definition: its model_type(s), what it extends, its layer kinds and the `when`
 expression that chooses each (with the `let`s it uses), every kind's quantization stages,
 and for each MoE block the router, the shared experts, the experts' storage and layout,
 the expert function and the checkpoint naming. The families that the language cannot
-express yet are listed with the reason (`SKIPPED`), and so are the MoE families that the
+express yet are listed with the reason (`SKIPPED`, the data of `moedsl.lang.coverage`), and so are the MoE families that the
 tiny-model builder supports but no definition covers yet. Nothing here needs torch or a
 model: the page is a function of the `.moedef` files (and of the family lists in
 `moedsl.models.tiny`).
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from moedsl.lang import ir
+from moedsl.lang.coverage import REASONS
 from moedsl.lang.library import LIBRARY_DIR, library_files, load, parse_cached
 from moedsl.lang.printer import _fn as printer_fn
 from moedsl.lang.printer import _paths
@@ -27,43 +29,8 @@ from moedsl.lang.printer import expr
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
 
-# Families of transformers 5.2x that a correct definition cannot be written for with today's
-# language. Keys are model_types; each reason names the missing construct precisely.
-SKIPPED: dict[str, str] = {
-    "granitemoeshared": "not written yet: its fused checkpoint rename is expressible (see granitemoe); its shared MLP sits beside the MoE block, not inside it.",
-    "granitemoehybrid": (
-        "not written yet: the fused checkpoint rename is expressible (see granitemoe), as is the "
-        "Mamba-2/attention hybrid."
-    ),
-    "aria_text": (
-        "checkpoint names: the fused, transposed experts are saved as `mlp.experts.fc1.weight` / `fc2.weight` "
-        "(runtime `gate_up_proj` / `down_proj`): expressible with `tensor ... @ \"key\"` as in granitemoe; not written yet."
-    ),
-    "nemotron_h": (
-        "checkpoint names: checkpoints put the decoder layers under `backbone.layers` while the runtime model has "
-        "`model.layers`; checkpoint names are relative to the decoder layer and the layer prefix is always the "
-        "runtime `layers` path. Needs a checkpoint root (e.g. `ckpt_layers backbone.layers`). The rest — one "
-        "`mixer` per layer chosen by `layers_block_type`, relu² experts without a gate (`fn mlp(relu2)`) — is "
-        "expressible; optional latent projections (`fc1/fc2_latent_proj`, Identity unless `moe_latent_size`) "
-        "could only be `:!`."
-    ),
-    "sarvam_moe": (
-        "checkpoint names: q/k/v are three runtime Linears but ONE checkpoint tensor "
-        "(`attention.query_key_value`); a per-module `@ \"name\"` can rename a target, not fuse three."
-    ),
-    "longcat_flash": (
-        "per-tensor expert counts: `gate_up_proj` holds E + Z experts (Z identity 'zero' experts) but "
-        "`down_proj` only E; the header has one expert count and the expert function has no identity expert. "
-        "Also two attentions and two dense MLPs per layer as ModuleLists (`self_attn.0/1`, `mlps.0/1`), "
-        "which is expressible."
-    ),
-    "jetmoe": (
-        "experts module: `ParallelExperts` — the experts of one MoE are two modules (`mlp.input_linear`, "
-        "`mlp.output_linear`), each holding one [E, out, in] weight, called by the block itself; there is no "
-        "experts module with the (hidden, index, weights) contract. The attention is itself a mixture of "
-        "experts (`self_attention.experts`, MoA)."
-    ),
-}
+# The families of transformers 5.2x that no definition covers, with the reason (moedsl.lang.coverage).
+SKIPPED: dict[str, str] = REASONS
 
 
 def _stages(items: tuple, prefix: str = "", out: dict[int, list[str]] | None = None) -> dict[int, list[str]]:
@@ -247,7 +214,8 @@ def render() -> str:
             w("")
         w(f"- file: `model_defs/{f.name}`" + (f", extends `{extends}`" if extends else ""))
         w(f"- model_type: {', '.join(f'`{m}`' for m in h.matches)}")
-        w(f"- decoder layers: `{_paths(h.layers or ())}`; embeddings `{_paths(h.embed or ())}`; "
+        root = f" (checkpoint root `{h.layers_ckpt}`)" if h.layers_ckpt else ""
+        w(f"- decoder layers: `{_paths(h.layers or ())}`{root}; embeddings `{_paths(h.embed or ())}`; "
           f"final norm `{_paths(h.final_norm or ())}`; head `{_paths(h.lm_head or ())}`")
         if h.experts is not None:
             w(f"- experts: `{expr(h.experts)}`; top-k: `{expr(h.top_k)}`")
@@ -280,7 +248,11 @@ def render() -> str:
 
     w("## Families not covered")
     w("")
-    w("### Skipped: the language cannot express them yet")
+    w("### Examined, and not expressible yet")
+    w("")
+    w("Composite (multimodal) wrappers, the language models inside them and models that are not causal LMs "
+      "are listed by `python -m moedsl.lang.docs_table --coverage`, which counts the MoE model types of the "
+      "installed transformers and gives every uncovered one its reason.")
     w("")
     w("| model_type | what is missing |")
     w("|---|---|")
@@ -301,7 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moedsl.lang.docs_table", description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if the file on disk is not up to date")
     ap.add_argument("--output", type=Path, default=DOC_PATH)
+    ap.add_argument("--coverage", action="store_true",
+                    help="print how many MoE model types of the installed transformers the library covers, and why "
+                         "not the others (writes nothing)")
     args = ap.parse_args(argv)
+    if args.coverage:
+        from moedsl.lang import coverage
+
+        return coverage.main([])
     text = render()
     if args.check:
         current = args.output.read_text(encoding="utf-8") if args.output.is_file() else None

@@ -259,6 +259,9 @@ class Header(Node):
     experts: Expr | None = None
     top_k: Expr | None = None
     layers: tuple[str, ...] | None = None
+    # `layers model.layers @ "backbone.layers"`: the checkpoint's name for the decoder-layer list when it is
+    # not the runtime path (nemotron_h saves `backbone.layers`, runs `model.layers`); None: the runtime path
+    layers_ckpt: str | None = None
     embed: tuple[str, ...] | None = None
     final_norm: tuple[str, ...] | None = None
     lm_head: tuple[str, ...] | None = None
@@ -266,6 +269,8 @@ class Header(Node):
     # the keyword arguments `a`, `b` (the first layer gets none); glm_moe_dsa's `prev_topk_indices`
     carry: tuple[str, ...] = ()
     doc: tuple[str, ...] = ()
+    # where each header statement was written (field -> span), for errors about one statement
+    spans: dict[str, Span] = Field(default_factory=dict, exclude=True, repr=False)
 
 
 class Definition(Node):

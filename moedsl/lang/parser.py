@@ -149,6 +149,13 @@ class _Builder:
                 first = header_spans[field]
                 raise self.error(f"`{_HEADER_WORD[field]}` is given twice (first at line {first.line})", stmt)
             header[field] = value
+            if stmt.data == "layers_stmt" and len(stmt.children) > 1:  # `layers PATHS @ "ckpt"`
+                tok = stmt.children[1].children[0]
+                root = self.string(tok)
+                if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", root):
+                    raise self.error(f"the checkpoint root {json.dumps(root)} is not a dotted path", tok,
+                                     notes=['e.g. `layers model.layers @ "backbone.layers"`'])
+                header["layers_ckpt"] = root
             header_spans[field] = self.span(stmt)
             header_doc.extend(doc)
         trailing = self.docs_before(len(self.text) + 1)
@@ -164,7 +171,7 @@ class _Builder:
         if otherwise and layers[-1].when is not None:
             raise MoedslError(f"layer kind `{otherwise[0].name}` is `otherwise`, so it must come last",
                               span=otherwise[0].span)
-        head = ir.Header(**header, doc=tuple(header_doc), span=header_spans.get("name"))
+        head = ir.Header(**header, doc=tuple(header_doc), span=header_spans.get("name"), spans=header_spans)
         return ir.Definition(header=head, lets=tuple(lets), fragments=tuple(fragments), layers=tuple(layers),
                              trailing_doc=trailing, source_file=self.file)
 

@@ -170,7 +170,8 @@ def definition(d: ir.Definition) -> str:
         out.append(f"top_k {expr(h.top_k)}")
     for word, value in (("layers", h.layers), ("embed", h.embed), ("final_norm", h.final_norm), ("lm_head", h.lm_head)):
         if value is not None:
-            out.append(f"{word} {_paths(value)}")
+            ckpt = f" @ {_literal(h.layers_ckpt)}" if word == "layers" and h.layers_ckpt is not None else ""
+            out.append(f"{word} {_paths(value)}{ckpt}")
     if h.carry:
         out.append(f"carry {', '.join(h.carry)}")
     if d.lets:

@@ -24,8 +24,10 @@ def merge(child: ir.Definition, parent: ir.Definition) -> ir.Definition:
         name=h.name, extends=None, matches=h.matches or p.matches,
         experts=h.experts if h.experts is not None else p.experts,
         top_k=h.top_k if h.top_k is not None else p.top_k,
-        layers=h.layers or p.layers, embed=h.embed or p.embed, final_norm=h.final_norm or p.final_norm,
+        layers=h.layers or p.layers, layers_ckpt=h.layers_ckpt if h.layers else p.layers_ckpt,
+        embed=h.embed or p.embed, final_norm=h.final_norm or p.final_norm,
         lm_head=h.lm_head or p.lm_head, carry=h.carry or p.carry, doc=h.doc, span=h.span,
+        spans={**p.spans, **h.spans},
     )
 
     def by_name(mine: tuple, theirs: tuple) -> tuple:
@@ -33,7 +35,11 @@ def merge(child: ir.Definition, parent: ir.Definition) -> ir.Definition:
         out = [own.pop(x.name, x) for x in theirs]
         return tuple(out) + tuple(x for x in mine if x.name in own)
 
-    layers = list(by_name(child.layers, parent.layers))
+    parent_layers = parent.layers
+    if any(k.when is None for k in child.layers):  # one `otherwise` kind: the child's replaces the parent's
+        mine = {k.name for k in child.layers}
+        parent_layers = tuple(k for k in parent.layers if k.when is not None or k.name in mine)
+    layers = list(by_name(child.layers, parent_layers))
     # an `otherwise` kind stays last whichever file it came from
     layers.sort(key=lambda k: k.when is None)
     return ir.Definition(header=header, lets=by_name(child.lets, parent.lets),

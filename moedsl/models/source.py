@@ -14,15 +14,19 @@ from moedsl.models import remote
 def config_from_file(path: str | Path, trust_remote_code: bool = False) -> Any:
     """A transformers config from a config.json: `AutoConfig.for_model(model_type, **rest)`, or,
     for a family whose code lives beside the file (`auto_map`), that code's config class
-    (only with `trust_remote_code`; see moedsl.models.remote)."""
-    from transformers import AutoConfig
+    (only with `trust_remote_code`; see moedsl.models.remote).
+
+    The file is read as transformers reads it (`PreTrainedConfig._dict_from_json_file`), so the
+    non-finite floats it writes as `{"__float__": "Infinity"}` (Mamba hybrids' `time_step_limit`)
+    come back as floats."""
+    from transformers import AutoConfig, PretrainedConfig
 
     from moedsl.models.tiny import quiet_transformers
 
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text)
+        data = PretrainedConfig._dict_from_json_file(path)
     except FileNotFoundError:
         raise MoedslError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -43,7 +47,7 @@ def config_from_file(path: str | Path, trust_remote_code: bool = False) -> Any:
     try:
         with quiet_transformers():
             return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # transformers' own validation (strict dataclass fields, ValueError, ...)
         raise MoedslError(f"{path}: not a valid `{model_type}` config: {err}") from None
 
 

@@ -130,6 +130,11 @@ class HookPlan(Frozen):
     model_class: str
     num_layers: int
     layers_path: str
+    layers_ckpt: str = ""  # where the checkpoint keeps the decoder layers; "" (older plans): layers_path
+
+    @property
+    def layers_ckpt_path(self) -> str:
+        return self.layers_ckpt or self.layers_path
     embed: str | None
     final_norm: str | None
     lm_head: str | None

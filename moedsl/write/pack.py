@@ -173,9 +173,19 @@ def shape_problems(out_features: int, in_features: int, cfg: QuantConfig, fmt: s
 
     Both formats need whole groups along the input; GPTQ also packs both dimensions into whole
     int32 words. The writers and the executor's pre-flight check ask the same question here."""
-    problems = []
+    return group_problems(in_features, cfg) + packing_problems(out_features, in_features, cfg, fmt)
+
+
+def group_problems(in_features: int, cfg: QuantConfig) -> list[str]:
+    """Problems another group size fixes: whole groups along the input."""
     if cfg.group_size != -1 and in_features % cfg.group_size:
-        problems.append(f"in_features {in_features} is not a multiple of group_size {cfg.group_size}")
+        return [f"in_features {in_features} is not a multiple of group_size {cfg.group_size}"]
+    return []
+
+
+def packing_problems(out_features: int, in_features: int, cfg: QuantConfig, fmt: str) -> list[str]:
+    """Problems no group size fixes: GPTQ packs both dimensions into whole int32 words."""
+    problems = []
     if fmt == "gptq":
         need = 32 if cfg.bits == 3 else 32 // cfg.bits
         for what, n in (("in_features", in_features), ("out_features", out_features)):
