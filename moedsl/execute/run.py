@@ -12,27 +12,23 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from moedsl.errors import MoedslError
 from moedsl.execute.layer import LayerQuantizer, LayerResult, StopForward
 from moedsl.execute.options import QuantizeOptions
-from moedsl.execute.outdir import check_apart
+from moedsl.execute.fingerprint import TOKENIZER_FILES, source_fingerprint
+from moedsl.execute.outdir import REPORT_NAME, OutputDir, check_apart, hold
 from moedsl.execute.report import Report, print_summary
 from moedsl.models import remote
 from moedsl.plan.schema import HookPlan
-
-RUN_DIR = ".moedsl-run"  # resume state inside the output directory; removed when the run finishes
-REPORT_NAME = "moedsl-report.json"
+from moedsl.write.files import copy_atomic, stop_point
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,29 +103,6 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _prepare_out(opts: QuantizeOptions) -> bool:
-    """Make the output directory ready; returns whether a partial run is there to resume."""
-    out = opts.out
-    state = out / RUN_DIR / "state.json"
-    if out.exists() and not out.is_dir():
-        raise MoedslError(f"--out {out}: exists and is not a directory")
-    if state.is_file():
-        if opts.resume:
-            return True
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        finished = (out / "config.json").is_file() and (out / REPORT_NAME).is_file()
-        if finished and opts.overwrite:
-            shutil.rmtree(out)
-        elif finished:
-            raise MoedslError(f"--out {out} already holds a finished checkpoint", notes=["pass --overwrite to replace it"])
-        else:
-            raise MoedslError(f"--out {out} is not empty and holds no moedsl run to resume",
-                              notes=["choose an empty or new directory"])
-    out.mkdir(parents=True, exist_ok=True)
-    return False
-
-
 def check_shapes(plan: HookPlan, cfg, fmt: str) -> None:
     from moedsl.write.pack import shape_problems
 
@@ -162,8 +135,16 @@ class Runner:
         self.device = pick_device(opts.device)
         self.policy = opts.moe_policy()
         opts.quant_config()  # bad bits, group size or damping fail here, before any model is loaded
+        self.out: OutputDir | None = None
 
     def run(self) -> Report:
+        try:
+            return self._run()
+        finally:
+            if self.out is not None:
+                self.out.release()  # after a failure: the lock, and the debris of a run that finished no layer
+
+    def _run(self) -> Report:
         from moedsl.calib.data import load_calibration
         from moedsl.execute.loader import LayerwiseLoader
         from moedsl.execute.progress import Progress
@@ -181,7 +162,8 @@ class Runner:
         # before the output directory is touched: a model that needs its own code is refused here
         loader = LayerwiseLoader(model_dir, trust_remote_code=opts.trust_remote_code)
         code = loader.remote_code
-        resuming = _prepare_out(opts)
+        self.out = out = hold(opts.out, resume=opts.resume, overwrite=opts.overwrite)
+        resuming = out.state is not None
         model = loader.skeleton()
         model.eval()
         loader.load_non_layer(model, self.device)
@@ -202,25 +184,24 @@ class Runner:
         progress = Progress(enabled=opts.progress)
         for w in warnings:
             progress.warn(w)
+        for note in out.notes:
+            progress.note(note)
 
         batches = list(ids.split(opts.batch_size))
         act_device = self.activation_device(model, tokens, progress)
         with remote.running(code, "running the model", only_in_code=True):
             hidden, layer_kwargs = capture_layer_inputs(model, plan, batches, self.device, act_device)
-        run_dir = opts.out / RUN_DIR
-        run_dir.mkdir(exist_ok=True)
         start_layer = 0
         carried: list[dict] = [{} for _ in batches]  # per batch: what the last layer hands the next (`carry`)
-        fingerprint = {**opts.fingerprint(), "definition": definition.header.name}
+        fingerprint = {"options": {**opts.fingerprint(), "definition": definition.header.name},
+                       "source": source_fingerprint(model_dir, [loader.shard_of(k) for k in loader.checkpoint_keys()],
+                                                    ids, plan)}
         if code is not None:  # other code would give other results
-            fingerprint["remote_code"] = code.digests()
+            fingerprint["source"]["remote_code"] = code.digests()
         if resuming:
-            state = json.loads((run_dir / "state.json").read_text())
-            if state["fingerprint"] != fingerprint:
-                raise MoedslError(f"--out {opts.out} holds an interrupted run with other options",
-                                  notes=["pass --no-resume to start over, or repeat the earlier options"])
+            state = out.resume(fingerprint)
             start_layer = state["finished"]
-            acts = load_file(str(run_dir / "acts.safetensors"), device=str(act_device))
+            acts = out.load_acts(act_device)
             hidden = [acts[f"x.{b}"] for b in range(len(batches))]
             carried = [{name: acts.get(f"carry.{name}.{b}") for name in plan.carry} for b in range(len(batches))]
             for i in range(start_layer):
@@ -230,6 +211,7 @@ class Runner:
 
         with progress.layers(plan.num_layers, start_layer) as bar:
             for i in range(start_layer, plan.num_layers):
+                stop_point(f"layer:{i}:start")
                 kind = plan.kind_for_layer(i)
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
@@ -254,13 +236,8 @@ class Runner:
                 acts = {f"x.{b}": x.contiguous().cpu() for b, x in enumerate(hidden)}
                 acts |= {f"carry.{name}.{b}": v.contiguous().cpu() for b, c in enumerate(carried)
                          for name, v in c.items() if torch.is_tensor(v)}
-                save_file(acts, str(run_dir / "acts.safetensors.tmp"))
-                os.replace(run_dir / "acts.safetensors.tmp", run_dir / "acts.safetensors")
-                (run_dir / "state.json").write_text(json.dumps({"fingerprint": fingerprint, "finished": i + 1,
-                                                                "layers": report.layers}))
+                out.commit_layer(i + 1, acts, fingerprint, report.layers)
                 bar.advance(i, seconds, tokens)
-                if os.environ.get("MOEDSL_KILL_AFTER_LAYER") == str(i):  # tests: die here, as a killed run would
-                    os._exit(137)
 
         head_key = None
         if opts.quantize_lm_head:
@@ -270,10 +247,9 @@ class Runner:
         report.finish(time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         if code is not None:  # beside the weights, before config.json (which marks the checkpoint finished)
             code.copy_to(opts.out)
-        writer.finalize(config)
         self.copy_tokenizer(Path(model_dir), opts.out)
-        (opts.out / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
-        shutil.rmtree(run_dir, ignore_errors=True)
+        writer.finalize(config, {REPORT_NAME: report.to_json()})  # config.json last: the directory is complete
+        out.finish()
         if opts.progress:
             print_summary(report)
         return report
@@ -353,7 +329,6 @@ class Runner:
 
     @staticmethod
     def copy_tokenizer(src: Path, out: Path) -> None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                     "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model"):
+        for name in TOKENIZER_FILES:
             if (src / name).is_file():
-                shutil.copyfile(src / name, out / name)
+                copy_atomic(src / name, out / name)
