@@ -6,7 +6,10 @@
    arguments (masks differ between layer types in hybrid models).
 4. For each layer: load its weights, quantize it by its plan (`LayerQuantizer`), write its
    shard, save the next layer's inputs for resuming, unload it.
-5. Copy the tensors that are not quantized, write the index and configs, and a report.
+5. Copy the tensors that are not quantized, the tokenizer files, then write the index, the report
+   and, last, config.json (which marks the checkpoint complete).
+
+The output directory (kept apart from the source, locked, resumed or cleared) is `outdir.py`'s.
 """
 
 from __future__ import annotations
