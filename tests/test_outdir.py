@@ -160,6 +160,7 @@ def test_out_below_a_regular_file(tmp_path, capsys, default_model):
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--group-size", "32", "--samples", "4", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
 _TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes"}
+MARKERS = ("config.json", "quantize_config.json", REPORT)  # what makes a directory look finished
 _HOW = {"out", "resume", "overwrite"}  # options that say where and how, not what
 
 
@@ -404,7 +405,7 @@ def test_disk_full_then_resume(tiny4, reference, tmp_path, room):
     assert "No space left on device" in err and "run the same command again" in err
     failed = re.search(rf"cannot write {tmp_path}/fs/out/(\S+): ", err).group(1)
     assert failed.startswith("layer-") if room == "layers" else failed in FINAL_FILES, failed
-    assert not (left / "config.json").exists()
+    assert not [n for n in MARKERS if (left / n).exists()]  # nothing that looks finished
     assert not list(left.glob(".*.partial")) and not list(left.glob(".moedsl-run/.*.partial"))
     assert (left / ".moedsl-run" / "state.json").is_file()  # at least one layer finished: resumable
     rc, err, final = _result(host, "resumed")
@@ -442,7 +443,7 @@ def test_file_size_limit_then_resume(tiny4, reference, tmp_path):
     r = _run(tiny4, out, preexec_fn=limited)
     assert r.returncode == 2, r.stderr
     assert f"cannot write {out}/" in r.stderr and "File too large" in r.stderr and "ulimit -f" in r.stderr
-    assert not (out / "config.json").exists() and not list(out.glob(".*.partial"))
+    assert not [n for n in MARKERS if (out / n).exists()] and not list(out.glob(".*.partial"))
     r = _run(tiny4, out)
     assert r.returncode == 0, r.stderr
     _assert_same_checkpoint(out, reference)

@@ -170,8 +170,11 @@ class OutputDir:
                 break
             os.close(fd)
         self._fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # who holds it, for the message another run prints; a full disk may refuse even this
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
 
     def _entries(self) -> list[Path]:
         try:

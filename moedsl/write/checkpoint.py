@@ -30,7 +30,7 @@ from safetensors import safe_open
 from moedsl.errors import MoedslError
 from moedsl.gptq.quantizer import QuantConfig, QuantResult
 from moedsl.write.compressed_tensors import check_ct_config, ct_quantization_config, ct_tensors
-from moedsl.write.files import filesystem_error, save_atomic, write_atomic
+from moedsl.write.files import filesystem_error, save_atomic, write_all_atomic
 from moedsl.write.gptq_format import CheckpointFormat, check_gptq_config, gptq_quantize_config, gptq_tensors
 
 Format = Literal["gptq", "compressed-tensors"]
@@ -191,9 +191,10 @@ class CheckpointWriter:
 
     def finalize(self, config: Mapping[str, Any], extra_files: Mapping[str, Any] | None = None) -> None:
         """Write the index, config.json (with quantization_config), quantize_config.json (GPTQ)
-        and `extra_files` (name -> str, bytes, or a dict/list written as JSON), each atomically.
-        config.json is written last, so its presence marks a finished checkpoint: write every
-        other file of the directory (tokenizer, ...) before calling this."""
+        and `extra_files` (name -> str, bytes, or a dict/list written as JSON): all of them are
+        written (as hidden partial files) before any is renamed into place, config.json last, so
+        a full disk leaves none of them and config.json's presence marks a finished checkpoint.
+        Write every other file of the directory (tokenizer, ...) before calling this."""
         self._check_open()
         if self._pending:
             raise MoedslError(
@@ -215,19 +216,20 @@ class CheckpointWriter:
             "metadata": {"total_size": sum(self._shard_bytes.values())},
             "weight_map": dict(sorted(self._weight_map.items())),
         }
-        write_atomic(self.out_dir / INDEX_NAME, _json_bytes(index))
+        files = {INDEX_NAME: _json_bytes(index)}
         if self.fmt == "gptq":
-            write_atomic(self.out_dir / QUANTIZE_CONFIG_NAME, _json_bytes(qc))
+            files[QUANTIZE_CONFIG_NAME] = _json_bytes(qc)
         for name in sorted(extra_files):
             content = extra_files[name]
             if isinstance(content, str):
                 content = content.encode()
             elif not isinstance(content, bytes):
                 content = _json_bytes(content)
-            write_atomic(self.out_dir / name, content)
+            files[name] = content
         full = dict(config)
         full["quantization_config"] = qc
-        write_atomic(self.out_dir / CONFIG_NAME, _json_bytes(full))
+        files[CONFIG_NAME] = _json_bytes(full)
+        write_all_atomic([(self.out_dir / name, data) for name, data in files.items()])
         self._finalized = True
 
     # ---- checks -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Writing the files of an output directory so that no file ever looks finished before it is.
 
     write_atomic(path, data)        bytes → a hidden `.NAME.partial` beside `path`, fsynced, renamed over it
+    write_all_atomic(files)         every partial first, then the renames in order (a failure leaves none)
     save_atomic(path, tensors)      the same for a safetensors file
     copy_atomic(src, dst)           the same for a copy
     filesystem_error(exc, path)     an OSError (or safetensors' I/O error) as a MoedslError naming the path
@@ -55,19 +56,30 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    """fsync the partial file, stop here if a test asks, and rename it into place."""
+def _sync(tmp: Path) -> None:
+    """fsync a partial file, and give it the mode a new file gets from the umask (safetensors makes 0600)."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    # a new file's mode follows the umask (safetensors creates its files 0600)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
+
+
+def _rename(tmp: Path, path: Path) -> None:
     stop_point(f"write:{path.name}")
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise filesystem_error(exc, path) from None
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    _sync(tmp)
+    _rename(tmp, path)
 
 
 def _guarded(path: Path, write) -> None:
@@ -88,6 +100,25 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
 
     _guarded(Path(path), write)
+
+
+def write_all_atomic(files: list[tuple[Path, bytes]]) -> None:
+    """Write every file's partial first, then rename them in order: a failed write (a full disk)
+    leaves none of them, a kill leaves a prefix of them."""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files:
+            tmp = _partial(path)
+            written.append((tmp, path))
+            with open(tmp, "wb") as f:
+                f.write(data)
+            _sync(tmp)
+    except OSError as exc:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise filesystem_error(exc, written[-1][1]) from None
+    for tmp, path in written:
+        _rename(tmp, path)
 
 
 def save_atomic(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> None:
