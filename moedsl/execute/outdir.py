@@ -244,8 +244,8 @@ class OutputDir:
         if kind == "interrupted" and resume and not overwrite:
             self.state = self._read_state()
             if self.state is not None:
-                for p in self.path.glob(".*.partial"):  # files a kill interrupted; rewritten when resumed
-                    p.unlink(missing_ok=True)
+                for p in [*self.path.glob(".*.partial"), *self.run_dir.glob(".*.partial")]:
+                    p.unlink(missing_ok=True)  # files a kill interrupted; written again when resumed
                 return
             self.notes.append("the interrupted run had finished no layer: starting over")
         self._clear()
@@ -289,6 +289,7 @@ class OutputDir:
 
     def finish(self) -> None:
         """The checkpoint is complete (config.json written): drop the resume state and the lock."""
+        self._owned = False  # complete now: nothing may clear it, even if what follows fails
         stop_point("finish")
         try:
             shutil.rmtree(self.run_dir)

@@ -159,18 +159,24 @@ class CheckpointWriter:
             raise MoedslError(f"cannot adopt shard `{shard_name}`: {path} does not exist", code="write")
         total = 0
         keys = []
-        with safe_open(str(path), framework="pt") as f:
-            for key in sorted(f.keys()):
-                self._check_new_key(key)
-                piece = f.get_slice(key)
-                shape = piece.get_shape()
-                numel = 1
-                for n in shape:
-                    numel *= n
-                total += numel * _dtype_size(piece.get_dtype())
-                keys.append(key)
-                if key.endswith(".weight") and len(shape) == 2:
-                    self._ignore.add(key.removesuffix(".weight"))
+        shapes = []
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in sorted(f.keys()):
+                    piece = f.get_slice(key)
+                    keys.append(key)
+                    shapes.append((piece.get_shape(), piece.get_dtype()))
+        except Exception as exc:  # safetensors raises its own error types
+            raise MoedslError(f"cannot adopt shard `{shard_name}`: {path} is not a readable safetensors file: {exc}",
+                              code="write") from None
+        for key, (shape, dtype) in zip(keys, shapes):
+            self._check_new_key(key)
+            numel = 1
+            for n in shape:
+                numel *= n
+            total += numel * _dtype_size(dtype)
+            if key.endswith(".weight") and len(shape) == 2:
+                self._ignore.add(key.removesuffix(".weight"))
         for key in keys:
             self._weight_map[key] = shard_name
         self._shard_bytes[shard_name] = total
