@@ -147,6 +147,18 @@ def test_out_holds_the_builtin_default_model(default_model, tmp_path, monkeypatc
     assert _tree(cache) == before
 
 
+def test_overwrite_keeps_the_old_checkpoint_when_the_run_fails_on_input(tmp_path, capsys, default_model):
+    """--overwrite clears the old checkpoint only when the new run starts writing."""
+    out = _looks_finished(tmp_path / "out")
+    (out / "layer-00000.safetensors").write_bytes(b"the old checkpoint")
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"input_ids": [1, 2,\n')
+    before = _tree(out)
+    err = _refused(capsys, "--calib", str(calib), "--out", str(out), "--overwrite", *FAST)
+    assert f"{calib}:1:" in err
+    assert _tree(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
 def test_out_below_a_regular_file(tmp_path, capsys, default_model):
     f = tmp_path / "file"
     f.write_text("not a directory\n")

@@ -10,8 +10,9 @@
 3. Ours or refused. A directory is used when it is empty or new, when it holds `.moedsl-run/`
    (an interrupted moedsl run: resumed, or cleared with `--no-resume` / `--overwrite`), or when it
    holds a finished moedsl checkpoint and `--overwrite` is given. Anything else is refused.
-   `.moedsl-run/` is created first, before any other file, so every state a kill can leave is
-   recognisably ours.
+   What the run replaces is cleared only at `begin`, just before its first write, so a run that
+   fails on input found late leaves the old checkpoint as it was. `.moedsl-run/` is created
+   first, before any other file, so every state a kill can leave is recognisably ours.
 4. Resumable. After each layer, `commit_layer` writes the next layer's inputs to a new
    `acts-NNNNN.safetensors`, then `state.json` naming it (the commit), then removes the older
    inputs: the state and the inputs it names always belong together. The state carries the run's
@@ -240,15 +241,21 @@ class OutputDir:
 
     def _prepare(self, resume: bool, overwrite: bool) -> None:
         kind = self._classify(resume, overwrite)
-        self._owned = True
         if kind == "interrupted" and resume and not overwrite:
             self.state = self._read_state()
             if self.state is not None:
+                self._owned = True
                 for p in [*self.path.glob(".*.partial"), *self.run_dir.glob(".*.partial")]:
                     p.unlink(missing_ok=True)  # files a kill interrupted; written again when resumed
                 return
             self.notes.append("the interrupted run had finished no layer: starting over")
-        self._clear()
+
+    def begin(self) -> None:
+        """Just before the first write: clear what this run replaces (a killed run, or with --overwrite a
+        finished checkpoint). Until then a failing run (bad input found late) has changed nothing."""
+        if self.state is None and not self._owned:
+            self._owned = True
+            self._clear()
 
     # ---- the resume state -------------------------------------------------------------
 
@@ -305,9 +312,9 @@ class OutputDir:
             if self._owned and not (self.run_dir / STATE_NAME).exists():
                 self._clear()
                 self.run_dir.rmdir()
-                if self._created:
-                    (self.path / LOCK_NAME).unlink()
-                    self.path.rmdir()
+            if self._created and (self._owned or not self._entries()):
+                (self.path / LOCK_NAME).unlink()
+                self.path.rmdir()
         except (OSError, MoedslError):
             pass  # best effort: the directory stays visibly unfinished (no config.json)
         self._unlock()
@@ -324,7 +331,8 @@ class OutputDir:
 
 
 def hold(out: Path, *, resume: bool, overwrite: bool) -> OutputDir:
-    """Create (if needed), lock and prepare `out` for a run; `.state` is the run to resume, if any."""
+    """Create (if needed), lock and check `out` for a run; `.state` is the run to resume, if any.
+    Nothing in it is changed before `begin`."""
     d = OutputDir(out)
     if d.path.is_dir():
         d._classify(resume, overwrite)  # refuse a directory that is not ours before even locking it

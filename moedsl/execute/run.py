@@ -201,6 +201,7 @@ class Runner:
                                                     ids, plan)}
         if code is not None:  # other code would give other results
             fingerprint["source"]["remote_code"] = code.digests()
+        out.begin()  # every input is checked: now clear what this run replaces
         if resuming:
             state = out.resume(fingerprint)
             start_layer = state["finished"]
