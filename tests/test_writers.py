@@ -324,6 +324,10 @@ def test_resume_adopts_finished_shards(tmp_path):
     assert_matches(dequantize_gptq(tensors, "model.layers.1.mlp.down_proj", qc), r1)
     with pytest.raises(MoedslError, match="does not exist"):
         CheckpointWriter(tmp_path, "gptq", cfg).adopt_shard("layer-00009.safetensors")
+    shard = tmp_path / "layer-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # damaged since: a located error, not safetensors' own
+    with pytest.raises(MoedslError, match=f"{shard} is not a readable safetensors file"):
+        CheckpointWriter(tmp_path, "gptq", cfg).adopt_shard("layer-00001.safetensors")
 
 
 def test_writer_bad_input(tmp_path):

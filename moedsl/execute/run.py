@@ -6,7 +6,10 @@
    arguments (masks differ between layer types in hybrid models).
 4. For each layer: load its weights, quantize it by its plan (`LayerQuantizer`), write its
    shard, save the next layer's inputs for resuming, unload it.
-5. Copy the tensors that are not quantized, write the index and configs, and a report.
+5. Copy the tensors that are not quantized, the tokenizer files, then write the index, the report
+   and, last, config.json (which marks the checkpoint complete).
+
+The output directory (kept apart from the source, locked, resumed or cleared) is `outdir.py`'s.
 """
 
 from __future__ import annotations
@@ -16,30 +19,28 @@ import json
 import logging
 import threading
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from moedsl.errors import MoedslError
 from moedsl.execute.layer import LayerQuantizer, StopForward
 from moedsl.execute.options import QuantizeOptions
-from moedsl.execute.outdir import check_apart
+from moedsl.execute.fingerprint import TOKENIZER_FILES, source_fingerprint
+from moedsl.execute.outdir import REPORT_NAME, RUN_DIR, STATE_NAME, OutputDir, check_apart, hold
 from moedsl.execute.packer import Packer
 from moedsl.execute.phases import Phases
 from moedsl.execute.reader import LayerReader
 from moedsl.execute.report import Report, print_summary
-from moedsl.execute.writer import STATE_NAME, FinishedLayer, LayerWriter, copy_keys, save_start_state
+from moedsl.execute.writer import FinishedLayer, LayerWriter, copy_keys
 from moedsl.models import remote
+from moedsl.write.files import copy_atomic, stop_point
 from moedsl.plan.schema import HookPlan
 
 log = logging.getLogger(__name__)
 
-RUN_DIR = ".moedsl-run"  # resume state inside the output directory; removed when the run finishes
-REPORT_NAME = "moedsl-report.json"
 
 
 def pick_device(name: str) -> torch.device:
@@ -127,29 +128,6 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _prepare_out(opts: QuantizeOptions) -> bool:
-    """Make the output directory ready; returns whether a partial run is there to resume."""
-    out = opts.out
-    state = out / RUN_DIR / "state.json"
-    if out.exists() and not out.is_dir():
-        raise MoedslError(f"--out {out}: exists and is not a directory")
-    if state.is_file():
-        if opts.resume:
-            return True
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        finished = (out / "config.json").is_file() and (out / REPORT_NAME).is_file()
-        if finished and opts.overwrite:
-            shutil.rmtree(out)
-        elif finished:
-            raise MoedslError(f"--out {out} already holds a finished checkpoint", notes=["pass --overwrite to replace it"])
-        else:
-            raise MoedslError(f"--out {out} is not empty and holds no moedsl run to resume",
-                              notes=["choose an empty or new directory"])
-    out.mkdir(parents=True, exist_ok=True)
-    return False
-
-
 def _first_layer_guess(state: Path) -> int:
     """Where a resumed run will start (checked properly later; a wrong guess only costs a read)."""
     try:
@@ -215,8 +193,16 @@ class Runner:
         self.device = pick_device(opts.device)
         self.policy = opts.moe_policy()
         opts.quant_config()  # bad bits, group size or damping fail here, before any model is loaded
+        self.out: OutputDir | None = None
 
     def run(self) -> Report:
+        try:
+            return self._run()
+        finally:
+            if self.out is not None:
+                self.out.release()  # after a failure: the lock, and the debris of a run that finished no layer
+
+    def _run(self) -> Report:
         from moedsl.calib.data import load_calibration
         from moedsl.execute.finite import check_finite_layer
         from moedsl.execute.model_check import open_model
@@ -254,7 +240,9 @@ class Runner:
         with phases("startup.calibration"):
             calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed,
                                      trust_remote_code=code is not None)
-        resuming = _prepare_out(opts)  # only once every input has been checked
+        # only once every input has been checked
+        self.out = out = hold(opts.out, resume=opts.resume, overwrite=opts.overwrite)
+        resuming = out.state is not None
         head_options = dict(ignore=(), extra_quantization_config={"lm_head": True} if opts.format == "gptq" else None)
         writer = CheckpointWriter(opts.out, opts.format, cfg, **(head_options if opts.quantize_lm_head else {}))
         # the first layer is read, and the GPU kernels compiled, while the run starts up
@@ -272,38 +260,34 @@ class Runner:
                           "on the device as it loads")
         for w in warnings:
             progress.warn(w)
+        for note in out.notes:
+            progress.note(note)
 
         batches = list(ids.split(opts.batch_size))
         act_device = self.activation_device(model, tokens, progress)
         with phases("startup.capture"), remote.running(code, "running the model", only_in_code=True):
             hidden, layer_kwargs = capture_layer_inputs(model, plan, batches, self.device, act_device)
-        run_dir = opts.out / RUN_DIR
-        run_dir.mkdir(exist_ok=True)
         start_layer = 0
         carried: list[dict] = [{} for _ in batches]  # per batch: what the last layer hands the next (`carry`)
-        fingerprint = {**opts.fingerprint(), "definition": definition.header.name}
+        fingerprint = {"options": {**opts.fingerprint(), "definition": definition.header.name},
+                       "source": source_fingerprint(model_dir, [loader.shard_of(k) for k in loader.checkpoint_keys()],
+                                                    ids, plan)}
         if code is not None:  # other code would give other results
-            fingerprint["remote_code"] = code.digests()
+            fingerprint["source"]["remote_code"] = code.digests()
+        out.begin()  # every input is checked: now clear what this run replaces
         if resuming:
-            state = json.loads((run_dir / STATE_NAME).read_text())
-            if state["fingerprint"] != fingerprint:
-                raise MoedslError(f"--out {opts.out} holds an interrupted run with other options",
-                                  notes=["pass --no-resume to start over, or repeat the earlier options"])
+            state = out.resume(fingerprint)
             start_layer = state["finished"]
-            if state.get("acts"):  # else killed before the first layer was done: the capture above is its input
-                acts = load_file(str(run_dir / state["acts"]), device=str(act_device))
-                hidden = [acts[f"x.{b}"] for b in range(len(batches))]
-                carried = [{name: acts.get(f"carry.{name}.{b}") for name in plan.carry} for b in range(len(batches))]
+            acts = out.load_acts(act_device)
+            hidden = [acts[f"x.{b}"] for b in range(len(batches))]
+            carried = [{name: acts.get(f"carry.{name}.{b}") for name in plan.carry} for b in range(len(batches))]
             for i in range(start_layer):
                 writer.adopt_shard(f"layer-{i:05d}.safetensors")
             report.layers = state["layers"]
-            if start_layer:
-                progress.note(f"resuming after layer {start_layer - 1}")
-        else:  # from here on a killed run can be resumed
-            save_start_state(run_dir, {"fingerprint": fingerprint, "layers": []})
+            progress.note(f"resuming after layer {start_layer - 1}")
 
         packer = Packer(writer, dtype)
-        layer_writer = LayerWriter(writer, loader, run_dir, overlap=overlap, phases=phases)
+        layer_writer = LayerWriter(writer, loader, out.commit_layer, overlap=overlap, phases=phases)
         if warm is not None:
             with phases("startup.kernels"):
                 warm.join()
@@ -311,6 +295,7 @@ class Runner:
         try:
             with progress.layers(plan.num_layers, start_layer) as bar:
                 for i in range(start_layer, plan.num_layers):
+                    stop_point(f"layer:{i}:start")
                     kind = plan.kind_for_layer(i)
                     if self.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(self.device)
@@ -375,10 +360,9 @@ class Runner:
         if code is not None:  # beside the weights, before config.json (which marks the checkpoint finished)
             code.copy_to(opts.out)
         report.phases = phases.summary(time.perf_counter() - launched)
-        writer.finalize(config)
         self.copy_tokenizer(Path(model_dir), opts.out)
-        (opts.out / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
-        shutil.rmtree(run_dir, ignore_errors=True)
+        writer.finalize(config, {REPORT_NAME: report.to_json()})  # config.json last: the directory is complete
+        out.finish()
         if opts.progress:
             print_summary(report)
         return report
@@ -452,7 +436,6 @@ class Runner:
 
     @staticmethod
     def copy_tokenizer(src: Path, out: Path) -> None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                     "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model"):
+        for name in TOKENIZER_FILES:
             if (src / name).is_file():
-                shutil.copyfile(src / name, out / name)
+                copy_atomic(src / name, out / name)

@@ -3,8 +3,8 @@
 For each `FinishedLayer` (plain data from the run loop): the packed modules (waiting for their
 copies from the device), the layer's unquantized tensors copied from the source shards, the
 layer's shard (`CheckpointWriter.flush_shard`: a hidden temporary, fsynced, renamed), and then
-the resume state: the next layer's inputs as `acts-NNNNN.safetensors` (temporary, renamed) and
-`state.json` naming them (temporary, renamed), written last. A run killed at any moment finds
+the resume state (`OutputDir.commit_layer`): the next layer's inputs as `acts-NNNNN.safetensors`
+(temporary, renamed) and `state.json` naming them (temporary, renamed), written last. A run killed at any moment finds
 either the old state (the layer is redone and its shard rewritten byte for byte) or the new
 one, each pointing at inputs that were completely written.
 
@@ -17,23 +17,17 @@ at once. Both write the same bytes. An error in the background is raised by the 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from moedsl.execute.packer import Packed
 from moedsl.execute.phases import NO_PHASES
 from moedsl.write.checkpoint import CheckpointWriter
-
-STATE_NAME = "state.json"
-
 
 @dataclass
 class FinishedLayer:
@@ -43,10 +37,6 @@ class FinishedLayer:
     copies: list[str]  # its checkpoint keys stored unchanged (norms, routers, …)
     acts: dict[str, torch.Tensor]  # the next layer's inputs (and carried state), on any device
     state: dict = field(default_factory=dict)  # state.json once this layer is on disk (without `acts`)
-
-
-def acts_name(finished: int) -> str:
-    return f"acts-{finished:05d}.safetensors"
 
 
 def copy_keys(writer: CheckpointWriter, loader, keys: list[str]) -> None:
@@ -62,35 +52,13 @@ def _kill_point(where: str, layer: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def save_start_state(run_dir: Path, state: dict) -> None:
-    """Before the first layer: a state with nothing finished (its inputs are recomputed on resume)."""
-    _write_atomic(run_dir / STATE_NAME, json.dumps({**state, "finished": 0, "acts": None}).encode())
-
-
-def save_resume_state(run_dir: Path, layer: int, acts: dict[str, torch.Tensor], state: dict) -> None:
-    """After layer `layer` is on disk: its outputs, then state.json (finished = layer + 1) naming them."""
-    name = acts_name(layer + 1)
-    tmp = run_dir / f".{name}.partial"
-    save_file({k: v.detach().contiguous().cpu() for k, v in acts.items()}, str(tmp))
-    _kill_point("acts", layer)
-    os.replace(tmp, run_dir / name)
-    _write_atomic(run_dir / STATE_NAME, json.dumps({**state, "finished": layer + 1, "acts": name}).encode())
-    for old in run_dir.glob("acts-*.safetensors"):  # inputs of layers already done
-        if old.name != name:
-            old.unlink(missing_ok=True)
-
-
 class LayerWriter:
-    def __init__(self, writer: CheckpointWriter, loader, run_dir: Path, *, overlap: bool, phases=NO_PHASES):
+    def __init__(self, writer: CheckpointWriter, loader, commit, *, overlap: bool, phases=NO_PHASES):
+        """commit(finished, acts, fingerprint, layers): records the resume state once a layer's shard is on
+        disk (`OutputDir.commit_layer`)."""
         self.writer = writer
         self.loader = loader
-        self.run_dir = run_dir
+        self.commit = commit
         self.phases = phases
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moedsl-writer") if overlap else None
         self._last: Future | None = None
@@ -123,7 +91,7 @@ class LayerWriter:
         t1 = time.perf_counter()
         self.phases.add("write", t1 - t0)
         _kill_point("shard", layer.index)
-        save_resume_state(self.run_dir, layer.index, layer.acts, layer.state)
+        acts = {k: v.detach().contiguous().cpu() for k, v in layer.acts.items()}
+        _kill_point("acts", layer.index)
+        self.commit(layer.index + 1, acts, layer.state["fingerprint"], layer.state["layers"])
         self.phases.add("resume_state", time.perf_counter() - t1)
-        if os.environ.get("MOEDSL_KILL_AFTER_LAYER") == str(layer.index):  # tests: die here, as a killed run would
-            os._exit(137)

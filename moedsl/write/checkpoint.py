@@ -26,11 +26,11 @@ from typing import Any, Literal, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack
 from moedsl.write.compressed_tensors import check_ct_config, ct_quantization_config, ct_tensors, ct_tensors_stacked
+from moedsl.write.files import filesystem_error, save_atomic, write_all_atomic
 from moedsl.write.gptq_format import (CheckpointFormat, check_gptq_config, gptq_quantize_config, gptq_tensors,
                                      gptq_tensors_stacked)
 
@@ -87,7 +87,10 @@ class CheckpointWriter:
         self._weight_map: dict[str, str] = {}  # key -> shard file name, for flushed tensors
         self._shard_bytes: dict[str, int] = {}
         self._finalized = False
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise filesystem_error(exc, self.out_dir, "create") from None
 
     # ---- adding -----------------------------------------------------------------------
 
@@ -159,10 +162,7 @@ class CheckpointWriter:
             return None
         tensors = dict(sorted(self._pending.items()))
         path = self.out_dir / shard_name
-        tmp = self.out_dir / f".{shard_name}.partial"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        _fsync(tmp)
-        os.replace(tmp, path)
+        save_atomic(path, tensors, metadata={"format": "pt"})
         for key in tensors:
             self._weight_map[key] = shard_name
         self._shard_bytes[shard_name] = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -178,18 +178,24 @@ class CheckpointWriter:
             raise MoedslError(f"cannot adopt shard `{shard_name}`: {path} does not exist", code="write")
         total = 0
         keys = []
-        with safe_open(str(path), framework="pt") as f:
-            for key in sorted(f.keys()):
-                self._check_new_key(key)
-                piece = f.get_slice(key)
-                shape = piece.get_shape()
-                numel = 1
-                for n in shape:
-                    numel *= n
-                total += numel * _dtype_size(piece.get_dtype())
-                keys.append(key)
-                if key.endswith(".weight") and len(shape) == 2:
-                    self._ignore.add(key.removesuffix(".weight"))
+        shapes = []
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in sorted(f.keys()):
+                    piece = f.get_slice(key)
+                    keys.append(key)
+                    shapes.append((piece.get_shape(), piece.get_dtype()))
+        except Exception as exc:  # safetensors raises its own error types
+            raise MoedslError(f"cannot adopt shard `{shard_name}`: {path} is not a readable safetensors file: {exc}",
+                              code="write") from None
+        for key, (shape, dtype) in zip(keys, shapes):
+            self._check_new_key(key)
+            numel = 1
+            for n in shape:
+                numel *= n
+            total += numel * _dtype_size(dtype)
+            if key.endswith(".weight") and len(shape) == 2:
+                self._ignore.add(key.removesuffix(".weight"))
         for key in keys:
             self._weight_map[key] = shard_name
         self._shard_bytes[shard_name] = total
@@ -210,8 +216,10 @@ class CheckpointWriter:
 
     def finalize(self, config: Mapping[str, Any], extra_files: Mapping[str, Any] | None = None) -> None:
         """Write the index, config.json (with quantization_config), quantize_config.json (GPTQ)
-        and `extra_files` (name -> str, bytes, or a dict/list written as JSON). config.json is
-        written last, so its presence marks a finished checkpoint."""
+        and `extra_files` (name -> str, bytes, or a dict/list written as JSON): all of them are
+        written (as hidden partial files) before any is renamed into place, config.json last, so
+        a full disk leaves none of them and config.json's presence marks a finished checkpoint.
+        Write every other file of the directory (tokenizer, ...) before calling this."""
         self._check_open()
         if self._pending:
             raise MoedslError(
@@ -233,19 +241,20 @@ class CheckpointWriter:
             "metadata": {"total_size": sum(self._shard_bytes.values())},
             "weight_map": dict(sorted(self._weight_map.items())),
         }
-        _write_atomic(self.out_dir / INDEX_NAME, _json_bytes(index))
+        files = {INDEX_NAME: _json_bytes(index)}
         if self.fmt == "gptq":
-            _write_atomic(self.out_dir / QUANTIZE_CONFIG_NAME, _json_bytes(qc))
+            files[QUANTIZE_CONFIG_NAME] = _json_bytes(qc)
         for name in sorted(extra_files):
             content = extra_files[name]
             if isinstance(content, str):
                 content = content.encode()
             elif not isinstance(content, bytes):
                 content = _json_bytes(content)
-            _write_atomic(self.out_dir / name, content)
+            files[name] = content
         full = dict(config)
         full["quantization_config"] = qc
-        _write_atomic(self.out_dir / CONFIG_NAME, _json_bytes(full))
+        files[CONFIG_NAME] = _json_bytes(full)
+        write_all_atomic([(self.out_dir / name, data) for name, data in files.items()])
         self._finalized = True
 
     # ---- checks -----------------------------------------------------------------------
@@ -299,23 +308,6 @@ def _json_bytes(obj: Any) -> bytes:
         raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
     return (json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n").encode()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _DTYPE_SIZES = {
