@@ -75,8 +75,9 @@ class Binder:
         self.model = model
         self.config = getattr(model, "config", None)
         self.errors: list[MoedslError] = []
-        self.env = Env(self.config, None, {l.name: l.value for l in d.lets})
         self.model_class = type(model).__name__
+        self.config = self.text_config(d.header, self.config)
+        self.env = Env(self.config, None, {l.name: l.value for l in d.lets})
 
     def fail(self, message: str, node: Any = None, **kw) -> None:
         self.errors.append(MoedslError(message, span=getattr(node, "span", None), code="bind error", **kw))
@@ -94,6 +95,7 @@ class Binder:
         head = self.root_path(h.lm_head, "lm_head", h)[0] if h.lm_head else None
         num_experts = self.header_int(h.experts, "experts")
         top_k = self.header_int(h.top_k, "top_k")
+        language_model, towers = self.composite(h, layers_path)
         if layers is None:
             raise MoedslErrors(self.errors)
         kind_of_layer = self.assign_kinds(len(layers))
@@ -122,10 +124,10 @@ class Binder:
             raise MoedslErrors(self.errors) if len(self.errors) > 1 else self.errors[0]
         hidden = getattr(self.config, "hidden_size", None) or getattr(self.config, "d_model", 0)
         return BoundDefinition(
-            arch=h.name, model_type=str(getattr(self.config, "model_type", "")), model_class=self.model_class,
+            arch=h.name, model_type=str(getattr(getattr(self.model, "config", None), "model_type", "")), model_class=self.model_class,
             num_layers=len(layers), layers_path=layers_path, embed=embed, final_norm=norm, lm_head=head,
             num_experts=num_experts, top_k=top_k, hidden_size=int(hidden or 0), carry=h.carry, kinds=tuple(kinds),
-            kind_of_layer=tuple(kind_of_layer))
+            kind_of_layer=tuple(kind_of_layer), language_model=language_model, towers=towers)
 
     def root_path(self, alts: tuple[str, ...] | None, word: str, node: Any) -> tuple[str | None, Any]:
         for alt in alts or ():
@@ -134,9 +136,78 @@ class Binder:
                 return alt, obj
         tried = " | ".join(alts or ())
         top = [n for n, _ in self.model.named_modules() if n.count(".") < 2 and n]
+        notes = [f"top-level modules: {' '.join(top[:12])}"]
+        last = (alts or ("",))[0].rpartition(".")[2]
+        elsewhere = [n for n, _ in self.model.named_modules() if n.rpartition(".")[2] == last][:4]
+        if elsewhere:  # a composite model keeps its text decoder deeper (`model.language_model.layers`)
+            notes.append(f"`{last}` exists at: {', '.join(elsewhere)}")
         self.fail(f"`{word} {tried}` does not exist in {self.model_class}", node,
-                  suggestion=nearest((alts or ("",))[0], top), notes=[f"top-level modules: {' '.join(top[:12])}"])
+                  suggestion=elsewhere[0] if len(elsewhere) == 1 else nearest((alts or ("",))[0], top), notes=notes)
         return None, None
+
+    # -- composite models ----------------------------------------------------------------------
+
+    def text_config(self, h: ir.Header, config: Any) -> Any:
+        """What `config` means in the definition's expressions: the model's config, or the sub-config
+        that `text_config` names (a composite's text decoder config)."""
+        if h.text_config is None:
+            return config
+        try:
+            sub = evaluate(h.text_config, Env(config, None, {}))
+        except MoedslError as err:
+            err.message = f"`text_config`: {err.message}"
+            err.code = "bind error"
+            self.errors.append(err)
+            return config
+        if sub is None or isinstance(sub, (bool, int, float, str, list)):
+            self.fail(f"`text_config` must name a sub-config of {type(config).__name__}; it is {sub!r}", h.text_config)
+            return config
+        return sub
+
+    def composite(self, h: ir.Header, layers_path: str | None) -> tuple[str | None, tuple[str, ...]]:
+        """`language_model` and `towers`: where the text decoder sits, and that every parameter outside
+        it (and outside embed, final_norm and lm_head) belongs to a declared tower."""
+        if h.language_model is None:
+            if h.towers:
+                self.fail("`towers` needs `language_model` (the part of the model that is quantized)", h)
+            return None, ()
+        lm_path, lm = self.root_path(h.language_model, "language_model", h)
+        if lm_path is None:
+            return None, ()
+        if not isinstance(lm, nn.Module):
+            self.fail(f"`language_model {lm_path}` is a tensor, not a module", h)
+            return None, ()
+        if layers_path is not None and not layers_path.startswith(lm_path + "."):
+            self.fail(f"`layers {layers_path}` is not inside `language_model {lm_path}`", h,
+                      notes=["calibration runs the language model, so its decoder layers must be part of it"])
+        towers: list[str] = []
+        for tower in h.towers:
+            found = next((n for n in tower.names if get_path(self.model, n) is not None), None)
+            if found is None:
+                if not tower.optional:
+                    top = [n for n, _ in self.model.named_modules() if n.count(".") < 3 and n]
+                    self.fail(f"tower `{'|'.join(tower.names)}` does not exist in {self.model_class}", tower,
+                              suggestion=nearest(tower.names[0], top), notes=["mark it `:?` if some checkpoints lack it"])
+                continue
+            if found == lm_path or found.startswith(lm_path + ".") or lm_path.startswith(found + "."):
+                self.fail(f"tower `{found}` overlaps `language_model {lm_path}`", tower)
+                continue
+            towers.append(found)
+        kept = [lm_path, *towers, *(p for p in (self.root_path_quiet(h.embed), self.root_path_quiet(h.final_norm),
+                                                 self.root_path_quiet(h.lm_head)) if p)]
+        loose: dict[str, int] = {}
+        for name, _ in self.model.named_parameters():
+            if not any(name == k or name.startswith(k + ".") for k in kept):
+                module = name.rpartition(".")[0] or name
+                top = ".".join(module.split(".")[:2])
+                loose[top] = loose.get(top, 0) + 1
+        for top, n in loose.items():
+            self.fail(f"`{top}` ({n} parameter(s)) is outside `language_model {lm_path}` and in no tower", h,
+                      notes=["add it to `towers` to copy it unquantized, byte for byte"])
+        return lm_path, tuple(towers)
+
+    def root_path_quiet(self, alts: tuple[str, ...] | None) -> str | None:
+        return next((a for a in alts or () if get_path(self.model, a) is not None), None)
 
     def header_int(self, e: ir.Expr | None, word: str) -> int | None:
         if e is None:

@@ -104,6 +104,8 @@ class BoundDefinition(Frozen):
     carry: tuple[str, ...] = ()  # see ir.Header.carry
     kinds: tuple[BoundKind, ...]
     kind_of_layer: tuple[str, ...]  # per layer index
+    language_model: str | None = None  # a composite's text decoder, from the model root (calibration calls it)
+    towers: tuple[str, ...] = ()  # a composite's modules outside the language model, copied unquantized
 
     def kind(self, name: str) -> BoundKind:
         return next(k for k in self.kinds if k.name == name)

@@ -110,14 +110,15 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
     record("expert function", fn_errs, fn_detail)
     if model_dir is not None:
         keys = checkpoint_keys(model_dir)
-        ck_errs, ck_detail = check_checkpoint_names(d, bound, keys)
+        ck_errs, ck_detail = check_checkpoint_names(d, bound, keys, layer_prefixes(model_dir, bound))
     else:
         from moedsl.models.tiny import quiet_transformers
 
         with tempfile.TemporaryDirectory() as tmp, quiet_transformers():  # no "Writing model shards" bar
             real.save_pretrained(tmp)
             keys = checkpoint_keys(Path(tmp))
-        ck_errs, ck_detail = check_checkpoint_names(d, real_bound, keys)
+            prefixes = layer_prefixes(Path(tmp), real_bound)
+        ck_errs, ck_detail = check_checkpoint_names(d, real_bound, keys, prefixes)
     record("checkpoint names", ck_errs, ck_detail)
     return Report(file=file, arch=d.header.name, model_type=mt, model_source=source, ok=not problems,
                   checks=tuple(checks), problems=tuple(problems), kinds=kinds)
@@ -137,12 +138,25 @@ def _experts_item(d: ir.Definition, kind: str) -> ir.Module | None:
     return None
 
 
-def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[str]) -> tuple[list[MoedslError], str]:
+def layer_prefixes(model_dir: Path, bound: BoundDefinition) -> dict[int, str]:
+    """What the checkpoint in `model_dir` calls the first layer of each kind (a composite's checkpoint may
+    name its decoder layers differently from the runtime model: `thinker.model.layers.0.`)."""
+    if bound.language_model is None:
+        return {}
+    from moedsl.execute.loader import LayerwiseLoader
+
+    loader = LayerwiseLoader(model_dir, layers_path=bound.layers_path)
+    loader.skeleton()
+    return {k.layers[0]: loader.checkpoint_layer_prefix(k.layers[0]) for k in bound.kinds}
+
+
+def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[str],
+                           prefixes: dict[int, str] | None = None) -> tuple[list[MoedslError], str]:
     errs: list[MoedslError] = []
     checked = 0
     for kind in bound.kinds:
         i = kind.layers[0]
-        prefix = f"{bound.layers_path}.{i}."
+        prefix = (prefixes or {}).get(i, f"{bound.layers_path}.{i}.")
         layer_keys = sorted(k for k in keys if k.startswith(prefix))
 
         def want(key: str, node: Any) -> None:

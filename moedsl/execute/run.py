@@ -73,6 +73,8 @@ def capture_layer_inputs(model, plan: HookPlan, batches: list[torch.Tensor], dev
     from moedsl.bind.binder import get_path
 
     layers = get_path(model, plan.layers_path)
+    # a composite model is calibrated on text alone, through its language model
+    forward = get_path(model, plan.language_model) if plan.language_model else model
     saved = list(layers)
     n = len(saved)
     hidden, kwargs_per_layer = [], [[] for _ in range(n)]
@@ -82,7 +84,7 @@ def capture_layer_inputs(model, plan: HookPlan, batches: list[torch.Tensor], dev
             for i in range(n):
                 layers[i] = _Catcher(i, n - 1, record, plan.carry)
             try:
-                model(input_ids=ids.to(device), use_cache=False)
+                forward(input_ids=ids.to(device), use_cache=False)
             except StopForward:
                 pass
             hidden.append(record["hidden"].to(act_device))
@@ -181,10 +183,11 @@ class Runner:
         loader = LayerwiseLoader(model_dir)
         model = loader.skeleton()
         model.eval()
-        loader.load_non_layer(model, self.device)
         definition = load(opts.definition) if opts.definition else for_model(model)
         tokens = opts.samples * opts.seq_len
         plan = compile_plan(definition, model, policy=self.policy, tokens=tokens)
+        loader.use_layers(model, plan.layers_path)
+        loader.load_non_layer(model, self.device, skip=plan.towers)  # towers are copied, never run
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         cfg = opts.quant_config(required_scale_dtype(opts.format, dtype))
         check_shapes(plan, cfg, opts.format)
@@ -272,7 +275,7 @@ class Runner:
         choice = self.opts.activations
         if choice == "device" or self.device.type != "cuda":
             return self.device
-        hidden = getattr(model.config, "hidden_size", 0) or 0
+        hidden = getattr(model.config.get_text_config(), "hidden_size", 0) or 0  # a composite's: its text decoder's
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         need = 2 * tokens * hidden * torch.finfo(dtype).bits // 8  # a layer's inputs and its outputs
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -282,7 +285,7 @@ class Runner:
         return self.device
 
     def write_layer(self, writer, loader, plan: HookPlan, i: int, kind, result: LayerResult, dtype) -> None:
-        prefix = f"{plan.layers_path}.{i}."
+        prefix = loader.checkpoint_layer_prefix(i)  # the checkpoint's name of the layer (composites may differ)
         replaced: set[str] = set()
         for q in result.quantized:
             name = prefix + q.ckpt
@@ -299,6 +302,7 @@ class Runner:
         writer.flush_shard(f"layer-{i:05d}.safetensors")
 
     def write_rest(self, writer, loader, plan: HookPlan, skip: set[str]) -> None:
+        # a composite's towers are among these: copied as the checkpoint stores them, under its names
         self.copy_keys(writer, loader, [k for k in loader.non_layer_keys() if k not in skip])
         writer.flush_shard("model-rest.safetensors")
 

@@ -173,6 +173,12 @@ def definition(d: ir.Definition) -> str:
             out.append(f"{word} {_paths(value)}")
     if h.carry:
         out.append(f"carry {', '.join(h.carry)}")
+    if h.language_model is not None:
+        out.append(f"language_model {_paths(h.language_model)}")
+    if h.text_config is not None:
+        out.append(f"text_config {expr(h.text_config)}")
+    if h.towers:
+        out.append("towers " + ", ".join(_paths(t.names) + (":?" if t.optional else "") for t in h.towers))
     if d.lets:
         out.append("")
     for let in d.lets:

@@ -25,7 +25,10 @@ def merge(child: ir.Definition, parent: ir.Definition) -> ir.Definition:
         experts=h.experts if h.experts is not None else p.experts,
         top_k=h.top_k if h.top_k is not None else p.top_k,
         layers=h.layers or p.layers, embed=h.embed or p.embed, final_norm=h.final_norm or p.final_norm,
-        lm_head=h.lm_head or p.lm_head, carry=h.carry or p.carry, doc=h.doc, span=h.span,
+        lm_head=h.lm_head or p.lm_head, carry=h.carry or p.carry,
+        language_model=h.language_model or p.language_model,
+        text_config=h.text_config if h.text_config is not None else p.text_config, towers=h.towers or p.towers,
+        doc=h.doc, span=h.span,
     )
 
     def by_name(mine: tuple, theirs: tuple) -> tuple:
@@ -137,7 +140,7 @@ def check(d: ir.Definition) -> None:
 
 def _expressions(d: ir.Definition):
     h = d.header
-    for field in ("experts", "top_k"):
+    for field in ("experts", "top_k", "text_config"):
         if getattr(h, field) is not None:
             yield getattr(h, field), "header"
     for let in d.lets:
