@@ -86,6 +86,7 @@ class Binder:
 
     def bind(self) -> BoundDefinition:
         h = self.d.header
+        self.refuse_unmarked_composite(h)
         layers_path, layers = self.root_path(h.layers, "layers", h)
         if layers is not None and not isinstance(layers, nn.ModuleList):
             self.fail(f"`layers {layers_path}` is a {type(layers).__name__}, not a ModuleList of decoder layers", h)
@@ -147,6 +148,23 @@ class Binder:
 
     # -- composite models ----------------------------------------------------------------------
 
+    def refuse_unmarked_composite(self, h: ir.Header) -> None:
+        """A definition of a text model bound to a composite one: say so once, not as a dozen missing paths."""
+        from moedsl.models.tiny import is_composite
+
+        config = getattr(self.model, "config", None)
+        if h.language_model is not None or config is None or not is_composite(config):
+            return
+        subs = [k for k in (getattr(config, "sub_configs", None) or {}) if getattr(config, k, None) is not None]
+        decoders = [n for n, m in self.model.named_modules()
+                    if isinstance(m, nn.ModuleList) and n.rpartition(".")[2] == "layers"][:3]
+        self.fail(f"{self.model_class} is a composite model (sub-configs: {', '.join(subs)}), but `{h.name}` "
+                  "does not say where its language model is", h,
+                  notes=[f"decoder layers found at: {', '.join(decoders) or '(none)'}",
+                         "declare `language_model PATH`, `text_config EXPR` and `towers PATH, ...` (docs/language.md, "
+                         "composite models), or use the library's definition for this model_type"])
+        raise MoedslErrors(self.errors)
+
     def text_config(self, h: ir.Header, config: Any) -> Any:
         """What `config` means in the definition's expressions: the model's config, or the sub-config
         that `text_config` names (a composite's text decoder config)."""
@@ -198,8 +216,10 @@ class Binder:
         loose: dict[str, int] = {}
         for name, _ in self.model.named_parameters():
             if not any(name == k or name.startswith(k + ".") for k in kept):
-                module = name.rpartition(".")[0] or name
-                top = ".".join(module.split(".")[:2])
+                # name the module where the parameter's path leaves every declared one (`thinker.model.audio_tower`)
+                parts = name.split(".")
+                shared = max(_common_parts(parts, k.split(".")) for k in kept)
+                top = ".".join(parts[:shared + 1])
                 loose[top] = loose.get(top, 0) + 1
         for top, n in loose.items():
             self.fail(f"`{top}` ({n} parameter(s)) is outside `language_model {lm_path}` and in no tower", h,
@@ -442,6 +462,14 @@ class Binder:
         return BoundExperts(path=path, num_experts=E, hidden_size=hidden_size, intermediate_size=inter, fn=fn,
                             scale=scale, call=call, tensors=tuple(tensors), module_list=tuple(module_list),
                             ckpt=ckpt, ckpt_fused=ckpt_fused, module_class=type(mod).__name__)
+
+
+def _common_parts(a: list[str], b: list[str]) -> int:
+    """How many leading path components two dotted paths share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _roles(items: tuple, prefix: str):
