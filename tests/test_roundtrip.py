@@ -158,6 +158,11 @@ def definitions(draw) -> ir.Definition:
         final_norm=draw(st.none() | paths),
         lm_head=draw(st.none() | paths),
         carry=tuple(draw(st.lists(identifiers, max_size=2, unique=True))),
+        # composite models
+        language_model=draw(st.none() | paths),
+        text_config=draw(st.none() | exprs),
+        towers=tuple(ir.Tower(names=p, optional=o)
+                     for p, o in draw(st.lists(st.tuples(paths, st.booleans()), max_size=3, unique_by=lambda t: t[0]))),
         doc=draw(docs),
     )
     let_names = draw(st.lists(lets_names, max_size=3, unique=True))
@@ -227,7 +232,7 @@ def test_strategies_cover_every_node_kind() -> None:
     kinds = {"Literal_:literal", "Name:name", "Attr:attr", "Index:index", "Call:call", "ListExpr:list",
              "Unary:unary", "Binary:binary", "Module:module", "Use:use", "Each:each", "FusedTensor:tensor",
              "ExpertFn:fn", "Scale:scale", "CallSig:call", "Ckpt:ckpt", "Let:let", "Fragment:fragment",
-             "LayerKind:layer", "Header:"}
+             "LayerKind:layer", "Header:", "Tower:"}
     assert kinds <= seen, kinds - seen
     assert {"op:" + op for op in BINARY_OPS} <= seen, {"op:" + op for op in BINARY_OPS} - seen
 
