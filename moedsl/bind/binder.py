@@ -388,6 +388,9 @@ class Binder:
         call = next((c.args for c in kids if isinstance(c, ir.CallSig)), ("hidden", "index", "weights"))
         ckpts = [c for c in kids if isinstance(c, ir.Ckpt)]
         ckpt_fused = any(c.fused for c in ckpts)
+        slots = self.extra_slots(kids)
+        if slots is None:
+            return None
         dims: dict[str, tuple[int, int]] = {}
         tensors: list[BoundTensor] = []
         module_list: list[BoundLinear] = []
@@ -400,7 +403,7 @@ class Binder:
                           suggestion=nearest(t.name, siblings), notes=[f"parameters: {' '.join(siblings)}"])
                 continue
             try:
-                _, out_f, in_f = fused.shape_of(tuple(p.shape), t.layout, t.split, E)
+                stored, out_f, in_f = fused.shape_of(tuple(p.shape), t.layout, t.split, E, extra=len(slots))
             except MoedslError as err:
                 self.fail(f"`{path}.{t.name}` {list(p.shape)}: {err.message}", t)
                 continue
@@ -411,15 +414,15 @@ class Binder:
                               suggestion=nearest(t.bias, [n for n, _ in mod.named_parameters()]))
                     continue
                 total = out_f * len(t.roles)
-                if tuple(bias.shape) != (E, total):
-                    self.fail(f"bias `{t.bias}` is {list(bias.shape)}, expected [{E}, {total}]", t)
+                if tuple(bias.shape) != (stored, total):
+                    self.fail(f"bias `{t.bias}` is {list(bias.shape)}, expected [{stored}, {total}]", t)
                 b.covered.add(ir.join_path(path, t.bias))
             b.covered.add(ir.join_path(path, t.name))
             for r in t.roles:
                 dims[r] = (out_f, in_f)
             tensors.append(BoundTensor(name=t.name, layout=t.layout, split=t.split, roles=t.roles, stage=t.stage,
                                        skip=t.skip, bias=t.bias, ckpt=t.ckpt, shape=tuple(p.shape), out_features=out_f,
-                                       in_features=in_f))
+                                       in_features=in_f, stored_experts=stored))
         each = next((c for c in kids if isinstance(c, ir.Each)), None)
         if each is not None:
             if not isinstance(mod, nn.ModuleList) or len(mod) != E:
@@ -461,7 +464,27 @@ class Binder:
                 ckpt[role] = f"{path}.{{e}}.{role}_proj"
         return BoundExperts(path=path, num_experts=E, hidden_size=hidden_size, intermediate_size=inter, fn=fn,
                             scale=scale, call=call, tensors=tuple(tensors), module_list=tuple(module_list),
-                            ckpt=ckpt, ckpt_fused=ckpt_fused, module_class=type(mod).__name__)
+                            ckpt=ckpt, ckpt_fused=ckpt_fused, module_class=type(mod).__name__, slots=slots)
+
+    def extra_slots(self, kids: tuple) -> tuple[str, ...] | None:
+        """`extra identity(N)` / `extra zero(N)`: one entry per weightless router slot after the E experts."""
+        slots: list[str] = []
+        for c in kids:
+            if not isinstance(c, ir.ExtraSlots):
+                continue
+            try:
+                n = evaluate(c.count, self.env)
+            except MoedslError as err:
+                err.message = f"`extra {c.what}(...)`: {err.message}"
+                err.code = "bind error"
+                self.errors.append(err)
+                return None
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                self.fail(f"`extra {c.what}(...)` must be a non-negative integer; for {self.model_class} it is {n!r}",
+                          c.count)
+                return None
+            slots += [c.what] * n
+        return tuple(slots)
 
 
 def _common_parts(a: list[str], b: list[str]) -> int:

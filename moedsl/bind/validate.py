@@ -225,6 +225,9 @@ def declared_output(ex: BoundExperts, module: nn.Module, x: torch.Tensor, index:
         per = expert_fn.output(xs, ex.fn, w, b)
         return per.sum(0)
     per = expert_fn.output(x, ex.fn, w, b)
+    if ex.slots:  # weightless slots after the experts: an identity slot's output is its input, a zero slot's zero
+        extra = torch.stack([x if s == "identity" else torch.zeros_like(x) for s in ex.slots])
+        per = torch.cat([per, extra.to(per.dtype)])
     return expert_fn.combine(per, index, weights)
 
 
@@ -237,9 +240,10 @@ def check_expert_functions(d: ir.Definition, bound: BoundDefinition, model: nn.M
         for moe in kind.moe:
             ex = moe.experts
             module = get_path(layers[kind.layers[0]], ex.path)
-            T, k = 24, min(bound.top_k or 2, ex.num_experts)
+            slots = ex.num_experts + len(ex.slots)  # the router also picks the weightless extra slots
+            T, k = 24, min(bound.top_k or 2, slots)
             x = torch.randn(T, ex.hidden_size, generator=gen)
-            index = torch.stack([torch.randperm(ex.num_experts, generator=gen)[:k] for _ in range(T)])
+            index = torch.stack([torch.randperm(slots, generator=gen)[:k] for _ in range(T)])
             weights = torch.rand(T, k, generator=gen) + 0.1
             try:
                 theirs = run_experts_module(ex, module, x, index, weights)

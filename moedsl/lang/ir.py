@@ -217,8 +217,19 @@ class Ckpt(Node):
     doc: tuple[str, ...] = ()
 
 
+class ExtraSlots(Node):
+    """`extra identity(N)` / `extra zero(N)`: N router slots after the E experts (and after earlier
+    `extra` slots) that have no weights: an identity slot returns its input, a zero slot nothing
+    (LongCat-Flash's "zero-computation experts"). They are routed to, and never get statistics."""
+
+    kind: Literal["extra"] = "extra"
+    what: Literal["identity", "zero"]
+    count: Expr
+    doc: tuple[str, ...] = ()
+
+
 Item = Annotated[
-    Union[Module, Use, Each, FusedTensor, ExpertFn, Scale, CallSig, Ckpt],
+    Union[Module, Use, Each, FusedTensor, ExpertFn, Scale, CallSig, Ckpt, ExtraSlots],
     Field(discriminator="kind"),
 ]
 
@@ -296,7 +307,8 @@ class Definition(Node):
         return next((f for f in self.fragments if f.name == name), None)
 
 
-for _model in (Attr, Index, Call, ListExpr, Unary, Binary, Let, Module, Each, Fragment, LayerKind, Tower, Header,
+for _model in (Attr, Index, Call, ListExpr, Unary, Binary, Let, Module, Each, ExtraSlots, Fragment, LayerKind, Tower,
+               Header,
                Definition):
     _model.model_rebuild()
 

@@ -28,13 +28,14 @@ MAX_NUMBER_DIGITS = 400  # longer number literals are refused (Python refuses in
 
 KEYWORDS = ("arch", "extends", "match", "carry", "experts", "top_k", "layers", "embed", "final_norm", "lm_head",
             "language_model", "text_config", "towers", "let", "fragment", "layer", "when", "otherwise", "use", "tensor", "bias", "fn", "scale",
-            "call", "ckpt", "fused", "as", "and", "or", "not", "in", "true", "false", "none")
+            "call", "ckpt", "extra", "fused", "as", "and", "or", "not", "in", "true", "false", "none")
 FUNCTIONS = ("len", "min", "max", "abs", "floordiv", "range", "int", "float", "bool", "str")
 FN_FORMS = ("glu", "mlp", "swiglu_clamped")
 # words that start a statement or an item: a near miss of one of these at the start of a line that fails to
 # parse is reported as a misspelt keyword (`tensr w [E,out,in] ...` -> did you mean `tensor`?)
 STATEMENT_WORDS = ("arch", "extends", "match", "experts", "top_k", "layers", "embed", "final_norm", "lm_head",
-                   "language_model", "text_config", "towers", "let", "fragment", "layer", "use", "tensor", "fn", "scale", "call", "ckpt")
+                   "language_model", "text_config", "towers", "let", "fragment", "layer", "use", "tensor", "fn",
+                   "scale", "call", "ckpt", "extra")
 ANNOTATIONS = (":0", ":1", ":!", ":?") + tuple(":" + r for r in ir.ROLES)
 
 _TERMINAL_WORDS = {
@@ -400,6 +401,13 @@ class _Builder:
         if "{e}" not in template:
             raise self.error("a per-expert checkpoint name needs `{e}` (the expert index)", template_tok)
         return ir.Ckpt(role=role, template=template, doc=self._trailing(node, doc), span=self.span(node))
+
+    def item_extra_item(self, node: Tree, doc):
+        what, count = node.children
+        if str(what) not in ("identity", "zero"):
+            raise self.error(f"unknown extra slot `{what}`", what, expected=["identity(N)", "zero(N)"],
+                             suggestion=nearest(str(what), ("identity", "zero")))
+        return ir.ExtraSlots(what=str(what), count=self.expr(count), doc=self._trailing(node, doc), span=self.span(node))
 
     def item_ckpt_fused(self, node: Tree, doc):
         return ir.Ckpt(fused=True, doc=self._trailing(node, doc), span=self.span(node))

@@ -143,6 +143,8 @@ def items(its: tuple, depth: int) -> list[str]:
             out.append(f"{pad}scale {it.where}")
         elif isinstance(it, ir.CallSig):
             out.append(f"{pad}call({', '.join(it.args)})")
+        elif isinstance(it, ir.ExtraSlots):
+            out.append(f"{pad}extra {it.what}({expr(it.count)})")
         elif isinstance(it, ir.Ckpt):
             out.append(f"{pad}ckpt fused" if it.fused else f"{pad}ckpt {it.role} {_literal(it.template)}")
         else:  # pragma: no cover

@@ -116,7 +116,7 @@ def expand_uses(d: ir.Definition) -> ir.Definition:
 
 # ---- structural rules ------------------------------------------------------------------------
 
-_EXPERT_ONLY = (ir.FusedTensor, ir.ExpertFn, ir.Scale, ir.CallSig, ir.Ckpt)
+_EXPERT_ONLY = (ir.FusedTensor, ir.ExpertFn, ir.Scale, ir.CallSig, ir.Ckpt, ir.ExtraSlots)
 
 
 def check(d: ir.Definition) -> None:
@@ -148,6 +148,9 @@ def _expressions(d: ir.Definition):
     for kind in d.layers:
         if kind.when is not None:
             yield kind.when, f"layer {kind.name}"
+        for it in ir.walk_items(kind.items):
+            if isinstance(it, ir.ExtraSlots):
+                yield it.count, f"layer {kind.name}"
 
 
 def _check_names(e, lets: set[str], where: str) -> None:
@@ -170,7 +173,8 @@ def _check_items(items: tuple, moe: ir.Module | None, experts: ir.Module | None,
     seen_moe = False
     for it in items:
         if isinstance(it, _EXPERT_ONLY) and experts is None:
-            word = {ir.FusedTensor: "tensor", ir.ExpertFn: "fn", ir.Scale: "scale", ir.CallSig: "call", ir.Ckpt: "ckpt"}[type(it)]
+            word = {ir.FusedTensor: "tensor", ir.ExpertFn: "fn", ir.Scale: "scale", ir.CallSig: "call", ir.Ckpt: "ckpt",
+                    ir.ExtraSlots: "extra"}[type(it)]
             raise MoedslError(f"`{word}` belongs directly inside an `:experts` module", span=it.span)
         if isinstance(it, ir.Each):
             if experts is None:
@@ -285,6 +289,10 @@ def _check_experts(m: ir.Module) -> None:
             if t.ckpt is not None:
                 raise MoedslError(f"tensor `{t.name}` has a checkpoint key (`@ ...`): that needs `ckpt fused`",
                                   span=t.span)
+    if [c for c in kids if isinstance(c, ir.ExtraSlots)] and next((c.args for c in kids if isinstance(c, ir.CallSig)),
+                                                                  None) == ("hidden",):
+        raise MoedslError("`extra` slots need the chosen experts: `call(hidden)` (one stacked input) has none",
+                          span=m.span)
     if eaches and any(c.fused for c in ckpts):
         raise MoedslError("`ckpt fused` is for fused tensors, not a ModuleList", span=ckpts[0].span)
 
