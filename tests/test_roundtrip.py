@@ -120,13 +120,14 @@ ckpts = st.one_of(
     st.builds(ir.Ckpt, role=st.sampled_from(ir.PROJ_ROLES), template=ckpt_templates, doc=docs),
     st.builds(ir.Ckpt, fused=st.just(True), doc=docs),
 )
+extra_slots = st.builds(ir.ExtraSlots, what=st.sampled_from(["identity", "zero"]), count=exprs, doc=docs)
 uses = st.builds(ir.Use, fragment=identifiers, doc=docs)
 leaf_modules = st.builds(
     ir.Module, names=paths, stage=stages, skip=st.booleans(), optional=st.booleans(),
     role=st.none() | st.sampled_from(ir.ROLES), ckpt=st.none() | strings,
     proj=st.none() | st.sampled_from(ir.PROJ_ROLES), doc=docs,
 )
-leaf_items = st.one_of(leaf_modules, uses, fused_tensors, expert_fns, scales, call_sigs, ckpts)
+leaf_items = st.one_of(leaf_modules, uses, fused_tensors, expert_fns, scales, call_sigs, ckpts, extra_slots)
 
 
 def _nest(children):
@@ -232,7 +233,7 @@ def test_strategies_cover_every_node_kind() -> None:
     kinds = {"Literal_:literal", "Name:name", "Attr:attr", "Index:index", "Call:call", "ListExpr:list",
              "Unary:unary", "Binary:binary", "Module:module", "Use:use", "Each:each", "FusedTensor:tensor",
              "ExpertFn:fn", "Scale:scale", "CallSig:call", "Ckpt:ckpt", "Let:let", "Fragment:fragment",
-             "LayerKind:layer", "Header:", "Tower:"}
+             "LayerKind:layer", "Header:", "Tower:", "ExtraSlots:extra"}
     assert kinds <= seen, kinds - seen
     assert {"op:" + op for op in BINARY_OPS} <= seen, {"op:" + op for op in BINARY_OPS} - seen
 

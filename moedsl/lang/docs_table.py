@@ -52,16 +52,19 @@ SKIPPED: dict[str, str] = {
         "(`attention.query_key_value`); a per-module `@ \"name\"` can rename a target, not fuse three."
     ),
     "longcat_flash": (
-        "per-tensor expert counts: `gate_up_proj` holds E + Z experts (Z identity 'zero' experts) but "
-        "`down_proj` only E; the header has one expert count and the expert function has no identity expert. "
-        "Also two attentions and two dense MLPs per layer as ModuleLists (`self_attn.0/1`, `mlps.0/1`), "
-        "which is expressible."
+        "numeric children: every layer holds two attentions, two dense MLPs and two pairs of norms as "
+        "ModuleLists (`self_attn.0`, `mlps.1`, `input_layernorm.0`), and a module path has no numeric "
+        "segment on this branch. The MoE block itself is expressible: its router scores E + Z slots and the "
+        "last Z are identity experts (`extra identity(config.zero_expert_num)`, with `gate_up_proj` stored "
+        "[E + Z, 2I, H]); tests/test_extra_slots.py quantizes it under every policy."
     ),
     "jetmoe": (
-        "experts module: `ParallelExperts` — the experts of one MoE are two modules (`mlp.input_linear`, "
-        "`mlp.output_linear`), each holding one [E, out, in] weight, called by the block itself; there is no "
-        "experts module with the (hidden, index, weights) contract. The attention is itself a mixture of "
-        "experts (`self_attention.experts`, MoA)."
+        "expert containers: the routed MLP's experts are two `ParallelExperts` modules (`mlp.input_linear` "
+        "[E, 2I, H] and `mlp.output_linear` [E, H, I]), each called by the block as `(tokens sorted by expert, "
+        "tokens per expert)` and split per expert by those counts; an `:experts` module must be ONE module "
+        "called with (hidden, index, weights). The attention is a mixture of experts too "
+        "(`self_attention.experts`, a ParallelExperts for the queries and another for the output, routed by "
+        "`self_attention.experts.router`), which no `:moe` block can describe: a `:moe` holds an MLP's experts."
     ),
 }
 
