@@ -125,7 +125,8 @@ class Binder:
             raise MoedslErrors(self.errors) if len(self.errors) > 1 else self.errors[0]
         hidden = getattr(self.config, "hidden_size", None) or getattr(self.config, "d_model", 0)
         return BoundDefinition(
-            arch=h.name, model_type=str(getattr(getattr(self.model, "config", None), "model_type", "")), model_class=self.model_class,
+            arch=h.name, model_type=str(getattr(getattr(self.model, "config", None), "model_type", "")),  # the composite's
+            model_class=self.model_class,
             num_layers=len(layers), layers_path=layers_path, embed=embed, final_norm=norm, lm_head=head,
             num_experts=num_experts, top_k=top_k, hidden_size=int(hidden or 0), carry=h.carry, kinds=tuple(kinds),
             kind_of_layer=tuple(kind_of_layer), language_model=language_model, towers=towers)
@@ -205,7 +206,8 @@ class Binder:
                 if not tower.optional:
                     top = [n for n, _ in self.model.named_modules() if n.count(".") < 3 and n]
                     self.fail(f"tower `{'|'.join(tower.names)}` does not exist in {self.model_class}", tower,
-                              suggestion=nearest(tower.names[0], top), notes=["mark it `:?` if some checkpoints lack it"])
+                              suggestion=nearest(tower.names[0], top),
+                              notes=["mark it `:?` if some checkpoints lack it"])
                 continue
             if found == lm_path or found.startswith(lm_path + ".") or lm_path.startswith(found + "."):
                 self.fail(f"tower `{found}` overlaps `language_model {lm_path}`", tower)

@@ -415,7 +415,8 @@ class LayerwiseLoader:
             if not name.startswith((layers_prefix, *skipped)) and t.device.type == "meta"
         }
         self._tie(model, missing)
-        self._materialize_rest(model, device, exclude_prefix=(layers_prefix, *skipped), what="outside the decoder layers")
+        self._materialize_rest(model, device, exclude_prefix=(layers_prefix, *skipped),
+                               what="outside the decoder layers")
 
     def tower_keys(self, towers: tuple[str, ...]) -> list[str]:
         """The checkpoint keys (on-disk names) of the modules under the runtime paths `towers`."""
