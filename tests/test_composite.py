@@ -211,3 +211,10 @@ def test_tower_annotation_other_than_optional_is_a_parse_error():
     with pytest.raises(MoedslError) as exc:
         parse("arch x\nlayers model.layers\ntowers model.visual:!\nlayer a otherwise {}\n", "t.moedef")
     assert "a tower takes only `:?`" in exc.value.render() and "t.moedef:3:20" in exc.value.render()
+
+
+def test_plan_names_the_language_model_and_towers(tiny_model, cli):
+    r = cli("plan", "qwen3_omni_moe", "--config", str(tiny_model("qwen3_omni_moe") / "config.json"))
+    assert r.returncode == 0, r.stderr
+    assert "language model thinker.model.language_model (calibrated on text)" in r.stdout
+    assert "towers copied unquantized: thinker.model.audio_tower, thinker.model.visual" in r.stdout
