@@ -123,13 +123,14 @@ ckpts = st.one_of(
     st.builds(ir.Ckpt, role=st.sampled_from(ir.PROJ_ROLES), template=ckpt_templates, doc=docs),
     st.builds(ir.Ckpt, fused=st.just(True), doc=docs),
 )
+extra_slots = st.builds(ir.ExtraSlots, what=st.sampled_from(["identity", "zero"]), count=exprs, doc=docs)
 uses = st.builds(ir.Use, fragment=identifiers, doc=docs)
 leaf_modules = st.builds(
     ir.Module, names=paths, stage=stages, skip=st.booleans(), optional=st.booleans(),
     role=st.none() | st.sampled_from(ir.ROLES), ckpt=st.none() | strings,
     proj=st.none() | st.sampled_from(ir.PROJ_ROLES), doc=docs,
 )
-leaf_items = st.one_of(leaf_modules, uses, fused_tensors, expert_fns, scales, call_sigs, ckpts)
+leaf_items = st.one_of(leaf_modules, uses, fused_tensors, expert_fns, scales, call_sigs, ckpts, extra_slots)
 
 
 def _nest(children):
@@ -163,6 +164,11 @@ def definitions(draw) -> ir.Definition:
         final_norm=draw(st.none() | paths),
         lm_head=draw(st.none() | paths),
         carry=tuple(draw(st.lists(identifiers, max_size=2, unique=True))),
+        # composite models
+        language_model=draw(st.none() | paths),
+        text_config=draw(st.none() | exprs),
+        towers=tuple(ir.Tower(names=p, optional=o)
+                     for p, o in draw(st.lists(st.tuples(paths, st.booleans()), max_size=3, unique_by=lambda t: t[0]))),
         doc=draw(docs),
     )
     let_names = draw(st.lists(lets_names, max_size=3, unique=True))
@@ -232,7 +238,7 @@ def test_strategies_cover_every_node_kind() -> None:
     kinds = {"Literal_:literal", "Name:name", "Attr:attr", "Index:index", "Call:call", "ListExpr:list",
              "Unary:unary", "Binary:binary", "Module:module", "Use:use", "Each:each", "FusedTensor:tensor",
              "ExpertFn:fn", "Scale:scale", "CallSig:call", "Ckpt:ckpt", "Let:let", "Fragment:fragment",
-             "LayerKind:layer", "Header:"}
+             "LayerKind:layer", "Header:", "Tower:", "ExtraSlots:extra"}
     assert kinds <= seen, kinds - seen
     assert {"op:" + op for op in BINARY_OPS} <= seen, {"op:" + op for op in BINARY_OPS} - seen
 

@@ -75,8 +75,9 @@ class Binder:
         self.model = model
         self.config = getattr(model, "config", None)
         self.errors: list[MoedslError] = []
-        self.env = Env(self.config, None, {l.name: l.value for l in d.lets})
         self.model_class = type(model).__name__
+        self.config = self.text_config(d.header, self.config)
+        self.env = Env(self.config, None, {l.name: l.value for l in d.lets})
 
     def fail(self, message: str, node: Any = None, **kw) -> None:
         self.errors.append(MoedslError(message, span=getattr(node, "span", None), code="bind error", **kw))
@@ -85,6 +86,7 @@ class Binder:
 
     def bind(self) -> BoundDefinition:
         h = self.d.header
+        self.refuse_unmarked_composite(h)
         layers_path, layers = self.root_path(h.layers, "layers", h)
         if layers is not None and not isinstance(layers, nn.ModuleList):
             self.fail(f"`layers {layers_path}` is a {type(layers).__name__}, not a ModuleList of decoder layers", h)
@@ -92,6 +94,7 @@ class Binder:
         embed = self.root_path(h.embed, "embed", h)[0] if h.embed else None
         norm = self.root_path(h.final_norm, "final_norm", h)[0] if h.final_norm else None
         head = self.root_path(h.lm_head, "lm_head", h)[0] if h.lm_head else None
+        language_model, towers = self.composite(h, layers_path)
         if layers is None:
             raise MoedslErrors(self.errors)
         kind_of_layer = self.assign_kinds(len(layers))
@@ -126,10 +129,11 @@ class Binder:
             raise MoedslErrors(self.errors) if len(self.errors) > 1 else self.errors[0]
         hidden = getattr(self.config, "hidden_size", None) or getattr(self.config, "d_model", 0)
         return BoundDefinition(
-            arch=h.name, model_type=str(getattr(self.config, "model_type", "")), model_class=self.model_class,
-            num_layers=len(layers), layers_path=layers_path, layers_ckpt=h.layers_ckpt or layers_path, embed=embed, final_norm=norm, lm_head=head,
+            arch=h.name, model_type=str(getattr(getattr(self.model, "config", None), "model_type", "")),  # the composite's
+            model_class=self.model_class, num_layers=len(layers), layers_path=layers_path,
+            layers_ckpt=h.layers_ckpt or layers_path, embed=embed, final_norm=norm, lm_head=head,
             num_experts=num_experts, top_k=top_k, hidden_size=int(hidden or 0), carry=h.carry, kinds=tuple(kinds),
-            kind_of_layer=tuple(kind_of_layer))
+            kind_of_layer=tuple(kind_of_layer), language_model=language_model, towers=towers)
 
     def root_path(self, alts: tuple[str, ...] | None, word: str, node: Any) -> tuple[str | None, Any]:
         for alt in alts or ():
@@ -138,9 +142,98 @@ class Binder:
                 return alt, obj
         tried = " | ".join(alts or ())
         top = [n for n, _ in self.model.named_modules() if n.count(".") < 2 and n]
+        notes = [f"top-level modules: {' '.join(top[:12])}"]
+        last = (alts or ("",))[0].rpartition(".")[2]
+        elsewhere = [n for n, _ in self.model.named_modules() if n.rpartition(".")[2] == last][:4]
+        if elsewhere:  # a composite model keeps its text decoder deeper (`model.language_model.layers`)
+            notes.append(f"`{last}` exists at: {', '.join(elsewhere)}")
         self.fail(f"`{word} {tried}` does not exist in {self.model_class}", node,
-                  suggestion=nearest((alts or ("",))[0], top), notes=[f"top-level modules: {' '.join(top[:12])}"])
+                  suggestion=elsewhere[0] if len(elsewhere) == 1 else nearest((alts or ("",))[0], top), notes=notes)
         return None, None
+
+    # -- composite models ----------------------------------------------------------------------
+
+    def refuse_unmarked_composite(self, h: ir.Header) -> None:
+        """A definition of a text model bound to a composite one: say so once, not as a dozen missing paths."""
+        from moedsl.models.tiny import is_composite
+
+        config = getattr(self.model, "config", None)
+        if h.language_model is not None or config is None or not is_composite(config):
+            return
+        subs = [k for k in (getattr(config, "sub_configs", None) or {}) if getattr(config, k, None) is not None]
+        decoders = [n for n, m in self.model.named_modules()
+                    if isinstance(m, nn.ModuleList) and n.rpartition(".")[2] == "layers"][:3]
+        self.fail(f"{self.model_class} is a composite model (sub-configs: {', '.join(subs)}), but `{h.name}` "
+                  "does not say where its language model is", h,
+                  notes=[f"decoder layers found at: {', '.join(decoders) or '(none)'}",
+                         "declare `language_model PATH`, `text_config EXPR` and `towers PATH, ...` (docs/language.md, "
+                         "composite models), or use the library's definition for this model_type"])
+        raise MoedslErrors(self.errors)
+
+    def text_config(self, h: ir.Header, config: Any) -> Any:
+        """What `config` means in the definition's expressions: the model's config, or the sub-config
+        that `text_config` names (a composite's text decoder config)."""
+        if h.text_config is None:
+            return config
+        try:
+            sub = evaluate(h.text_config, Env(config, None, {}))
+        except MoedslError as err:
+            err.message = f"`text_config`: {err.message}"
+            err.code = "bind error"
+            self.errors.append(err)
+            return config
+        if sub is None or isinstance(sub, (bool, int, float, str, list)):
+            self.fail(f"`text_config` must name a sub-config of {type(config).__name__}; it is {sub!r}", h.text_config)
+            return config
+        return sub
+
+    def composite(self, h: ir.Header, layers_path: str | None) -> tuple[str | None, tuple[str, ...]]:
+        """`language_model` and `towers`: where the text decoder sits, and that every parameter outside
+        it (and outside embed, final_norm and lm_head) belongs to a declared tower."""
+        if h.language_model is None:
+            if h.towers:
+                self.fail("`towers` needs `language_model` (the part of the model that is quantized)", h)
+            return None, ()
+        lm_path, lm = self.root_path(h.language_model, "language_model", h)
+        if lm_path is None:
+            return None, ()
+        if not isinstance(lm, nn.Module):
+            self.fail(f"`language_model {lm_path}` is a tensor, not a module", h)
+            return None, ()
+        if layers_path is not None and not layers_path.startswith(lm_path + "."):
+            self.fail(f"`layers {layers_path}` is not inside `language_model {lm_path}`", h,
+                      notes=["calibration runs the language model, so its decoder layers must be part of it"])
+        towers: list[str] = []
+        for tower in h.towers:
+            found = next((n for n in tower.names if get_path(self.model, n) is not None), None)
+            if found is None:
+                if not tower.optional:
+                    top = [n for n, _ in self.model.named_modules() if n.count(".") < 3 and n]
+                    self.fail(f"tower `{'|'.join(tower.names)}` does not exist in {self.model_class}", tower,
+                              suggestion=nearest(tower.names[0], top),
+                              notes=["mark it `:?` if some checkpoints lack it"])
+                continue
+            if found == lm_path or found.startswith(lm_path + ".") or lm_path.startswith(found + "."):
+                self.fail(f"tower `{found}` overlaps `language_model {lm_path}`", tower)
+                continue
+            towers.append(found)
+        kept = [lm_path, *towers, *(p for p in (self.root_path_quiet(h.embed), self.root_path_quiet(h.final_norm),
+                                                 self.root_path_quiet(h.lm_head)) if p)]
+        loose: dict[str, int] = {}
+        for name, _ in self.model.named_parameters():
+            if not any(name == k or name.startswith(k + ".") for k in kept):
+                # name the module where the parameter's path leaves every declared one (`thinker.model.audio_tower`)
+                parts = name.split(".")
+                shared = max(_common_parts(parts, k.split(".")) for k in kept)
+                top = ".".join(parts[:shared + 1])
+                loose[top] = loose.get(top, 0) + 1
+        for top, n in loose.items():
+            self.fail(f"`{top}` ({n} parameter(s)) is outside `language_model {lm_path}` and in no tower", h,
+                      notes=["add it to `towers` to copy it unquantized, byte for byte"])
+        return lm_path, tuple(towers)
+
+    def root_path_quiet(self, alts: tuple[str, ...] | None) -> str | None:
+        return next((a for a in alts or () if get_path(self.model, a) is not None), None)
 
     def header_int(self, e: ir.Expr | None, word: str) -> int | None:
         if e is None:
@@ -301,6 +394,9 @@ class Binder:
         call = next((c.args for c in kids if isinstance(c, ir.CallSig)), ("hidden", "index", "weights"))
         ckpts = [c for c in kids if isinstance(c, ir.Ckpt)]
         ckpt_fused = any(c.fused for c in ckpts)
+        slots = self.extra_slots(kids)
+        if slots is None:
+            return None
         dims: dict[str, tuple[int, int]] = {}
         tensors: list[BoundTensor] = []
         module_list: list[BoundLinear] = []
@@ -313,7 +409,7 @@ class Binder:
                           suggestion=nearest(t.name, siblings), notes=[f"parameters: {' '.join(siblings)}"])
                 continue
             try:
-                _, out_f, in_f = fused.shape_of(tuple(p.shape), t.layout, t.split, E)
+                stored, out_f, in_f = fused.shape_of(tuple(p.shape), t.layout, t.split, E, extra=len(slots))
             except MoedslError as err:
                 self.fail(f"`{path}.{t.name}` {list(p.shape)}: {err.message}", t)
                 continue
@@ -324,15 +420,15 @@ class Binder:
                               suggestion=nearest(t.bias, [n for n, _ in mod.named_parameters()]))
                     continue
                 total = out_f * len(t.roles)
-                if tuple(bias.shape) != (E, total):
-                    self.fail(f"bias `{t.bias}` is {list(bias.shape)}, expected [{E}, {total}]", t)
+                if tuple(bias.shape) != (stored, total):
+                    self.fail(f"bias `{t.bias}` is {list(bias.shape)}, expected [{stored}, {total}]", t)
                 b.covered.add(ir.join_path(path, t.bias))
             b.covered.add(ir.join_path(path, t.name))
             for r in t.roles:
                 dims[r] = (out_f, in_f)
             tensors.append(BoundTensor(name=t.name, layout=t.layout, split=t.split, roles=t.roles, stage=t.stage,
                                        skip=t.skip, bias=t.bias, ckpt=t.ckpt, shape=tuple(p.shape), out_features=out_f,
-                                       in_features=in_f))
+                                       in_features=in_f, stored_experts=stored))
         each = next((c for c in kids if isinstance(c, ir.Each)), None)
         if each is not None:
             if not isinstance(mod, nn.ModuleList) or len(mod) != E:
@@ -374,7 +470,35 @@ class Binder:
                 ckpt[role] = f"{path}.{{e}}.{role}_proj"
         return BoundExperts(path=path, num_experts=E, hidden_size=hidden_size, intermediate_size=inter, fn=fn,
                             scale=scale, call=call, tensors=tuple(tensors), module_list=tuple(module_list),
-                            ckpt=ckpt, ckpt_fused=ckpt_fused, module_class=type(mod).__name__)
+                            ckpt=ckpt, ckpt_fused=ckpt_fused, module_class=type(mod).__name__, slots=slots)
+
+    def extra_slots(self, kids: tuple) -> tuple[str, ...] | None:
+        """`extra identity(N)` / `extra zero(N)`: one entry per weightless router slot after the E experts."""
+        slots: list[str] = []
+        for c in kids:
+            if not isinstance(c, ir.ExtraSlots):
+                continue
+            try:
+                n = evaluate(c.count, self.env)
+            except MoedslError as err:
+                err.message = f"`extra {c.what}(...)`: {err.message}"
+                err.code = "bind error"
+                self.errors.append(err)
+                return None
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                self.fail(f"`extra {c.what}(...)` must be a non-negative integer; for {self.model_class} it is {n!r}",
+                          c.count)
+                return None
+            slots += [c.what] * n
+        return tuple(slots)
+
+
+def _common_parts(a: list[str], b: list[str]) -> int:
+    """How many leading path components two dotted paths share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _has_moe(items: tuple) -> bool:

@@ -46,6 +46,7 @@ class BoundTensor(Frozen):
     shape: tuple[int, ...]
     out_features: int  # of one role of one expert
     in_features: int
+    stored_experts: int | None = None  # experts on the first axis: E, or E + the extra slots (LongCat's gate_up_proj)
 
 
 class BoundExperts(Frozen):
@@ -61,6 +62,7 @@ class BoundExperts(Frozen):
     ckpt: dict[str, str]  # role -> checkpoint name template with `{e}`, relative to the layer
     ckpt_fused: bool = False
     module_class: str
+    slots: tuple[Literal["identity", "zero"], ...] = ()  # weightless router slots E, E+1, ... (`extra`)
 
     def role_stage(self, role: str) -> int | None:
         for t in self.tensors:
@@ -105,6 +107,8 @@ class BoundDefinition(Frozen):
     carry: tuple[str, ...] = ()  # see ir.Header.carry
     kinds: tuple[BoundKind, ...]
     kind_of_layer: tuple[str, ...]  # per layer index
+    language_model: str | None = None  # a composite's text decoder, from the model root (calibration calls it)
+    towers: tuple[str, ...] = ()  # a composite's modules outside the language model, copied unquantized
 
     def kind(self, name: str) -> BoundKind:
         return next(k for k in self.kinds if k.name == name)

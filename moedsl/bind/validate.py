@@ -117,14 +117,15 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
     record("expert function", fn_errs, fn_detail)
     if model_dir is not None:
         keys = checkpoint_keys(model_dir)
-        ck_errs, ck_detail = check_checkpoint_names(d, bound, keys)
+        ck_errs, ck_detail = check_checkpoint_names(d, bound, keys, layer_prefixes(model_dir, bound))
     else:
         from moedsl.models.tiny import quiet_transformers
 
         with tempfile.TemporaryDirectory() as tmp, quiet_transformers():  # no "Writing model shards" bar
             real.save_pretrained(tmp)
             keys = checkpoint_keys(Path(tmp))
-        ck_errs, ck_detail = check_checkpoint_names(d, real_bound, keys)
+            prefixes = layer_prefixes(Path(tmp), real_bound)
+        ck_errs, ck_detail = check_checkpoint_names(d, real_bound, keys, prefixes)
     record("checkpoint names", ck_errs, ck_detail)
     return Report(file=file, arch=d.header.name, model_type=mt, model_source=source, ok=not problems,
                   checks=tuple(checks), problems=tuple(problems), kinds=kinds, remote_code=ran)
@@ -146,14 +147,29 @@ def _experts_item(d: ir.Definition, kind: str) -> ir.Module | None:
     return None
 
 
-def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[str]) -> tuple[list[MoedslError], str]:
+def layer_prefixes(model_dir: Path, bound: BoundDefinition) -> dict[int, str]:
+    """What the checkpoint in `model_dir` calls the first layer of each kind (a composite's checkpoint may
+    name its decoder layers differently from the runtime model: `thinker.model.layers.0.`)."""
+    if bound.language_model is None:
+        return {}
+    from moedsl.execute.loader import LayerwiseLoader
+
+    loader = LayerwiseLoader(model_dir, layers_path=bound.layers_path)
+    loader.skeleton()
+    return {k.layers[0]: loader.checkpoint_layer_prefix(k.layers[0]) for k in bound.kinds}
+
+
+def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[str],
+                           prefixes: dict[int, str] | None = None) -> tuple[list[MoedslError], str]:
     errs: list[MoedslError] = []
     missing: list[tuple[str, int]] = []  # (name relative to the layer, layer index) of every name not found
     checked = 0
     root = bound.layers_ckpt or bound.layers_path
     for kind in bound.kinds:
         i = kind.layers[0]
-        prefix = f"{root}.{i}."
+        # a declared checkpoint root (`layers … @ "…"`) wins; else the prefix the loader read off the conversion
+        declared = bound.layers_ckpt and bound.layers_ckpt != bound.layers_path
+        prefix = f"{root}.{i}." if declared else (prefixes or {}).get(i, f"{root}.{i}.")
         layer_keys = sorted(k for k in keys if k.startswith(prefix))
 
         def want(key: str, node: Any) -> None:
@@ -246,6 +262,9 @@ def declared_output(ex: BoundExperts, module: nn.Module, x: torch.Tensor, index:
         per = expert_fn.output(xs, ex.fn, w, b)
         return per.sum(0)
     per = expert_fn.output(x, ex.fn, w, b)
+    if ex.slots:  # weightless slots after the experts: an identity slot's output is its input, a zero slot's zero
+        extra = torch.stack([x if s == "identity" else torch.zeros_like(x) for s in ex.slots])
+        per = torch.cat([per, extra.to(per.dtype)])
     return expert_fn.combine(per, index, weights)
 
 
@@ -258,9 +277,10 @@ def check_expert_functions(d: ir.Definition, bound: BoundDefinition, model: nn.M
         for moe in kind.moe:
             ex = moe.experts
             module = get_path(layers[kind.layers[0]], ex.path)
-            T, k = 24, min(bound.top_k or 2, ex.num_experts)
+            slots = ex.num_experts + len(ex.slots)  # the router also picks the weightless extra slots
+            T, k = 24, min(bound.top_k or 2, slots)
             x = torch.randn(T, ex.hidden_size, generator=gen)
-            index = torch.stack([torch.randperm(ex.num_experts, generator=gen)[:k] for _ in range(T)])
+            index = torch.stack([torch.randperm(slots, generator=gen)[:k] for _ in range(T)])
             weights = torch.rand(T, k, generator=gen) + 0.1
             try:
                 theirs = run_experts_module(ex, module, x, index, weights)

@@ -73,7 +73,8 @@ def _model_vocab_size(model_dir: Path | None) -> int | None:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MoedslError(f"{cfg_path}: not valid JSON: {exc}") from None
-    for holder in (cfg, cfg.get("text_config") or {}):
+    thinker = cfg.get("thinker_config") if isinstance(cfg.get("thinker_config"), dict) else {}
+    for holder in (cfg, cfg.get("text_config") or {}, thinker.get("text_config") or {}):  # omni: the thinker's
         v = holder.get("vocab_size") if isinstance(holder, dict) else None
         if isinstance(v, int) and v > 0:
             return v

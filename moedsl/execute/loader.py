@@ -223,8 +223,12 @@ class LayerwiseLoader:
         experts_implementation: str | None = None,
         strict: bool = False,
         trust_remote_code: bool = False,
+        layers_path: str | None = None,
     ):
+        """layers_path: the decoder-layer ModuleList (the definition's `layers`); found by
+        `find_decoder_layers` when not given — a composite model needs it, its towers have layers too."""
         self.model_dir = Path(model_dir)
+        self._given_layers_path = layers_path
         self.dtype = dtype
         self.attn_implementation = attn_implementation
         self.experts_implementation = experts_implementation
@@ -333,11 +337,10 @@ class LayerwiseLoader:
 
     def skeleton(self) -> nn.Module:
         """The model of this directory's config.json, built on the meta device (no storage)."""
-        from transformers import AutoModelForCausalLM
-
         from moedsl.models import remote
+        from moedsl.models.tiny import _instantiate, model_class
 
-        kwargs = {"trust_remote_code": self.remote_code is not None}
+        kwargs = {"trust_remote_code": True} if self.remote_code is not None else {}
         if self.dtype is not None:
             kwargs["dtype"] = self.dtype
         if self.attn_implementation is not None:
@@ -345,8 +348,9 @@ class LayerwiseLoader:
         if self.experts_implementation is not None:
             kwargs["experts_implementation"] = self.experts_implementation
         try:
+            cls = model_class(self.config, self.remote_code is not None)
             with remote.running(self.remote_code, "building the model"), quiet_transformers(), torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(self.config, **kwargs)
+                model = _instantiate(cls, self.config, **kwargs)
         except Exception as exc:  # transformers and torch refuse impossible configs with many error types
             raise MoedslError(
                 f"{self.model_dir / 'config.json'}: cannot build a causal LM for model_type "
@@ -359,7 +363,10 @@ class LayerwiseLoader:
     def _plan(self, model: nn.Module) -> None:
         """Map every checkpoint key to its runtime name and its layer (None = outside the layers)."""
         api = _transformers_api()
-        self._layers_path, layers = find_decoder_layers(model)
+        if self._given_layers_path is not None:
+            self._layers_path, layers = self._given_layers_path, model.get_submodule(self._given_layers_path)
+        else:
+            self._layers_path, layers = find_decoder_layers(model)
         self._num_layers = len(layers)
         with quiet_transformers():
             mapping = api["get_model_conversion_mapping"](model)
@@ -400,6 +407,23 @@ class LayerwiseLoader:
             log.warning(msg)
         # what save_pretrained needs to write the original checkpoint names back
         model._weight_conversions = [m for m in mapping if m.was_used()]
+
+    def use_layers(self, model: nn.Module, layers_path: str) -> None:
+        """Take the decoder layers from `layers_path` (the definition's), re-planning if that differs."""
+        self._given_layers_path = layers_path
+        if self._layers_path != layers_path:
+            self._plan(model)
+
+    def checkpoint_layer_prefix(self, i: int) -> str:
+        """What the checkpoint calls decoder layer `i` (`thinker.model.layers.3.` where the runtime model has
+        `thinker.model.language_model.layers.3.`): read off the keys of the layer and their runtime names."""
+        runtime = f"{self.layers_path}.{i}."
+        votes: dict[str, int] = defaultdict(int)
+        for key in self.layer_keys(i):
+            tail = self._runtime_of[key][len(runtime):]
+            if tail and key.endswith("." + tail):
+                votes[key[: len(key) - len(tail)]] += 1
+        return max(votes, key=votes.get) if votes else runtime
 
     def _ensure_plan(self, model: nn.Module) -> None:
         if self._planned_for != id(model):
@@ -516,19 +540,28 @@ class LayerwiseLoader:
             )
         return {self._runtime_of[k] for k in keys}
 
-    def load_non_layer(self, model: nn.Module, device="cpu") -> None:
+    def load_non_layer(self, model: nn.Module, device="cpu", skip: tuple[str, ...] = ()) -> None:
         """Materialize everything outside the decoder layers on `device`: embeddings, final norm,
-        lm_head (tied or not), model-level rotary buffers and any other non-layer tensor."""
+        lm_head (tied or not), model-level rotary buffers and any other non-layer tensor. Modules
+        under `skip` (a composite's towers, which text-only calibration never runs) stay on meta."""
         self._ensure_plan(model)
-        self._load_keys(model, self.non_layer_keys(), device)
+        skipped = tuple(p + "." for p in skip)
+        keys = [k for k in self.non_layer_keys() if not self._runtime_of[k].startswith(skipped)]
+        self._load_keys(model, keys, device)
         layers_prefix = self.layers_path + "."
         missing = {
             name
             for name, t in model.state_dict(keep_vars=True).items()
-            if not name.startswith(layers_prefix) and t.device.type == "meta"
+            if not name.startswith((layers_prefix, *skipped)) and t.device.type == "meta"
         }
         self._tie(model, missing)
-        self._materialize_rest(model, device, exclude_prefix=layers_prefix, what="outside the decoder layers")
+        self._materialize_rest(model, device, exclude_prefix=(layers_prefix, *skipped),
+                               what="outside the decoder layers")
+
+    def tower_keys(self, towers: tuple[str, ...]) -> list[str]:
+        """The checkpoint keys (on-disk names) of the modules under the runtime paths `towers`."""
+        prefixes = tuple(p + "." for p in towers)
+        return [k for k in self.non_layer_keys() if self._runtime_of[k].startswith(prefixes)]
 
     def load_layer(self, model: nn.Module, i: int, device="cpu", tensors: dict | None = None) -> nn.Module:
         """Materialize decoder layer `i` on `device` from the shards (reading only its tensors), or
@@ -552,7 +585,8 @@ class LayerwiseLoader:
                 model.tie_weights(missing_keys=set(missing), recompute_mapping=False)
 
     def _materialize_rest(
-        self, root: nn.Module, device, *, exclude_prefix: str | None = None, what: str = "", owner=None
+        self, root: nn.Module, device, *, exclude_prefix: str | tuple[str, ...] | None = None, what: str = "",
+        owner=None,
     ) -> None:
         """Tensors under `root` still on meta are not in the checkpoint: create them on `device`
         and let the model's own `_init_weights` fill them (what from_pretrained does for missing

@@ -247,8 +247,8 @@ def _listing(names: list[str], n: int = 6) -> str:
 
 
 def open_model(model_dir: Path, opts, device) -> tuple:
-    """The checked model directory as (loader, skeleton with its non-layer parts loaded, warnings): config
-    values, layer count and the checkpoint's fit are checked before anything is quantized or written."""
+    """The checked model directory as (loader, skeleton on the meta device, warnings): config values, layer
+    count and the checkpoint's fit are checked before anything is quantized or written."""
     from moedsl.execute.loader import LayerwiseLoader
     from moedsl.execute.option_check import check_token_memory
 
@@ -265,5 +265,4 @@ def open_model(model_dir: Path, opts, device) -> tuple:
     model.eval()
     warnings = check_fit(loader, model, allow_missing=opts.allow_missing_weights,
                          allow_unused=opts.allow_unused_weights)
-    loader.load_non_layer(model, device)
     return loader, model, warnings

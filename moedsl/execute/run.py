@@ -95,6 +95,8 @@ def capture_layer_inputs(model, plan: HookPlan, batches: list[torch.Tensor], dev
     from moedsl.bind.binder import get_path
 
     layers = get_path(model, plan.layers_path)
+    # a composite model is calibrated on text alone, through its language model
+    forward = get_path(model, plan.language_model) if plan.language_model else model
     saved = list(layers)
     n = len(saved)
     hidden, kwargs_per_layer = [], [[] for _ in range(n)]
@@ -104,7 +106,7 @@ def capture_layer_inputs(model, plan: HookPlan, batches: list[torch.Tensor], dev
             for i in range(n):
                 layers[i] = _Catcher(i, n - 1, record, plan.carry, saved[i])
             try:
-                model(input_ids=ids.to(device), use_cache=False)
+                forward(input_ids=ids.to(device), use_cache=False)
             except StopForward:
                 pass
             hidden.append(record["hidden"].to(act_device))
@@ -126,6 +128,14 @@ def _to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
+
+
+def checkpoint_prefix(loader, plan: HookPlan, i: int) -> str:
+    """Layer i's name in the checkpoint: under the definition's declared root (`layers … @ "…"`), else
+    as transformers' conversion reads it (a composite's layers may sit elsewhere than at runtime)."""
+    if plan.layers_ckpt_path != plan.layers_path:
+        return f"{plan.layers_ckpt_path}.{i}."
+    return loader.checkpoint_layer_prefix(i)
 
 
 def _first_layer_guess(state: Path) -> int:
@@ -234,6 +244,9 @@ class Runner:
             definition = load(opts.definition) if opts.definition else for_model(model)
             tokens = opts.samples * opts.seq_len
             plan = compile_plan(definition, model, policy=self.policy, tokens=tokens)
+        with phases("startup.embeddings"):
+            loader.use_layers(model, plan.layers_path)
+            loader.load_non_layer(model, self.device, skip=plan.towers)  # towers are copied, never run
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         cfg = opts.quant_config(required_scale_dtype(opts.format, dtype))
         check_shapes(plan, cfg, opts.format)
@@ -307,7 +320,7 @@ class Runner:
                     quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device)
                     quantizer.out_device = act_device
                     quantizer.phases = phases
-                    prefix = f"{plan.layers_ckpt_path}.{i}."  # the source checkpoint's names
+                    prefix = checkpoint_prefix(loader, plan, i)
                     packed: list = []
 
                     def pack(q, prefix=prefix, packed=packed):
@@ -372,7 +385,7 @@ class Runner:
         choice = self.opts.activations
         if choice == "device" or self.device.type != "cuda":
             return self.device
-        hidden = getattr(model.config, "hidden_size", 0) or 0
+        hidden = getattr(model.config.get_text_config(), "hidden_size", 0) or 0  # a composite's: its text decoder's
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         need = 2 * tokens * hidden * torch.finfo(dtype).bits // 8  # a layer's inputs and its outputs
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -385,7 +398,7 @@ class Runner:
     def layer_copies(loader, plan: HookPlan, i: int, kind, quantized: list[str]) -> list[str]:
         """Layer i's checkpoint keys stored unchanged: all but the quantized modules' weights and
         biases (`quantized`: full module names) and the fused expert tensors they replace."""
-        prefix = f"{plan.layers_ckpt_path}.{i}."  # checkpoint names, as the source checkpoint spells them
+        prefix = checkpoint_prefix(loader, plan, i)
         replaced: set[str] = set()
         for name in quantized:
             replaced |= {name + ".weight", name + ".bias"}
@@ -399,6 +412,7 @@ class Runner:
         return [k for k in loader.layer_keys(i) if k not in replaced]
 
     def write_rest(self, writer, loader, plan: HookPlan, skip: set[str]) -> None:
+        # a composite's towers are among these: copied as the checkpoint stores them, under its names
         self.copy_keys(writer, loader, [k for k in loader.non_layer_keys() if k not in skip])
         writer.flush_shard("model-rest.safetensors")
 

@@ -56,10 +56,14 @@ def _routing(ex: BoundExperts, args: tuple, kwargs: dict) -> tuple[torch.Tensor,
 
 
 def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token ids sorted by expert, tokens per expert, the expert of each sorted row)."""
+    """(token ids sorted by expert, tokens per expert, the expert of each sorted row). Choices of the
+    weightless slots after the E experts (`extra`: index ≥ E) are dropped: they have no statistics."""
     T, k = index.shape
     flat = index.reshape(-1)
     tokens = torch.arange(T, device=index.device).repeat_interleave(k)
+    weighted = flat < E
+    if not bool(weighted.all()):
+        flat, tokens = flat[weighted], tokens[weighted]
     order = torch.argsort(flat, stable=True)
     return tokens[order], torch.bincount(flat, minlength=E), flat[order]
 
@@ -146,13 +150,13 @@ class LayerStatistics:
                                       "not name (`:router`)")
                 router = get_path(self.layer, moe.router)
 
-                def router_hook(mod, args, output, path=path, E=ex.num_experts):
+                def router_hook(mod, args, output, path=path, E=ex.num_experts, slots=ex.num_experts + len(ex.slots)):
                     outs = output if isinstance(output, tuple) else (output,)
-                    scores = next((o for o in outs if torch.is_tensor(o) and o.shape[-1] == E and o.is_floating_point()),
-                                  None)
+                    scores = next((o for o in outs if torch.is_tensor(o) and o.shape[-1] == slots
+                                   and o.is_floating_point()), None)
                     if scores is None:
-                        raise MoedslError(f"policy {self.policy}: the router of `{path}` returned no [T, {E}] scores")
-                    router_out[path] = scores.reshape(-1, E)
+                        raise MoedslError(f"policy {self.policy}: the router of `{path}` returned no [T, {slots}] scores")
+                    router_out[path] = scores.reshape(-1, slots)[:, :E]  # top-k among the experts with weights
 
                 handles.append(router.register_forward_hook(router_hook))
 

@@ -58,8 +58,10 @@ def write(param: torch.Tensor, layout: str, split: str, roles: tuple[str, ...], 
     view[experts] = value.to(param.dtype)
 
 
-def shape_of(param_shape: tuple[int, ...], layout: str, split: str, num_experts: int) -> tuple[int, int, int]:
-    """(E, out, in) of ONE role of a fused parameter with this shape and layout, or an error."""
+def shape_of(param_shape: tuple[int, ...], layout: str, split: str, num_experts: int,
+             extra: int = 0) -> tuple[int, int, int]:
+    """(E, out, in) of ONE role of a fused parameter with this shape and layout, or an error. With `extra`
+    weightless router slots, a 3-D tensor may also hold E + extra experts (their rows are never used)."""
     if layout in ("E,out,in", "E,in,out"):
         if len(param_shape) != 3:
             raise MoedslError(f"layout [{layout}] needs a 3-D tensor, this one is {list(param_shape)}")
@@ -73,8 +75,9 @@ def shape_of(param_shape: tuple[int, ...], layout: str, split: str, num_experts:
         e = num_experts
         per = param_shape[0] // num_experts
         out_total, inp = (per, param_shape[1]) if layout == "E*out,in" else (param_shape[1], per)
-    if e != num_experts:
-        raise MoedslError(f"tensor has {e} experts on its first axis, the config says {num_experts}")
+    if e != num_experts and not (extra and e == num_experts + extra and layout in ("E,out,in", "E,in,out")):
+        more = f" (or {num_experts + extra} with the extra slots)" if extra else ""
+        raise MoedslError(f"tensor has {e} experts on its first axis, the config says {num_experts}{more}")
     if split != "one":
         if out_total % 2:
             raise MoedslError(f"cannot split an odd output size {out_total} into two projections")

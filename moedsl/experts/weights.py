@@ -27,12 +27,13 @@ def read(ex: BoundExperts, module: nn.Module) -> tuple[Weights, Biases]:
     """Every role's weights `[E, out, in]` and biases `[E, out]` (views of fused tensors)."""
     w: Weights = {}
     b: Biases = {}
+    E = ex.num_experts
     for t in ex.tensors:
         p = get_path(module, t.name)
         bias = get_path(module, t.bias) if t.bias else None
-        for role in t.roles:
-            w[role] = fused.read(p, t.layout, t.split, t.roles, role, ex.num_experts)
-            b[role] = fused.read_bias(bias, t.split, t.roles, role) if bias is not None else None
+        for role in t.roles:  # rows of weightless extra slots (LongCat's gate_up_proj) are left out: [:E]
+            w[role] = fused.read(p, t.layout, t.split, t.roles, role, E)[:E]
+            b[role] = fused.read_bias(bias, t.split, t.roles, role)[:E] if bias is not None else None
     for lin in ex.module_list:
         mods = [get_path(module, f"{e}.{_member(ex, lin.path)}") for e in range(ex.num_experts)]
         w[lin.proj] = torch.stack([m.weight for m in mods])

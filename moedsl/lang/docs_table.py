@@ -217,6 +217,11 @@ def render() -> str:
         root = f" (checkpoint root `{h.layers_ckpt}`)" if h.layers_ckpt else ""
         w(f"- decoder layers: `{_paths(h.layers or ())}`{root}; embeddings `{_paths(h.embed or ())}`; "
           f"final norm `{_paths(h.final_norm or ())}`; head `{_paths(h.lm_head or ())}`")
+        if h.language_model is not None:
+            towers = ", ".join(f"`{_paths(t.names)}`" + (" (optional)" if t.optional else "") for t in h.towers)
+            w(f"- composite: language model `{_paths(h.language_model)}`"
+              + (f", `config` is `{expr(h.text_config)}`" if h.text_config is not None else "")
+              + f"; towers copied unquantized: {towers or 'none'}")
         if h.experts is not None:
             w(f"- experts: `{expr(h.experts)}`; top-k: `{expr(h.top_k)}`")
         lets = {l.name: l for l in d.lets}

@@ -217,8 +217,19 @@ class Ckpt(Node):
     doc: tuple[str, ...] = ()
 
 
+class ExtraSlots(Node):
+    """`extra identity(N)` / `extra zero(N)`: N router slots after the E experts (and after earlier
+    `extra` slots) that have no weights: an identity slot returns its input, a zero slot nothing
+    (LongCat-Flash's "zero-computation experts"). They are routed to, and never get statistics."""
+
+    kind: Literal["extra"] = "extra"
+    what: Literal["identity", "zero"]
+    count: Expr
+    doc: tuple[str, ...] = ()
+
+
 Item = Annotated[
-    Union[Module, Use, Each, FusedTensor, ExpertFn, Scale, CallSig, Ckpt],
+    Union[Module, Use, Each, FusedTensor, ExpertFn, Scale, CallSig, Ckpt, ExtraSlots],
     Field(discriminator="kind"),
 ]
 
@@ -250,6 +261,14 @@ class LayerKind(Node):
     doc: tuple[str, ...] = ()
 
 
+class Tower(Node):
+    """One entry of `towers`: a module of a composite model outside its language model (a vision or
+    audio encoder, a projector), copied to the output unquantized. `:?`: absent in some checkpoints."""
+
+    names: tuple[str, ...]
+    optional: bool = False
+
+
 class Header(Node):
     """The architecture-wide facts. Paths are alternatives of dotted paths from the model root."""
 
@@ -268,6 +287,12 @@ class Header(Node):
     # `carry a, b`: a decoder layer returns (hidden, x_a, x_b) and the next layer takes x_a, x_b as
     # the keyword arguments `a`, `b` (the first layer gets none); glm_moe_dsa's `prev_topk_indices`
     carry: tuple[str, ...] = ()
+    # composite models: `language_model PATHS` the text decoder inside a `…ForConditionalGeneration`
+    # (calibration calls it with token ids); `text_config EXPR` what `config` means in every other
+    # expression (the text decoder's config); `towers` the modules outside it, kept as they are
+    language_model: tuple[str, ...] | None = None
+    text_config: Expr | None = None
+    towers: tuple[Tower, ...] = ()
     doc: tuple[str, ...] = ()
     # where each header statement was written (field -> span), for errors about one statement
     spans: dict[str, Span] = Field(default_factory=dict, exclude=True, repr=False)
@@ -287,7 +312,9 @@ class Definition(Node):
         return next((f for f in self.fragments if f.name == name), None)
 
 
-for _model in (Attr, Index, Call, ListExpr, Unary, Binary, Let, Module, Each, Fragment, LayerKind, Header, Definition):
+for _model in (Attr, Index, Call, ListExpr, Unary, Binary, Let, Module, Each, ExtraSlots, Fragment, LayerKind, Tower,
+               Header,
+               Definition):
     _model.model_rebuild()
 
 

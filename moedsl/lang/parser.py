@@ -29,14 +29,15 @@ MAX_EXPR_DEPTH = 100  # expression trees deeper than this are refused (`not not 
 MAX_NUMBER_DIGITS = 400  # longer number literals are refused (Python refuses int() of > 4300 digits)
 
 KEYWORDS = ("arch", "extends", "match", "carry", "experts", "top_k", "layers", "embed", "final_norm", "lm_head",
-            "let", "fragment", "layer", "when", "otherwise", "use", "tensor", "bias", "fn", "scale",
-            "call", "ckpt", "fused", "as", "and", "or", "not", "in", "true", "false", "none")
+            "language_model", "text_config", "towers", "let", "fragment", "layer", "when", "otherwise", "use", "tensor", "bias", "fn", "scale",
+            "call", "ckpt", "extra", "fused", "as", "and", "or", "not", "in", "true", "false", "none")
 FUNCTIONS = ("len", "min", "max", "abs", "floordiv", "range", "int", "float", "bool", "str")
 FN_FORMS = ("glu", "mlp", "swiglu_clamped")
 # words that start a statement or an item: a near miss of one of these at the start of a line that fails to
 # parse is reported as a misspelt keyword (`tensr w [E,out,in] ...` -> did you mean `tensor`?)
 STATEMENT_WORDS = ("arch", "extends", "match", "experts", "top_k", "layers", "embed", "final_norm", "lm_head",
-                   "let", "fragment", "layer", "use", "tensor", "fn", "scale", "call", "ckpt")
+                   "language_model", "text_config", "towers", "let", "fragment", "layer", "use", "tensor", "fn",
+                   "scale", "call", "ckpt", "extra")
 ANNOTATIONS = (":0", ":1", ":!", ":?") + tuple(":" + r for r in ir.ROLES)
 
 _TERMINAL_WORDS = {
@@ -199,8 +200,25 @@ class _Builder:
             if len(set(names)) != len(names):
                 raise self.error("`carry` names an argument twice", stmt)
             return "carry", tuple(names)
-        field = {"layers_stmt": "layers", "embed_stmt": "embed", "norm_stmt": "final_norm", "head_stmt": "lm_head"}[kind]
+        if kind == "text_config_stmt":
+            return "text_config", self.expr(kids[0])
+        if kind == "towers_stmt":
+            return "towers", self.towers(kids)
+        field = {"layers_stmt": "layers", "embed_stmt": "embed", "norm_stmt": "final_norm", "head_stmt": "lm_head",
+                 "language_model_stmt": "language_model"}[kind]
         return field, self.paths(kids[0])
+
+    def towers(self, kids: list) -> tuple[ir.Tower, ...]:
+        out: list[ir.Tower] = []
+        for tower in kids:
+            paths, annot = tower.children
+            if annot is not None and str(annot) != ":?":
+                raise self.error(f"a tower takes only `:?` (optional), not `{annot}`", annot, expected=[":?"])
+            names = self.paths(paths)
+            if any(t.names == names for t in out):
+                raise self.error(f"tower `{'|'.join(names)}` is named twice", tower)
+            out.append(ir.Tower(names=names, optional=annot is not None, span=self.span(tower)))
+        return tuple(out)
 
     # -- module tree -------------------------------------------------------------------------
 
@@ -402,6 +420,13 @@ class _Builder:
             raise self.error("a per-expert checkpoint name needs `{e}` (the expert index)", template_tok)
         return ir.Ckpt(role=role, template=template, doc=self._trailing(node, doc), span=self.span(node))
 
+    def item_extra_item(self, node: Tree, doc):
+        what, count = node.children
+        if str(what) not in ("identity", "zero"):
+            raise self.error(f"unknown extra slot `{what}`", what, expected=["identity(N)", "zero(N)"],
+                             suggestion=nearest(str(what), ("identity", "zero")))
+        return ir.ExtraSlots(what=str(what), count=self.expr(count), doc=self._trailing(node, doc), span=self.span(node))
+
     def item_ckpt_fused(self, node: Tree, doc):
         return ir.Ckpt(fused=True, doc=self._trailing(node, doc), span=self.span(node))
 
@@ -492,7 +517,7 @@ class _Builder:
         return out
 
 
-_HEADER_WORD = {"carry": "carry", "name": "arch", "extends": "extends", "matches": "match", "experts": "experts", "top_k": "top_k",
+_HEADER_WORD = {"language_model": "language_model", "text_config": "text_config", "towers": "towers", "carry": "carry", "name": "arch", "extends": "extends", "matches": "match", "experts": "experts", "top_k": "top_k",
                 "layers": "layers", "embed": "embed", "final_norm": "final_norm", "lm_head": "lm_head"}
 
 

@@ -143,6 +143,8 @@ def items(its: tuple, depth: int) -> list[str]:
             out.append(f"{pad}scale {it.where}")
         elif isinstance(it, ir.CallSig):
             out.append(f"{pad}call({', '.join(it.args)})")
+        elif isinstance(it, ir.ExtraSlots):
+            out.append(f"{pad}extra {it.what}({expr(it.count)})")
         elif isinstance(it, ir.Ckpt):
             out.append(f"{pad}ckpt fused" if it.fused else f"{pad}ckpt {it.role} {_literal(it.template)}")
         else:  # pragma: no cover
@@ -174,6 +176,12 @@ def definition(d: ir.Definition) -> str:
             out.append(f"{word} {_paths(value)}{ckpt}")
     if h.carry:
         out.append(f"carry {', '.join(h.carry)}")
+    if h.language_model is not None:
+        out.append(f"language_model {_paths(h.language_model)}")
+    if h.text_config is not None:
+        out.append(f"text_config {expr(h.text_config)}")
+    if h.towers:
+        out.append("towers " + ", ".join(_paths(t.names) + (":?" if t.optional else "") for t in h.towers))
     if d.lets:
         out.append("")
     for let in d.lets:

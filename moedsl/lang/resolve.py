@@ -26,8 +26,10 @@ def merge(child: ir.Definition, parent: ir.Definition) -> ir.Definition:
         top_k=h.top_k if h.top_k is not None else p.top_k,
         layers=h.layers or p.layers, layers_ckpt=h.layers_ckpt if h.layers else p.layers_ckpt,
         embed=h.embed or p.embed, final_norm=h.final_norm or p.final_norm,
-        lm_head=h.lm_head or p.lm_head, carry=h.carry or p.carry, doc=h.doc, span=h.span,
-        spans={**p.spans, **h.spans},
+        lm_head=h.lm_head or p.lm_head, carry=h.carry or p.carry,
+        language_model=h.language_model or p.language_model,
+        text_config=h.text_config if h.text_config is not None else p.text_config, towers=h.towers or p.towers,
+        doc=h.doc, span=h.span, spans={**p.spans, **h.spans},
     )
 
     def by_name(mine: tuple, theirs: tuple) -> tuple:
@@ -119,7 +121,7 @@ def expand_uses(d: ir.Definition) -> ir.Definition:
 
 # ---- structural rules ------------------------------------------------------------------------
 
-_EXPERT_ONLY = (ir.FusedTensor, ir.ExpertFn, ir.Scale, ir.CallSig, ir.Ckpt)
+_EXPERT_ONLY = (ir.FusedTensor, ir.ExpertFn, ir.Scale, ir.CallSig, ir.Ckpt, ir.ExtraSlots)
 
 
 def check(d: ir.Definition) -> None:
@@ -143,7 +145,7 @@ def check(d: ir.Definition) -> None:
 
 def _expressions(d: ir.Definition):
     h = d.header
-    for field in ("experts", "top_k"):
+    for field in ("experts", "top_k", "text_config"):
         if getattr(h, field) is not None:
             yield getattr(h, field), "header"
     for let in d.lets:
@@ -151,6 +153,9 @@ def _expressions(d: ir.Definition):
     for kind in d.layers:
         if kind.when is not None:
             yield kind.when, f"layer {kind.name}"
+        for it in ir.walk_items(kind.items):
+            if isinstance(it, ir.ExtraSlots):
+                yield it.count, f"layer {kind.name}"
 
 
 def _check_names(e, lets: set[str], where: str) -> None:
@@ -173,7 +178,8 @@ def _check_items(items: tuple, moe: ir.Module | None, experts: ir.Module | None,
     seen_moe = False
     for it in items:
         if isinstance(it, _EXPERT_ONLY) and experts is None:
-            word = {ir.FusedTensor: "tensor", ir.ExpertFn: "fn", ir.Scale: "scale", ir.CallSig: "call", ir.Ckpt: "ckpt"}[type(it)]
+            word = {ir.FusedTensor: "tensor", ir.ExpertFn: "fn", ir.Scale: "scale", ir.CallSig: "call", ir.Ckpt: "ckpt",
+                    ir.ExtraSlots: "extra"}[type(it)]
             raise MoedslError(f"`{word}` belongs directly inside an `:experts` module", span=it.span)
         if isinstance(it, ir.Each):
             if experts is None:
@@ -288,6 +294,10 @@ def _check_experts(m: ir.Module) -> None:
             if t.ckpt is not None:
                 raise MoedslError(f"tensor `{t.name}` has a checkpoint key (`@ ...`): that needs `ckpt fused`",
                                   span=t.span)
+    if [c for c in kids if isinstance(c, ir.ExtraSlots)] and next((c.args for c in kids if isinstance(c, ir.CallSig)),
+                                                                  None) == ("hidden",):
+        raise MoedslError("`extra` slots need the chosen experts: `call(hidden)` (one stacked input) has none",
+                          span=m.span)
     if eaches and any(c.fused for c in ckpts):
         raise MoedslError("`ckpt fused` is for fused tensors, not a ModuleList", span=ckpts[0].span)
 

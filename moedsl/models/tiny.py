@@ -31,6 +31,7 @@ __all__ = [
     "TINY_TOP_K",
     "MOE_TINY",
     "MOE_EXTRA_TINY",
+    "COMPOSITE_TINY",
     "DENSE_TINY",
     "TINY_NOTES",
     "SUPPORTED_TINY",
@@ -39,6 +40,7 @@ __all__ = [
     "tiny_config",
     "shrink_like",
     "build_model",
+    "model_class",
     "save_tiny",
     "layer_kind_lists",
 ]
@@ -153,6 +155,7 @@ TINY_NOTES: dict[str, str] = {
     "granitemoeshared": "has a shared MLP (shared_intermediate_size 48); the default config has none",
     "inkling_text": "router has E+1 outputs (a sink expert); routers keep the model's own init",
     "zaya": "top-1 routing (the family supports only num_experts_per_tok=1); its router MLP keeps the model's own init",
+    "qwen3_omni_moe": "thinker only (enable_audio_output=False): transformers' default talker config does not build",
 }
 
 # MoE families that `tiny_config`/`build_model` cannot cover, with the reason. Multimodal MoE
@@ -166,7 +169,33 @@ UNSUPPORTED_TINY: dict[str, str] = {
     "nllb-moe": "encoder-decoder translation model, not a causal LM",
 }
 
-SUPPORTED_TINY: tuple[str, ...] = MOE_TINY + MOE_EXTRA_TINY + DENSE_TINY
+# Composite (vision-language, omni) MoE models: a `…ForConditionalGeneration` whose text decoder is one
+# part of the model. Every sub-config is shrunk (text, vision, audio); the model is built with the
+# class transformers maps the model_type to (`model_class`).
+COMPOSITE_TINY: tuple[str, ...] = (
+    "glm4v_moe",
+    "ernie4_5_vl_moe",
+    "qwen3_omni_moe",
+    "llama4",
+    "qwen3_vl_moe",
+)
+# composite sub-configs that are not text decoders: shrunk with these keys (where the config has them)
+_TOWER: dict[str, Any] = {
+    "depth": 2, "num_hidden_layers": 2, "encoder_layers": 2, "hidden_size": 32, "d_model": 32,
+    "num_heads": 2, "num_attention_heads": 2, "encoder_attention_heads": 2, "intermediate_size": 64,
+    "encoder_ffn_dim": 64, "out_hidden_size": 64, "output_dim": 64, "vision_output_dim": 64,
+    "projector_input_dim": 64, "projector_output_dim": 64, "downsample_hidden_size": 16, "num_mel_bins": 16,
+    "n_window": 4, "n_window_infer": 8,
+}
+# the (t, h, w) rotary sections a text model uses when its config names none (ernie needs h == w)
+_MROPE_DEFAULT: dict[str, list[int]] = {"ernie4_5_vl_moe_text": [22, 22, 20]}
+_COMPOSITE_FAMILY: dict[str, dict] = {
+    # the talker of transformers' default config does not build (its text config lacks
+    # shared_expert_intermediate_size); real Thinking checkpoints have no talker either
+    "qwen3_omni_moe": {"enable_audio_output": False},
+}
+
+SUPPORTED_TINY: tuple[str, ...] = MOE_TINY + MOE_EXTRA_TINY + DENSE_TINY  # causal LMs; composites are separate
 
 
 def available_tiny(types: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -453,11 +482,49 @@ def _fix_layer_kinds(
     return {k: [base_lists[k][i] for i in picked] for k in keys}
 
 
+def is_composite(config) -> bool:
+    """A vision-language or omni wrapper: the text decoder's config is a sub-config."""
+    subs = getattr(config, "sub_configs", None) or {}
+    return any(key in subs for key in ("text_config", "thinker_config"))
+
+
+def _shrink_composite(config) -> dict:
+    """Overrides for a composite config: every text sub-config shrunk like a causal LM, every
+    vision/audio sub-config to a couple of tiny blocks; nested composites (omni's thinker) recursively."""
+    d = config.to_dict()
+    subs = getattr(config, "sub_configs", None) or {}
+    out: dict[str, Any] = {}
+    if "vocab_size" in d and _layer_count_key(d) in d and not is_composite(config):
+        attribute_map = dict(getattr(config, "attribute_map", {}) or {})
+        out = _shrink(config.model_type, d, attribute_map)
+        for key, value in list(out.items()):  # per-modality widths (ernie4_5_vl: [text, vision] experts)
+            if isinstance(d.get(key), list) and isinstance(value, int):
+                out[key] = [value + 8 * j for j in range(len(d[key]))]
+        if not config.model_type.startswith("llama4"):
+            # multimodal rotary sections (t, h, w) must add up to half the tiny rotary width
+            rope = dict(d.get("rope_parameters") or {})
+            head_dim = out.get("head_dim") or out.get("hidden_size", TINY_HIDDEN) // out.get("num_attention_heads", TINY_HEADS)
+            half = int(head_dim * float(rope.get("partial_rotary_factor", 1.0))) // 2
+            sections = rope.get("mrope_section") or _MROPE_DEFAULT.get(config.model_type, [8, 12, 12])
+            new = [max(1, s * half // sum(sections)) for s in sections]
+            new[-1] += half - sum(new)
+            rope["mrope_section"] = new
+            out["rope_parameters"] = rope
+    elif "vocab_size" not in d or "vision" in config.model_type or "audio" in config.model_type:
+        out = {k: v for k, v in _TOWER.items() if k in d}
+    for key in subs:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            out[key] = _shrink_composite(sub)
+    return out
+
+
 def tiny_config(model_type: str, **overrides):
     """`AutoConfig.for_model(model_type)` shrunk to a tiny size with every layer kind present.
 
     `overrides` are applied last (any config attribute). Eager attention and eager experts are
-    selected so CPU runs are simple and deterministic.
+    selected so CPU runs are simple and deterministic. Composite (vision-language, omni) configs
+    have every sub-config shrunk: text, vision and audio.
     """
     from transformers import AutoConfig
 
@@ -475,6 +542,11 @@ def tiny_config(model_type: str, **overrides):
             + ["a family that ships its own modeling code is checked against a model directory or config.json "
                "beside that code: --model DIR (or --config FILE) with --trust-remote-code"],
         ) from None
+    if is_composite(base):
+        kw = {**_shrink_composite(base), **_COMPOSITE_FAMILY.get(model_type, {}), **overrides}
+        config = _make_config(model_type, kw)
+        _set_eager(config)
+        return config
     return _shrunk(model_type, base, lambda kw: _make_config(model_type, kw), overrides)
 
 
@@ -547,7 +619,7 @@ def _all_configs(config):
     for key in getattr(config, "sub_configs", {}) or {}:
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
-            yield sub
+            yield from _all_configs(sub)  # nested: omni's thinker holds text, vision and audio configs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -626,28 +698,63 @@ def _spread_routers(model, seed: int) -> list[str]:
     return touched
 
 
+def model_class(config, trust_remote_code: bool = False):
+    """The transformers class a checkpoint of this config is: the causal LM of a text model; for a
+    composite (vision-language, omni), the multimodal `…ForConditionalGeneration` that holds the
+    text decoder (never the text-only class, whose checkpoint names differ); with
+    `trust_remote_code` and an `auto_map`, the class the model directory's own code defines."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    if trust_remote_code and getattr(config, "auto_map", None):
+        return transformers.AutoModelForCausalLM  # resolves the auto_map entry, as from_pretrained does
+    mt = str(getattr(config, "model_type", ""))
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, str(name), None)
+        if cls is not None:
+            return cls
+    mappings = ("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+    if not is_composite(config):
+        mappings = mappings[::-1]
+    for mapping in mappings:
+        name = getattr(modeling_auto, mapping, {}).get(mt)
+        if name and getattr(transformers, name, None) is not None:
+            return getattr(transformers, name)
+    raise MoedslError(f"model_type `{mt}` ({type(config).__name__}) has no causal-LM or multimodal-LM class in "
+                      f"transformers {transformers.__version__}",
+                      notes=["moedsl quantizes decoder LMs: a causal LM, or a composite model that holds one"])
+
+
+def _instantiate(cls, config, **kwargs):
+    """cls(config) with its own init: `_from_config` of a model class, `from_config` of an Auto class."""
+    make = getattr(cls, "_from_config", None) or cls.from_config
+    return make(config, **kwargs)
+
+
 def build_model(config, device: str | torch.device = "meta", seed: int = 0, dtype: torch.dtype = torch.float32,
                 trust_remote_code: bool = False):
-    """Instantiate `AutoModelForCausalLM.from_config(config)`.
+    """Instantiate the model of `config` (`model_class`: the causal LM, or the composite holding it).
 
     device="meta": structure only, no storage. device="cpu" (or another real device):
     deterministic random weights from the model's own init under `torch.manual_seed(seed)`,
     with routers spread (see `_spread_routers`). Returned in eval mode. `trust_remote_code`: the
     model class may come from the config's `auto_map` (see moedsl.models.remote).
     """
-    from transformers import AutoModelForCausalLM
-
+    cls = model_class(config, trust_remote_code)
     device = torch.device(device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     with quiet_transformers():
         if device.type == "meta":
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, **kwargs)
+                model = _instantiate(cls, config, **kwargs)
         else:
             fork_devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=fork_devices):
                 torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(config, **kwargs)
+                model = _instantiate(cls, config, **kwargs)
                 _spread_routers(model, seed)
             model = model.to(device)
     model.eval()

@@ -84,7 +84,8 @@ def compile_bound(bound: BoundDefinition, policy: str | Policy = "routed", token
         arch=bound.arch, model_type=bound.model_type, model_class=bound.model_class, num_layers=bound.num_layers,
         layers_path=bound.layers_path, layers_ckpt=bound.layers_ckpt, embed=bound.embed, final_norm=bound.final_norm, lm_head=bound.lm_head,
         num_experts=bound.num_experts, top_k=bound.top_k, hidden_size=bound.hidden_size, policy=pol, tokens=tokens,
-        carry=bound.carry, kinds=tuple(kinds), kind_of_layer=bound.kind_of_layer)
+        carry=bound.carry, kinds=tuple(kinds), kind_of_layer=bound.kind_of_layer,
+        language_model=bound.language_model, towers=bound.towers)
 
 
 def as_policy(policy: str | Policy) -> Policy:

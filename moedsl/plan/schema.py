@@ -146,6 +146,8 @@ class HookPlan(Frozen):
     carry: tuple[str, ...] = ()  # extra layer outputs passed to the next layer as these keyword arguments
     kinds: tuple[KindPlan, ...]
     kind_of_layer: tuple[str, ...]
+    language_model: str | None = None  # a composite's text decoder: calibration calls it with token ids
+    towers: tuple[str, ...] = ()  # a composite's modules outside the language model, copied unquantized
 
     def kind(self, name: str) -> KindPlan:
         return next(k for k in self.kinds if k.name == name)

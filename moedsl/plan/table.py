@@ -71,8 +71,10 @@ def _target_text(t: Target) -> Text:
 
 def header_line(plan: HookPlan) -> str:
     moe = f" · {plan.num_experts} experts, top-{plan.top_k}" if plan.num_experts else ""
+    composite = (f"\nlanguage model {plan.language_model} (calibrated on text) · towers copied unquantized: "
+                 f"{', '.join(plan.towers) or 'none'}" if plan.language_model else "")
     return (f"{plan.arch} · {plan.model_class} ({plan.model_type}) · policy {plan.policy} · "
-            f"{plan.tokens:,} calibration tokens · {plan.num_layers} layers{moe}")
+            f"{plan.tokens:,} calibration tokens · {plan.num_layers} layers{moe}{composite}")
 
 
 def summary_line(plan: HookPlan, kind: KindPlan) -> str:
