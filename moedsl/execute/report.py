@@ -24,6 +24,7 @@ class Report:
     seconds: float = 0.0
     host_peak_bytes: int = 0
     head: dict | None = None  # lm_head's GPTQ and RTN error when it was quantized
+    solver: str = "gptq"  # the name the solver gives itself (options.solver is how it was asked for)
 
     @staticmethod
     def start(opts, plan, model: str, definition: str, device: str, warnings: list[str]) -> "Report":
@@ -50,7 +51,8 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "definition": self.definition, "arch": self.arch, "device": self.device,
                 "policy": self.policy, "options": self.options, "warnings": self.warnings, "layers": self.layers,
-                "seconds": self.seconds, "host_peak_bytes": self.host_peak_bytes, "lm_head": self.head}
+                "seconds": self.seconds, "host_peak_bytes": self.host_peak_bytes, "lm_head": self.head,
+                "solver": self.solver}
 
     def stage_rows(self) -> list[tuple[str, int, float, float, float]]:
         """(kind, stage, seconds, GPTQ error, RTN error) summed over the layers of each kind."""

@@ -160,6 +160,9 @@ class Runner:
         self.device = pick_device(opts.device)
         self.policy = opts.moe_policy()
         opts.quant_config()  # bad bits, group size or damping fail here, before any model is loaded
+        from moedsl.solvers import resolve_solver
+
+        self.solver = resolve_solver(opts.solver)  # likewise an unknown or broken solver
 
     def run(self) -> Report:
         from moedsl.calib.data import load_calibration
@@ -192,6 +195,7 @@ class Runner:
         ids, warnings = (calib.input_ids, list(calib.warnings)) if hasattr(calib, "input_ids") else (calib, [])
         report = Report.start(opts, plan, str(model_dir), definition.source_file or definition.header.name,
                               str(self.device), warnings)
+        report.solver = self.solver.name
         progress = Progress(enabled=opts.progress)
         for w in warnings:
             progress.warn(w)
@@ -226,7 +230,7 @@ class Runner:
                 t0 = time.perf_counter()
                 layer = loader.load_layer(model, i, self.device)
                 kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], carried)]
-                quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device)
+                quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device, solver=self.solver, index=i)
                 quantizer.out_device = act_device
                 result = quantizer.run(hidden, kwargs)
                 self.write_layer(writer, loader, plan, i, kind, result, dtype)
@@ -305,8 +309,9 @@ class Runner:
         """GPTQ of lm_head on the final norm's outputs (the last layer's outputs, normalized)."""
         from moedsl.bind.binder import get_path
         from moedsl.execute.stats import Hessian
-        from moedsl.gptq.batched import gptq_quantize_shared
         from moedsl.execute.layer import output_error
+        from moedsl.plan.schema import Target
+        from moedsl.solvers import Problem, check_results
 
         if plan.lm_head is None or plan.final_norm is None:
             raise MoedslError("--quantize-lm-head: the definition names no `lm_head` or no `final_norm`")
@@ -321,7 +326,12 @@ class Runner:
             H.add(norm(x.to(self.device)))
         W = head.weight.detach().to(self.device, torch.float32, copy=True)
         Hf = H.finalize()
-        r = gptq_quantize_shared([W], Hf, cfg)[0]
+        head_target = Target(id=plan.lm_head, kind="linear", path=plan.lm_head, in_features=W.shape[1],
+                             out_features=W.shape[0], ckpt=plan.lm_head, stats=plan.lm_head)
+        problem = Problem((W[None],), Hf[None], (head_target,), (), (int(H.count),), cfg, None, plan.lm_head)
+        results = self.solver.solve(problem)
+        check_results(self.solver, problem, results)
+        r = results[0][0]
         err, rtn = output_error(W[None], r.weight[None], Hf[None], cfg)
         report.head = {"error": float(err), "rtn_error": float(rtn),
                        "tokens": int(H.count)}
