@@ -224,6 +224,26 @@ def apply_rtn(model, cfg: QuantConfig) -> None:
             fused.write(param, t.layout, t.split, t.roles, t.role, t.experts, Q)
 
 
+def apply_llmcompressor(model, calib: np.ndarray, bits: int, group_size: int, seq_len: int) -> dict:
+    """llm-compressor's GPTQ (its defaults: symmetric, static activation order, every expert calibrated on
+    every token) on the same calibration windows, applied in place; None when it is not installed."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size,
+               "actorder": "static"}
+    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                          ignore=["lm_head", "re:.*mlp.gate$"])
+    data = Dataset.from_dict({"input_ids": [list(map(int, row)) for row in calib],
+                              "attention_mask": [[1] * calib.shape[1] for _ in calib]})
+    oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=len(calib), max_seq_length=seq_len,
+            moe_calibrate_all_experts=True, shuffle_calibration_samples=False)
+    import llmcompressor
+
+    return {"llmcompressor": llmcompressor.__version__}
+
+
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """GPTQ packing along dim 0: [n*bits/32, m] int32 -> [n, m] codes. Every 32 values form a
     little-endian bit stream over `bits` words (value k starts at bit k*bits), which covers the
@@ -364,6 +384,10 @@ def one_run(args, corpus: dict, run_dir: Path, device: torch.device) -> dict:
         model = load_model(model_dir, device)
         if row["method"] == "rtn":
             apply_rtn(model, QuantConfig(bits=row["bits"], group_size=args.group_size, scale_dtype="float16"))
+        elif row["method"] == "llmcompressor":
+            t1 = time.perf_counter()
+            row |= apply_llmcompressor(model, calib[:row["calib"]], row["bits"], args.group_size, args.seq_len)
+            row["quantize_seconds"] = time.perf_counter() - t1
         elif row["method"] == "gptq":
             load_gptq(model, row.pop("ckpt"))
         ppl = perplexity(model, heldout, device)
@@ -390,6 +414,15 @@ def one_run(args, corpus: dict, run_dir: Path, device: torch.device) -> dict:
                     evaluate(f"{solver} w{bits} {policy} c{n}", method="gptq", solver=solver, bits=bits, policy=policy,
                              calib=n, ckpt=out, quantize_seconds=seconds, coverage=coverage(report),
                              stage_errors=stage_errors(report))
+    if args.llmcompressor:  # the peer, side by side: same trained model, same calibration windows
+        import importlib.util
+
+        if importlib.util.find_spec("llmcompressor") is None:
+            print("  llm-compressor is not installed: its rows are skipped")
+        else:
+            for bits in args.bits:
+                n = max(args.calib_sizes)
+                evaluate(f"llm-compressor w{bits} c{n}", method="llmcompressor", bits=bits, policy="all", calib=n)
     return {"training": training, "rows": rows}
 
 
@@ -407,7 +440,7 @@ def summarize(results: dict) -> list[str]:
     for name, r in first.items():
         rtn = first.get(f"rtn w{r['bits']} g{results['settings']['group_size']}")
         closed = ""
-        if r["method"] == "gptq" and rtn and rtn["ppl"] > base:
+        if r["method"] in ("gptq", "llmcompressor") and rtn and rtn["ppl"] > base:
             closed = f"{(rtn['ppl'] - r['ppl']) / (rtn['ppl'] - base):.0%}"
         reps = "".join(f"{next(x['ppl'] for x in run['rows'] if x['name'] == name):10.4f}" for run in runs[1:])
         print(f"{name:34s}{r['ppl']:10.4f}{r['ppl'] - base:+11.4f}{closed:>12s}{reps}")
@@ -464,6 +497,14 @@ def summarize(results: dict) -> list[str]:
         checks.append({"check": f"best_closes_80 w{low}", "ok": closed >= 0.8, "closed": closed, "best": best["name"]})
         print(f"  {'PASS' if closed >= 0.8 else 'FAIL'}  {low}-bit: the best ({best['name']}) closes {closed:.0%} "
               f"of RTN's gap (>= 80%)")
+    for peer in (r for r in runs[0]["rows"] if r["method"] == "llmcompressor"):
+        ours = [r for r in runs[0]["rows"] if r["method"] == "gptq" and r["bits"] == peer["bits"]]
+        if ours:
+            best = min(ours, key=lambda r: r["ppl"])
+            ok = best["ppl"] < peer["ppl"] - noise
+            checks.append({"check": f"beats_llmcompressor w{peer['bits']}", "ok": ok, "best": best["name"]})
+            print(f"  {'PASS' if ok else 'FAIL'}  {peer['bits']}-bit: best {best['name']} {best['ppl']:.4f} < "
+                  f"{peer['name']} {peer['ppl']:.4f} − noise {noise:.4f}")
     if spread is None:
         print("  run-to-run spread: not measured (pass --repeat 2); noise taken as 0.1% of the baseline ppl")
     else:
@@ -495,6 +536,8 @@ def parse_args(argv=None):
     p.add_argument("--auto-min-tokens", type=int, help="default: the hidden size (an expert seeing fewer tokens "
                                                        "has a rank-deficient gate/up Hessian)")
     p.add_argument("--group-size", type=int)
+    p.add_argument("--no-llmcompressor", dest="llmcompressor", action="store_false",
+                   help="skip llm-compressor's GPTQ even when it is installed")
     p.add_argument("--solvers", help="comma-separated moedsl solvers to compare (default gptq; e.g. gptq,mse,rtn)")
     args = p.parse_args(argv)
     preset = SMALL if args.small else FULL
