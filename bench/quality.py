@@ -47,13 +47,13 @@ FULL = dict(
     model=dict(num_hidden_layers=6, hidden_size=512, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=256,
                num_attention_heads=8, num_key_value_heads=4, head_dim=64, intermediate_size=1024),
     train_steps=1500, batch=32, seq_len=512, lr=1e-3, log_every=50,
-    eval_windows=64, calib_sizes="16,256", bits="4,3", policies="routed,all,auto", group_size=128,
+    eval_windows=64, calib_sizes="16,256", bits="4,3", policies="routed,all,auto", group_size=128, solvers="gptq",
 )
 SMALL = dict(
     model=dict(num_hidden_layers=2, hidden_size=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128),
     train_steps=60, batch=8, seq_len=64, lr=3e-3, log_every=10,
-    eval_windows=8, calib_sizes="4,8", bits="4", policies="routed,all", group_size=32,
+    eval_windows=8, calib_sizes="4,8", bits="4", policies="routed,all", group_size=32, solvers="gptq,mse",
 )
 STARVED = 16  # an expert with fewer calibration tokens than this counts as starved
 
@@ -224,6 +224,26 @@ def apply_rtn(model, cfg: QuantConfig) -> None:
             fused.write(param, t.layout, t.split, t.roles, t.role, t.experts, Q)
 
 
+def apply_llmcompressor(model, calib: np.ndarray, bits: int, group_size: int, seq_len: int) -> dict:
+    """llm-compressor's GPTQ (its defaults: symmetric, static activation order, every expert calibrated on
+    every token) on the same calibration windows, applied in place; None when it is not installed."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size,
+               "actorder": "static"}
+    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                          ignore=["lm_head", "re:.*mlp.gate$"])
+    data = Dataset.from_dict({"input_ids": [list(map(int, row)) for row in calib],
+                              "attention_mask": [[1] * calib.shape[1] for _ in calib]})
+    oneshot(model=model, dataset=data, recipe=recipe, num_calibration_samples=len(calib), max_seq_length=seq_len,
+            moe_calibrate_all_experts=True, shuffle_calibration_samples=False)
+    import llmcompressor
+
+    return {"llmcompressor": llmcompressor.__version__}
+
+
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """GPTQ packing along dim 0: [n*bits/32, m] int32 -> [n, m] codes. Every 32 values form a
     little-endian bit stream over `bits` words (value k starts at bit k*bits), which covers the
@@ -364,6 +384,10 @@ def one_run(args, corpus: dict, run_dir: Path, device: torch.device) -> dict:
         model = load_model(model_dir, device)
         if row["method"] == "rtn":
             apply_rtn(model, QuantConfig(bits=row["bits"], group_size=args.group_size, scale_dtype="float16"))
+        elif row["method"] == "llmcompressor":
+            t1 = time.perf_counter()
+            row |= apply_llmcompressor(model, calib[:row["calib"]], row["bits"], args.group_size, args.seq_len)
+            row["quantize_seconds"] = time.perf_counter() - t1
         elif row["method"] == "gptq":
             load_gptq(model, row.pop("ckpt"))
         ppl = perplexity(model, heldout, device)
@@ -377,17 +401,28 @@ def one_run(args, corpus: dict, run_dir: Path, device: torch.device) -> dict:
     for n in args.calib_sizes:
         np.save(run_dir / f"calib-{n}.npy", calib[:n])  # the first n windows: the sets are nested
     for bits in args.bits:
-        for policy in args.policies:
-            for n in args.calib_sizes:
-                out = run_dir / f"gptq-w{bits}-{policy.split('(')[0]}-c{n}"
-                t0 = time.perf_counter()
-                moedsl.quantize(model=model_dir, out=out, bits=bits, group_size=args.group_size, policy=policy,
-                                samples=n, seq_len=args.seq_len, calib=run_dir / f"calib-{n}.npy",
-                                device=str(device), seed=args.seed, progress=False, overwrite=True, resume=False)
-                seconds = time.perf_counter() - t0
-                report = json.loads((out / "moedsl-report.json").read_text())
-                evaluate(f"gptq w{bits} {policy} c{n}", method="gptq", bits=bits, policy=policy, calib=n, ckpt=out,
-                         quantize_seconds=seconds, coverage=coverage(report), stage_errors=stage_errors(report))
+        for solver in args.solvers:
+            for policy in args.policies:
+                for n in args.calib_sizes:
+                    out = run_dir / f"{solver}-w{bits}-{policy.split('(')[0]}-c{n}"
+                    t0 = time.perf_counter()
+                    moedsl.quantize(model=model_dir, out=out, bits=bits, group_size=args.group_size, policy=policy,
+                                    samples=n, seq_len=args.seq_len, calib=run_dir / f"calib-{n}.npy", solver=solver,
+                                    device=str(device), seed=args.seed, progress=False, overwrite=True, resume=False)
+                    seconds = time.perf_counter() - t0
+                    report = json.loads((out / "moedsl-report.json").read_text())
+                    evaluate(f"{solver} w{bits} {policy} c{n}", method="gptq", solver=solver, bits=bits, policy=policy,
+                             calib=n, ckpt=out, quantize_seconds=seconds, coverage=coverage(report),
+                             stage_errors=stage_errors(report))
+    if args.llmcompressor:  # the peer, side by side: same trained model, same calibration windows
+        import importlib.util
+
+        if importlib.util.find_spec("llmcompressor") is None:
+            print("  llm-compressor is not installed: its rows are skipped")
+        else:
+            for bits in args.bits:
+                n = max(args.calib_sizes)
+                evaluate(f"llm-compressor w{bits} c{n}", method="llmcompressor", bits=bits, policy="all", calib=n)
     return {"training": training, "rows": rows}
 
 
@@ -405,7 +440,7 @@ def summarize(results: dict) -> list[str]:
     for name, r in first.items():
         rtn = first.get(f"rtn w{r['bits']} g{results['settings']['group_size']}")
         closed = ""
-        if r["method"] == "gptq" and rtn and rtn["ppl"] > base:
+        if r["method"] in ("gptq", "llmcompressor") and rtn and rtn["ppl"] > base:
             closed = f"{(rtn['ppl'] - r['ppl']) / (rtn['ppl'] - base):.0%}"
         reps = "".join(f"{next(x['ppl'] for x in run['rows'] if x['name'] == name):10.4f}" for run in runs[1:])
         print(f"{name:34s}{r['ppl']:10.4f}{r['ppl'] - base:+11.4f}{closed:>12s}{reps}")
@@ -430,9 +465,10 @@ def summarize(results: dict) -> list[str]:
         if r["method"] == "gptq" and r["bits"] == bits:
             ok = (rtn - r["ppl"]) >= 0.5 * (rtn - base) if rtn > base else None
             verdict = {True: "PASS", False: "FAIL", None: "N/A (RTN is not worse than the baseline)"}[ok]
-            line = (f"{verdict}  {bits}-bit GPTQ {r['policy']} c{r['calib']} closes >= half of "
-                    f"RTN's gap: RTN {rtn:.4f}, GPTQ {r['ppl']:.4f}, baseline {base:.4f}")
-            checks.append({"check": f"gptq_closes_half_gap w{bits} {r['policy']} c{r['calib']}", "ok": ok})
+            solver = r.get("solver", "gptq")
+            line = (f"{verdict}  {bits}-bit {solver} {r['policy']} c{r['calib']} closes >= half of "
+                    f"RTN's gap: RTN {rtn:.4f}, {solver} {r['ppl']:.4f}, baseline {base:.4f}")
+            checks.append({"check": f"gptq_closes_half_gap w{bits} {solver} {r['policy']} c{r['calib']}", "ok": ok})
             print("  " + line)
     n = min(results["settings"]["calib_sizes"])
     for b in results["settings"]["bits"]:
@@ -442,6 +478,33 @@ def summarize(results: dict) -> list[str]:
             checks.append({"check": f"all_le_routed w{b} c{n}", "ok": ok})
             print(f"  {'PASS' if ok else 'FAIL'}  {b}-bit, {n} calibration seqs: all {a['ppl']:.4f} <= routed "
                   f"{rt['ppl']:.4f} + noise {noise:.4f}")
+    # solvers: none worse than gptq at the same settings; the best at the lowest bit width vs RTN's gap
+    for r in runs[0]["rows"]:
+        if r.get("solver", "gptq") != "gptq" and r["method"] == "gptq":
+            ref = first.get(f"gptq w{r['bits']} {r['policy']} c{r['calib']}")
+            if ref:
+                ok = r["ppl"] <= ref["ppl"] + noise
+                checks.append({"check": f"solver_not_worse w{r['bits']} {r['solver']} {r['policy']} c{r['calib']}",
+                               "ok": ok})
+                print(f"  {'PASS' if ok else 'FAIL'}  {r['bits']}-bit {r['solver']} {r['policy']} c{r['calib']}: "
+                      f"{r['ppl']:.4f} <= gptq {ref['ppl']:.4f} + noise {noise:.4f}")
+    low = min(results["settings"]["bits"])
+    rtn_low = first.get(f"rtn w{low} g{results['settings']['group_size']}")
+    solved = [r for r in runs[0]["rows"] if r["method"] == "gptq" and r["bits"] == low]
+    if rtn_low and solved and rtn_low["ppl"] > base:
+        best = min(solved, key=lambda r: r["ppl"])
+        closed = (rtn_low["ppl"] - best["ppl"]) / (rtn_low["ppl"] - base)
+        checks.append({"check": f"best_closes_80 w{low}", "ok": closed >= 0.8, "closed": closed, "best": best["name"]})
+        print(f"  {'PASS' if closed >= 0.8 else 'FAIL'}  {low}-bit: the best ({best['name']}) closes {closed:.0%} "
+              f"of RTN's gap (>= 80%)")
+    for peer in (r for r in runs[0]["rows"] if r["method"] == "llmcompressor"):
+        ours = [r for r in runs[0]["rows"] if r["method"] == "gptq" and r["bits"] == peer["bits"]]
+        if ours:
+            best = min(ours, key=lambda r: r["ppl"])
+            ok = best["ppl"] < peer["ppl"] - noise
+            checks.append({"check": f"beats_llmcompressor w{peer['bits']}", "ok": ok, "best": best["name"]})
+            print(f"  {'PASS' if ok else 'FAIL'}  {peer['bits']}-bit: best {best['name']} {best['ppl']:.4f} < "
+                  f"{peer['name']} {peer['ppl']:.4f} − noise {noise:.4f}")
     if spread is None:
         print("  run-to-run spread: not measured (pass --repeat 2); noise taken as 0.1% of the baseline ppl")
     else:
@@ -473,6 +536,9 @@ def parse_args(argv=None):
     p.add_argument("--auto-min-tokens", type=int, help="default: the hidden size (an expert seeing fewer tokens "
                                                        "has a rank-deficient gate/up Hessian)")
     p.add_argument("--group-size", type=int)
+    p.add_argument("--no-llmcompressor", dest="llmcompressor", action="store_false",
+                   help="skip llm-compressor's GPTQ even when it is installed")
+    p.add_argument("--solvers", help="comma-separated moedsl solvers to compare (default gptq; e.g. gptq,mse,rtn)")
     args = p.parse_args(argv)
     preset = SMALL if args.small else FULL
     args.shape = preset["model"]
@@ -481,6 +547,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.calib_sizes = [int(x) for x in str(args.calib_sizes).split(",")]
     args.bits = [int(x) for x in str(args.bits).split(",")]
+    args.solvers = [x.strip() for x in str(args.solvers).split(",")]
     min_tokens = args.auto_min_tokens or args.shape["hidden_size"]
     args.policies = [f"auto(min_tokens={min_tokens})" if x.strip() == "auto" else x.strip()
                      for x in str(args.policies).split(",")]

@@ -125,6 +125,9 @@ def cmd_quantize(args) -> int:
     opts = QuantizeOptions(**{k: v for k, v in vars(args).items() if k in QuantizeOptions.model_fields})
     opts.quant_config()
     opts.moe_policy()
+    from moedsl.solvers import resolve_solver
+
+    resolve_solver(opts.solver)
     return run_quantize(args)
 
 

@@ -21,10 +21,10 @@ from moedsl.execute.phases import NO_PHASES
 from moedsl.execute.statistics import LayerStatistics, StopForward, _expert_bound
 from moedsl.execute.stats import Hessian
 from moedsl.experts import weights as expert_weights
-from moedsl.gptq.batched import gptq_quantize_batched, gptq_quantize_shared
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack, rtn_quantize
 from moedsl.lang.ckpt_name import expand
 from moedsl.plan.schema import KindPlan, Policy, Stage, StatsKey, Target
+from moedsl.solvers import Problem, Solver, check_results
 
 __all__ = ["LayerQuantizer", "LayerResult", "Quantized", "StageReport", "StopForward", "TargetReport", "output_error"]
 
@@ -72,8 +72,14 @@ class LayerResult:
 
 class LayerQuantizer(LayerStatistics):
     def __init__(self, kind: KindPlan, layer: nn.Module, cfg: QuantConfig, policy: Policy, device: torch.device,
-                 chunk_bytes: int = 1 << 30, batched: bool = True, measure_error: bool = True):
-        """batched=False is the reference path: one expert at a time, one GPTQ solve per matrix."""
+                 chunk_bytes: int = 1 << 30, batched: bool = True, measure_error: bool = True,
+                 solver: Solver | None = None, index: int | None = None):
+        """batched=False is the reference path: one expert at a time, one solve per matrix.
+        solver: what quantizes each target (moedsl/solvers; GPTQ by default); index: the layer, for messages."""
+        from moedsl.solvers.gptq import GPTQ
+
+        self.solver = solver if solver is not None else GPTQ()
+        self.index = index
         self.batched = batched
         self.measure_error = measure_error
         self.stop_early = True  # stop each stage's forward once its captures fired (tests turn it off)
@@ -150,7 +156,9 @@ class LayerQuantizer(LayerStatistics):
                       out: list[Quantized]) -> list[TargetReport]:
         modules = [get_path(self.layer, t.path) for t in targets]
         Ws = [m.weight.detach().to(self.device, torch.float32, copy=True) for m in modules]
-        results = gptq_quantize_shared(Ws, H, self.cfg)
+        problem = Problem(tuple(W[None] for W in Ws), H[None], tuple(targets), (), (tokens,), self.cfg,
+                          self.index, self._where(targets))
+        results = [r[0] for r in self._solve(problem)]
         reports = []
         for t, m, W, r in zip(targets, modules, Ws, results):
             m.weight.data.copy_(r.weight.to(m.weight.dtype))
@@ -189,7 +197,9 @@ class LayerQuantizer(LayerStatistics):
             e1 = min(E, e0 + step)
             Wc = [w[t.role][e0:e1].detach().to(self.device, torch.float32, copy=True) for t in targets]
             Hc = H[e0:e1] if key.per_expert else H[None]
-            results = self.solve_chunk(Wc, Hc, key.per_expert)  # [target][expert in chunk]
+            tokens = tuple(counts[e0:e1].tolist()) if key.per_expert else (int(counts),)
+            results = self.solve_chunk(Problem(tuple(Wc), Hc, tuple(targets), tuple(range(e0, e1)), tokens, self.cfg,
+                                               self.index, self._where(targets)))  # [target][expert in chunk]
             for t, W, res in zip(targets, Wc, results):
                 Q = torch.stack([r.weight for r in res])
                 expert_weights.write(ex, module, t.role, Q, slice(e0, e1))
@@ -206,34 +216,26 @@ class LayerQuantizer(LayerStatistics):
         return [TargetReport(t.id, stage.index, E, acc[t.id][0], float(acc[t.id][1]), float(acc[t.id][2]), tokens,
                              no_tokens) for t in targets]
 
-    def solve_chunk(self, Wc: list[torch.Tensor], Hc: torch.Tensor, per_expert: bool) -> list[list[QuantResult]]:
-        n = Wc[0].shape[0]
-        if not self.batched:
-            return [[gptq_quantize_shared([W[e]], Hc[e] if per_expert else Hc[0], self.cfg)[0] for e in range(n)]
-                    for W in Wc]
-        if per_expert:
-            stacked = torch.cat(Wc, dim=1)  # [n, Σout, in]: an expert's gate and up share its Hessian
-            solved = gptq_quantize_batched(stacked, Hc, self.cfg)
-            split = _split_rows(solved, [W.shape[1] for W in Wc])  # [expert][target]
-            return [[split[e][j] for e in range(n)] for j in range(len(Wc))]
-        # every expert's gate and up rows against the one Hessian: one solve of the stacked rows
-        parts = gptq_quantize_shared([W[e] for W in Wc for e in range(n)], Hc[0], self.cfg)
-        return [parts[j * n:(j + 1) * n] for j in range(len(Wc))]
+    def solve_chunk(self, problem: Problem) -> list[list[QuantResult]]:
+        if self.batched or problem.n == 1:
+            return self._solve(problem)
+        # the reference path: one matrix at a time
+        parts = [self._solve(Problem(tuple(W[i:i + 1] for W in problem.weights),
+                                     problem.hessian[i:i + 1] if not problem.shared else problem.hessian,
+                                     problem.targets, problem.experts[i:i + 1],
+                                     problem.tokens[i:i + 1] if not problem.shared else problem.tokens,
+                                     problem.cfg, problem.layer, problem.where))
+                 for i in range(problem.n)]
+        return [[part[j][0] for part in parts] for j in range(len(problem.weights))]
 
+    def _solve(self, problem: Problem) -> list[list[QuantResult]]:
+        results = self.solver.solve(problem)
+        check_results(self.solver, problem, results)
+        return results
 
-def _split_rows(results: list[QuantResult], sizes: list[int]) -> list[list[QuantResult]]:
-    """Each result cut into consecutive row blocks of the given sizes (losses are not split: 0)."""
-    out = []
-    for r in results:
-        parts, start = [], 0
-        for n in sizes:
-            rows = slice(start, start + n)
-            parts.append(QuantResult(weight=r.weight[rows], codes=r.codes[rows], scales=r.scales[rows],
-                                     zeros=r.zeros[rows], g_idx=r.g_idx, loss=r.loss * n / r.weight.shape[0],
-                                     damp=r.damp))
-            start += n
-        out.append(parts)
-    return out
+    def _where(self, targets: list[Target]) -> str:
+        names = ", ".join(t.id for t in targets)
+        return f"layer {self.index} {names}" if self.index is not None else names
 
 
 def _experts_path(t: Target) -> str:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_serializer
 
 from moedsl.execute.arguments import add_quantize_arguments  # re-exported; its torch-free home keeps `moedsl fmt` fast
 from moedsl.gptq.quantizer import QuantConfig
@@ -15,7 +15,7 @@ __all__ = ["QuantizeOptions", "add_quantize_arguments"]
 
 
 class QuantizeOptions(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
     model: Path | None = None  # None: the built-in tiny default
     trust_remote_code: bool = False  # let the model directory's own code (auto_map) define its classes
@@ -48,6 +48,14 @@ class QuantizeOptions(BaseModel):
         from moedsl.execute.option_check import check_options
 
         check_options(self)
+    # a built-in solver's name, `file.py:Name` / `module:Name`, or a solver object (moedsl/solvers)
+    solver: Any = "gptq"
+
+    @field_serializer("solver")
+    def _solver_name(self, solver: Any) -> str:  # reports and resume fingerprints record the name
+        from moedsl.solvers import solver_name
+
+        return solver_name(solver)
 
     def quant_config(self, scale_dtype: str = "float16") -> QuantConfig:
         return QuantConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,

@@ -204,6 +204,9 @@ class Runner:
         self.policy = opts.moe_policy()
         opts.quant_config()  # bad bits, group size or damping fail here, before any model is loaded
         self.out: OutputDir | None = None
+        from moedsl.solvers import resolve_solver
+
+        self.solver = resolve_solver(opts.solver)  # likewise an unknown or broken solver
 
     def run(self) -> Report:
         try:
@@ -267,6 +270,7 @@ class Runner:
         report = Report.start(opts, plan, str(model_dir), definition.source_file or definition.header.name,
                               str(self.device), warnings)
         report.remote_code = code.record() if code is not None else None
+        report.solver = self.solver.name
         progress = Progress(enabled=opts.progress)
         if loader.stored_format.method:
             progress.note(f"source weights stored as {loader.stored_format.describe()}: each layer is dequantized "
@@ -317,7 +321,7 @@ class Runner:
                         layer = loader.load_layer(model, i, self.device, tensors=reader.get(i))
                     check_finite_layer(layer, kind, i, plan.layers_path)
                     kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], carried)]
-                    quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device)
+                    quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device, solver=self.solver, index=i)
                     quantizer.out_device = act_device
                     quantizer.phases = phases
                     prefix = checkpoint_prefix(loader, plan, i)
@@ -421,8 +425,9 @@ class Runner:
         """GPTQ of lm_head on the final norm's outputs (the last layer's outputs, normalized)."""
         from moedsl.bind.binder import get_path
         from moedsl.execute.stats import Hessian
-        from moedsl.gptq.batched import gptq_quantize_shared
         from moedsl.execute.layer import output_error
+        from moedsl.plan.schema import Target
+        from moedsl.solvers import Problem, check_results
 
         if plan.lm_head is None or plan.final_norm is None:
             raise MoedslError("--quantize-lm-head: the definition names no `lm_head` or no `final_norm`")
@@ -437,7 +442,12 @@ class Runner:
             H.add(norm(x.to(self.device)))
         W = head.weight.detach().to(self.device, torch.float32, copy=True)
         Hf = H.finalize()
-        r = gptq_quantize_shared([W], Hf, cfg)[0]
+        head_target = Target(id=plan.lm_head, kind="linear", path=plan.lm_head, in_features=W.shape[1],
+                             out_features=W.shape[0], ckpt=plan.lm_head, stats=plan.lm_head)
+        problem = Problem((W[None],), Hf[None], (head_target,), (), (int(H.count),), cfg, None, plan.lm_head)
+        results = self.solver.solve(problem)
+        check_results(self.solver, problem, results)
+        r = results[0][0]
         err, rtn = output_error(W[None], r.weight[None], Hf[None], cfg)
         report.head = {"error": float(err), "rtn_error": float(rtn),
                        "tokens": int(H.count)}

@@ -32,7 +32,7 @@ from moedsl.precision import tf32
 
 
 def gptq_quantize_shared(
-    Ws: Sequence[torch.Tensor] | torch.Tensor, H: torch.Tensor, cfg: QuantConfig
+    Ws: Sequence[torch.Tensor] | torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params
 ) -> list[QuantResult]:
     """Quantize several matrices [out_i, in] (a list, or one tensor [B, out, in]) that share H."""
     if isinstance(Ws, torch.Tensor):
@@ -55,7 +55,7 @@ def gptq_quantize_shared(
         # gptq_solve takes its own fp32 copy; concatenating one matrix would only copy it once more
         stacked = mats[0] if len(mats) == 1 else torch.cat([m.to(device=mats[0].device, dtype=torch.float32) for m in mats])
 
-    whole, row_losses = gptq_solve(stacked, H, cfg)
+    whole, row_losses = gptq_solve(stacked, H, cfg, grid)
     out = []
     start = 0
     for n in sizes:
@@ -75,13 +75,13 @@ def gptq_quantize_shared(
     return out
 
 
-def gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> list[QuantResult]:
+def gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params) -> list[QuantResult]:
     """Quantize W [B, out, in], member b against its own Hessian H[b] [in, in]."""
     with tf32(False):  # GPTQ needs true fp32 whatever the caller set (moedsl/precision.py)
-        return _gptq_quantize_batched(W, H, cfg)
+        return _gptq_quantize_batched(W, H, cfg, grid)
 
 
-def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> list[QuantResult]:
+def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid) -> list[QuantResult]:
     if W.dim() != 3 or H.dim() != 3 or H.shape[0] != W.shape[0]:
         raise MoedslError(
             f"batched GPTQ expects W [B, out, in] and H [B, in, in]; got {tuple(W.shape)} and {tuple(H.shape)}",
@@ -108,7 +108,7 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -
     fixed_grids = cfg.group_size == -1 or cfg.static_groups
     n_groups = cfg.n_groups(columns)
     if fixed_grids:
-        scales, zeros = group_grids(W, cfg)  # [B, rows, G]
+        scales, zeros = group_grids(W, cfg, grid)  # [B, rows, G]
     else:
         scales = torch.zeros(B, rows, n_groups, device=W.device)
         zeros = torch.zeros(B, rows, n_groups, device=W.device)
@@ -144,7 +144,7 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -
         i2 = min(i1 + block, columns)
         if not fixed_grids and i1 % width == 0:
             g = i1 // width
-            scales[:, :, g], zeros[:, :, g] = find_params(W[:, :, i1 : i1 + width], cfg.bits, cfg.sym,
+            scales[:, :, g], zeros[:, :, g] = grid(W[:, :, i1 : i1 + width], cfg.bits, cfg.sym,
                                                           cfg.torch_scale_dtype)
         if per_member_groups:
             scale1, zero1 = col_scales[:, :, i1:i2], col_zeros[:, :, i1:i2]

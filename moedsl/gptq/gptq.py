@@ -28,19 +28,21 @@ from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, group_g
 from moedsl.precision import tf32
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> QuantResult:
-    """Quantize W [out, in] with GPTQ against the Hessian H [in, in]."""
-    result, _ = gptq_solve(W, H, cfg)
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params) -> QuantResult:
+    """Quantize W [out, in] with GPTQ against the Hessian H [in, in].
+
+    grid: how a group's (scale, zero) is chosen from its weights (min/max by default; see solvers/mse.py)."""
+    result, _ = gptq_solve(W, H, cfg, grid)
     return result
 
 
-def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[QuantResult, torch.Tensor]:
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params) -> tuple[QuantResult, torch.Tensor]:
     """gptq_quantize, also returning the loss of each row (fp32 [out]); rows are independent."""
     with tf32(False):  # GPTQ needs true fp32 whatever the caller set (moedsl/precision.py)
-        return _gptq_solve(W, H, cfg)
+        return _gptq_solve(W, H, cfg, grid)
 
 
-def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[QuantResult, torch.Tensor]:
+def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid) -> tuple[QuantResult, torch.Tensor]:
     check_inputs(W, H)
     W = W.detach().to(torch.float32, copy=True)
     H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
@@ -59,7 +61,7 @@ def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[Qua
     fixed_grids = cfg.group_size == -1 or cfg.static_groups
     n_groups = cfg.n_groups(columns)
     if fixed_grids:
-        scales, zeros = group_grids(W, cfg)
+        scales, zeros = group_grids(W, cfg, grid)
     else:
         scales = torch.zeros(rows, n_groups, device=W.device)
         zeros = torch.zeros(rows, n_groups, device=W.device)
@@ -91,7 +93,7 @@ def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[Qua
         i2 = min(i1 + block, columns)
         if not fixed_grids and i1 % width == 0:
             g = i1 // width
-            scales[:, g], zeros[:, g] = find_params(W[:, i1 : i1 + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype)
+            scales[:, g], zeros[:, g] = grid(W[:, i1 : i1 + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype)
         groups = group_of[i1:i2]
         W1 = W[:, i1:i2].clone()
         Q1, codes1, Err1, Losses1 = solve_block(

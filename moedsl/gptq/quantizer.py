@@ -232,22 +232,22 @@ def trivial_g_idx(columns: int, cfg: QuantConfig, device=None) -> torch.Tensor:
     return (torch.arange(columns, device=device) // cfg.group_width(columns)).to(torch.int32)
 
 
-def group_grids(W: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grids of the contiguous column groups of W [..., rows, cols] -> scales, zeros [..., rows, G]."""
+def group_grids(W: torch.Tensor, cfg: QuantConfig, grid=find_params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grids of the contiguous column groups of W [..., rows, cols] -> scales, zeros [..., rows, G].
+
+    grid: how one group's (scale, zero) is found; `find_params` (min/max) unless a solver says otherwise."""
     cols = W.shape[-1]
     width = cfg.group_width(cols)
-    grids = [
-        find_params(W[..., j : j + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype) for j in range(0, cols, width)
-    ]
+    grids = [grid(W[..., j : j + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype) for j in range(0, cols, width)]
     return torch.stack([s for s, _ in grids], dim=-1), torch.stack([z for _, z in grids], dim=-1)
 
 
-def rtn_quantize(W: torch.Tensor, cfg: QuantConfig) -> QuantResult:
+def rtn_quantize(W: torch.Tensor, cfg: QuantConfig, grid=find_params) -> QuantResult:
     """Round-to-nearest on the same grids GPTQ uses: the baseline. act_order has no meaning here."""
     if W.dim() != 2:
         raise MoedslError(f"expected a 2-D weight [out, in], got shape {tuple(W.shape)}")
     W = W.detach().to(torch.float32)
-    scales, zeros = group_grids(W, cfg)
+    scales, zeros = group_grids(W, cfg, grid)
     g_idx = trivial_g_idx(W.shape[1], cfg, W.device)
     g = g_idx.long()
     codes = quantize(W, scales[:, g], zeros[:, g], cfg.maxq)

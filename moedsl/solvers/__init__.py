@@ -1,0 +1,170 @@
+"""Solvers: what turns a weight and its calibration statistics into quantized codes.
+
+The executor hands a solver one `Problem` at a time: the targets of one stage that share one
+statistics key, each as a stack of matrices `[n, out, in]` (the experts of a fused or
+ModuleList block, or one nn.Linear with n = 1), with the Hessian(s) of that key. The solver
+returns one `QuantResult` per matrix; the writers, the report and resume take those whatever
+solver made them.
+
+    class MySolver:
+        name = "my-solver"
+        def solve(self, problem: Problem) -> list[list[QuantResult]]:
+            ...   # [target][matrix], matrices in the order of problem.experts
+
+Built-in solvers (each a short module beside this one, selected by `--solver NAME` or
+`moedsl.quantize(solver=NAME or an object)`):
+
+    gptq   GPTQ (the default); with --act-order --static-groups, activation order on the
+           batched path, in a form serving engines load
+    rtn    round-to-nearest on the same grids
+    mse    GPTQ whose group grids minimise the grid's own rounding error (a clipping search)
+
+A solver outside the package is named `path/to/file.py:Name` or `package.module:Name`; Name is
+a class (instantiated with no arguments) or an object with `name` and `solve`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from moedsl.errors import MoedslError, nearest
+from moedsl.gptq.quantizer import QuantConfig, QuantResult
+from moedsl.plan.schema import Target
+
+__all__ = ["Problem", "Solver", "BUILTIN", "resolve_solver", "solver_name"]
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """The targets of one stage that share one statistics key, ready to solve.
+
+    weights   one fp32 tensor [n, out_j, in] per target, on the device; the solver may not modify them
+    hessian   fp32 [1, in, in] (one Hessian shared by every matrix) or [n, in, in] (one per matrix):
+              H = 2/N Σ x xᵀ over the N input rows the matrix saw
+    targets   the plan entries (role, experts, shared or routed expert, checkpoint name)
+    experts   the expert index of each of the n matrices; () for an nn.Linear (n = 1)
+    tokens    rows of calibration input behind each Hessian ([1] or [n]); 0: no statistics (the
+              Hessian is then the identity, so GPTQ rounds to nearest)
+    cfg       bits, group size, symmetry, act order, damping
+    layer     the decoder layer's index (None for lm_head)
+    where     names the problem in messages: `layer 3 mlp.experts.{e}.down_proj`
+    """
+
+    weights: tuple[torch.Tensor, ...]
+    hessian: torch.Tensor
+    targets: tuple[Target, ...]
+    experts: tuple[int, ...]
+    tokens: tuple[int, ...]
+    cfg: QuantConfig
+    layer: int | None = None
+    where: str = ""
+
+    @property
+    def shared(self) -> bool:
+        """One Hessian for every matrix (q/k/v, or every expert's gate and up under `all`)."""
+        return self.hessian.shape[0] == 1
+
+    @property
+    def n(self) -> int:
+        return self.weights[0].shape[0]
+
+
+@runtime_checkable
+class Solver(Protocol):
+    name: str
+
+    def solve(self, problem: Problem) -> list[list[QuantResult]]:
+        """One QuantResult per matrix: result[j][i] for target j, matrix i."""
+        ...
+
+
+def _builtin() -> dict[str, type]:
+    from moedsl.solvers.gptq import GPTQ
+    from moedsl.solvers.mse import MSE
+    from moedsl.solvers.rtn import RTN
+
+    return {"gptq": GPTQ, "rtn": RTN, "mse": MSE}
+
+
+BUILTIN = ("gptq", "rtn", "mse")
+
+
+def solver_name(solver: str | Solver) -> str:
+    """What the report and the resume fingerprint record for a solver."""
+    return solver if isinstance(solver, str) else str(getattr(solver, "name", type(solver).__name__))
+
+
+def resolve_solver(spec: str | Solver) -> Solver:
+    """A built-in name, `file.py:Name`, `package.module:Name`, or a solver object."""
+    if not isinstance(spec, str):
+        return _check(spec, repr(spec))
+    builtin = _builtin()
+    if spec in builtin:
+        return builtin[spec]()
+    if ":" not in spec:
+        raise MoedslError(f"--solver {spec}: unknown solver", expected=list(BUILTIN),
+                          suggestion=nearest(spec, BUILTIN),
+                          notes=["a solver of your own is `path/to/file.py:ClassName` or `package.module:ClassName`"])
+    where, _, attr = spec.rpartition(":")
+    module = _import(where, spec)
+    if not hasattr(module, attr):
+        names = [n for n in vars(module) if not n.startswith("_")]
+        raise MoedslError(f"--solver {spec}: `{where}` defines no `{attr}`", suggestion=nearest(attr, names))
+    obj = getattr(module, attr)
+    if isinstance(obj, type):
+        try:
+            obj = obj()
+        except Exception as exc:  # the user's constructor: report it, never a traceback
+            raise MoedslError(f"--solver {spec}: `{attr}()` failed: {type(exc).__name__}: {exc}") from None
+    return _check(obj, spec)
+
+
+def _import(where: str, spec: str):
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise MoedslError(f"--solver {spec}: no such file {path}")
+        name = f"moedsl_user_solver_{abs(hash(str(path.resolve())))}"
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise MoedslError(f"--solver {spec}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+        return module
+    try:
+        return importlib.import_module(where)
+    except Exception as exc:
+        raise MoedslError(f"--solver {spec}: cannot import `{where}`: {type(exc).__name__}: {exc}") from None
+
+
+def _check(obj, spec: str) -> Solver:
+    if not isinstance(getattr(obj, "name", None), str) or not callable(getattr(obj, "solve", None)):
+        raise MoedslError(f"--solver {spec}: not a solver (it needs a `name` string and a `solve(problem)` method)")
+    return obj
+
+
+def check_results(solver: Solver, problem: Problem, results: Sequence[Sequence[QuantResult]]) -> None:
+    """A solver's answer must have one result per matrix, with the shapes the writers expect."""
+    bad = None
+    if len(results) != len(problem.targets):
+        bad = f"{len(results)} result lists for {len(problem.targets)} targets"
+    else:
+        for W, rs, t in zip(problem.weights, results, problem.targets):
+            if len(rs) != W.shape[0]:
+                bad = f"{len(rs)} results for the {W.shape[0]} matrices of `{t.id}`"
+                break
+            for r in rs:
+                if not isinstance(r, QuantResult) or tuple(r.codes.shape) != tuple(W.shape[1:]):
+                    bad = f"a result for `{t.id}` is not a QuantResult of shape {tuple(W.shape[1:])}"
+                    break
+            if bad:
+                break
+    if bad:
+        raise MoedslError(f"solver `{solver.name}` ({problem.where}): {bad}")
