@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     "qwen3_30b": ("qwen3_moe", dict(head_dim=128)),
-    "glm45_air": ("glm4_moe", dict()),  # the config class's defaults are GLM-4.5-Air's
+    "glm45_air": ("glm4_moe", dict(head_dim=128)),  # else the config class's defaults are GLM-4.5-Air's
     "deepseek_v3": ("deepseek_v3", dict()),  # the config class's defaults are DeepSeek-V3's
     "small": ("qwen3_moe", dict(hidden_size=256, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
                                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
@@ -236,15 +236,19 @@ def main(argv=None) -> dict:
            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "model_gib": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30, 2),
            "build_s": build_seconds}
-    out["moedsl"] = run_moedsl(model_dir, args.work / f"{name}-moedsl-out", calib, args)
-    shutil.rmtree(args.work / f"{name}-moedsl-out", ignore_errors=True)
-    if not args.no_llmcompressor:
-        out["llmcompressor"] = run_llmcompressor(model_dir, args.work / f"{name}-llmc-out", calib, args)
-        llmc = out["llmcompressor"]
-        if llmc and "wall_s" in llmc:
-            out["speedup_vs_llmcompressor"] = round(llmc["wall_s"] / out["moedsl"]["wall_s"], 2)
-    if args.drop_model:
-        shutil.rmtree(model_dir, ignore_errors=True)
+    try:
+        out["moedsl"] = run_moedsl(model_dir, args.work / f"{name}-moedsl-out", calib, args)
+        shutil.rmtree(args.work / f"{name}-moedsl-out", ignore_errors=True)
+        if not args.no_llmcompressor:
+            out["llmcompressor"] = run_llmcompressor(model_dir, args.work / f"{name}-llmc-out", calib, args)
+            llmc = out["llmcompressor"]
+            if llmc and "wall_s" in llmc:
+                out["speedup_vs_llmcompressor"] = round(llmc["wall_s"] / out["moedsl"]["wall_s"], 2)
+    finally:  # a failed run must not leave tens of GB behind for the next shape
+        shutil.rmtree(args.work / f"{name}-moedsl-out", ignore_errors=True)
+        shutil.rmtree(args.work / f"{name}-llmc-out", ignore_errors=True)
+        if args.drop_model:
+            shutil.rmtree(model_dir, ignore_errors=True)
     print(json.dumps(out))
     return out
 
