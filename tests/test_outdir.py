@@ -171,7 +171,7 @@ def test_out_below_a_regular_file(tmp_path, capsys, default_model):
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--group-size", "32", "--samples", "4", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
-_TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes"}
+_TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases"}
 MARKERS = ("config.json", "quantize_config.json", REPORT)  # what makes a directory look finished
 _HOW = {"out", "resume", "overwrite"}  # options that say where and how, not what
 

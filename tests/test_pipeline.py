@@ -66,15 +66,14 @@ def test_report_records_phases(overlapped):
 @pytest.mark.parametrize("where", ["1:shard", "1:acts", "0:acts"])
 def test_kill_during_background_write_resumes_byte_identical(model, overlapped, tmp_path, cli, where):
     """SIGKILL inside the writer thread — after layer 1's shard is renamed but before its resume state,
-    or halfway through writing the resume state — while the quantizer works on the next layer."""
+    or as the resume state is about to be committed — while the quantizer works on the next layer."""
     out = tmp_path / "killed"
     r = cli("quantize", "--model", str(model), "--out", str(out), *ARGS, env={"MOEDSL_KILL_IN_WRITE": where})
     assert r.returncode == -9, r.stderr[-2000:]
     layer = int(where.split(":")[0])
-    state = json.loads((out / ".moedsl-run" / "state.json").read_text())
-    assert state["finished"] == layer  # the killed layer's state was not committed
-    if where.endswith(":acts"):
-        assert (out / ".moedsl-run" / f".acts-{layer + 1:05d}.safetensors.partial").is_file()
+    state = out / ".moedsl-run" / "state.json"
+    finished = json.loads(state.read_text())["finished"] if state.exists() else 0  # none: nothing was committed
+    assert finished == layer  # the killed layer's state was not committed
     assert (out / f"layer-{layer:05d}.safetensors").is_file()  # written, to be redone
     assert not (out / "config.json").exists()
     r = cli("quantize", "--model", str(model), "--out", str(out), *ARGS)

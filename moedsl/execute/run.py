@@ -36,7 +36,7 @@ from moedsl.execute.reader import LayerReader
 from moedsl.execute.report import Report, print_summary
 from moedsl.execute.writer import FinishedLayer, LayerWriter, copy_keys
 from moedsl.models import remote
-from moedsl.write.files import copy_atomic, stop_point
+from moedsl.write.files import copy_atomic, stop_point, stop_requested
 from moedsl.plan.schema import HookPlan
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,13 @@ def _to(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
+
+
+def starved_warnings(i: int, starved: dict[str, list[int]], policy) -> list[str]:
+    """What the run says of layer i's experts that saw no calibration token."""
+    return [f"layer {i}: {len(experts)} expert(s) of `{path}` saw no calibration token under policy {policy} and "
+            f"were rounded to nearest: {experts[:16]}{' …' if len(experts) > 16 else ''}"
+            for path, experts in starved.items()]
 
 
 def checkpoint_prefix(loader, plan: HookPlan, i: int) -> str:
@@ -301,6 +308,8 @@ class Runner:
             for i in range(start_layer):
                 writer.adopt_shard(f"layer-{i:05d}.safetensors")
             report.layers = state["layers"]
+            for done in report.layers:  # the interrupted run's warnings about its finished layers
+                report.warnings += starved_warnings(done["layer"], done["starved_experts"], self.policy)
             progress.note(f"resuming after layer {start_layer - 1}")
 
         packer = Packer(writer, dtype)
@@ -312,6 +321,8 @@ class Runner:
         try:
             with progress.layers(plan.num_layers, start_layer) as bar:
                 for i in range(start_layer, plan.num_layers):
+                    if stop_requested(f"layer:{i}:start"):  # tests: the layers before are on disk, as in serial mode
+                        layer_writer.drain()
                     stop_point(f"layer:{i}:start")
                     kind = plan.kind_for_layer(i)
                     if self.device.type == "cuda":
@@ -342,10 +353,7 @@ class Runner:
                     seconds = time.perf_counter() - t0
                     peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
                     report.add_layer(i, kind.name, seconds, peak, result, tokens)
-                    for path, experts in result.starved.items():
-                        msg = (f"layer {i}: {len(experts)} expert(s) of `{path}` saw no calibration token under "
-                               f"policy {self.policy} and were rounded to nearest: {experts[:16]}"
-                               f"{' …' if len(experts) > 16 else ''}")
+                    for msg in starved_warnings(i, result.starved, self.policy):
                         progress.warn(msg)
                         report.warnings.append(msg)
                     acts = {f"x.{b}": x for b, x in enumerate(hidden)}

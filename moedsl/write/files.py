@@ -131,6 +131,11 @@ def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     _guarded(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
+def stop_requested(name: str) -> bool:
+    """Whether `stop_point(name)` will stop (a caller may first finish work in flight elsewhere)."""
+    return os.environ.get("MOEDSL_TEST_STOP") == name
+
+
 def stop_point(name: str) -> None:
     """Tests: stop the process at the point `name` when `MOEDSL_TEST_STOP` names it.
 

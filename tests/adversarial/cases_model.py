@@ -143,7 +143,7 @@ CASES = [
     Case("tensor-unused", "model-dir", lambda ws: _tensors(ws, _add("model.layers.0.mlp.extra.weight", (4, 4))),
          error("model.layers.0.mlp.extra.weight")),
     Case("tensor-unused-allowed", "model-dir",
-         lambda ws: _tensors(ws, _add("model.layers.0.mlp.extra.weight", (4, 4)), "--allow-missing-weights"),
+         lambda ws: _tensors(ws, _add("model.layers.0.mlp.extra.weight", (4, 4)), "--allow-unused-weights"),
          ok(), check=_report_warnings_nonempty),
     Case("tensor-wrong-shape", "model-dir", lambda ws: _tensors(ws, _reshape(ATTN, (64, 48))), error(ATTN)),
     Case("expert-wrong-shape", "model-dir", lambda ws: _tensors(ws, _reshape(EXPERT, (16, 64))), error("experts")),
