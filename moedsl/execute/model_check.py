@@ -221,6 +221,14 @@ def check_fit(loader, model, *, allow_missing: bool, allow_unused: bool) -> list
                               [f"… and {len(bad_shape) - 12} more"] if len(bad_shape) > 12 else [])
                           + ["the config does not describe these weights"])
 
+    # a one-to-many converter (ERNIE-4.5-VL: one expert tensor → text and vision experts) names only its
+    # first target: the checkpoint key covers the others too
+    for conv in getattr(loader, "_mapping", None) or ():
+        targets = [str(t).replace("\\.", ".") for t in (getattr(conv, "target_patterns", None) or ())]
+        if len(targets) > 1:
+            for name in list(covered):
+                if targets[0] in name:
+                    covered |= {name.replace(targets[0], t, 1) for t in targets[1:]}
     tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
     ignore_missing = _ignored(model, "_keys_to_ignore_on_load_missing")
     persistent = {n for n, _ in model.named_parameters()} | _persistent_buffers(model)

@@ -273,7 +273,10 @@ def judge(case: Case, ws: Workspace, before: dict[str, str], res: Result, argv: 
     else:
         problems.append(f"exit {res.returncode}, expected {'0' if want == 'ok' else '2' if want == 'error' else '0 or 2'}")
     if case.check is not None:
-        problems += case.check(ws, res)
+        try:
+            problems += case.check(ws, res)
+        except Exception as exc:  # a check reading what a failed run never wrote: one more problem, not a crash
+            problems.append(f"the case's own check failed: {type(exc).__name__}: {exc}")
     return problems
 
 
