@@ -200,15 +200,16 @@ def check_fit(loader, model, *, allow_missing: bool, allow_unused: bool) -> list
         elif got != tuple(meta_sd[runtime].shape):  # loaded as is (perhaps renamed): shapes must be equal
             bad_shape.append(f"`{key}`: checkpoint shape {list(got)}, the model expects "
                              f"{list(meta_sd[runtime].shape)}")
-    from moedsl.models.tiny import is_composite
-
-    if is_composite(model.config):
-        # a composite's converters may split one checkpoint tensor over several runtime tensors (ERNIE-4.5-VL:
-        # the experts of one tensor go to the text and the vision experts), so no per-target count holds
-        fused = {}
+    # A one-to-many converter (ERNIE-4.5-VL: one expert tensor → the text and the vision experts) is named by
+    # its first target alone: its keys fill the other targets too, so they cover those and no per-target
+    # element count holds for them.
+    split = [targets for conv in getattr(loader, "_mapping", None) or ()
+             if len(targets := [str(t).replace("\\.", ".") for t in (getattr(conv, "target_patterns", None) or ())]) > 1]
     for runtime, keys in fused.items():
         # a converter that stacks or concatenates keeps the element count; one that dequantizes does not
         if any(not header[k][1].startswith(("F16", "BF16", "F32", "F64")) or "scale" in k for k in keys):
+            continue
+        if any(targets[0] in runtime for targets in split):
             continue
         got = sum(math.prod(header[k][0]) for k in keys)
         want = meta_sd[runtime].numel()
@@ -221,14 +222,10 @@ def check_fit(loader, model, *, allow_missing: bool, allow_unused: bool) -> list
                               [f"… and {len(bad_shape) - 12} more"] if len(bad_shape) > 12 else [])
                           + ["the config does not describe these weights"])
 
-    # a one-to-many converter (ERNIE-4.5-VL: one expert tensor → text and vision experts) names only its
-    # first target: the checkpoint key covers the others too
-    for conv in getattr(loader, "_mapping", None) or ():
-        targets = [str(t).replace("\\.", ".") for t in (getattr(conv, "target_patterns", None) or ())]
-        if len(targets) > 1:
-            for name in list(covered):
-                if targets[0] in name:
-                    covered |= {name.replace(targets[0], t, 1) for t in targets[1:]}
+    for targets in split:
+        for name in list(covered):
+            if targets[0] in name:
+                covered |= {name.replace(targets[0], t, 1) for t in targets[1:]}
     tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
     ignore_missing = _ignored(model, "_keys_to_ignore_on_load_missing")
     persistent = {n for n, _ in model.named_parameters()} | _persistent_buffers(model)
