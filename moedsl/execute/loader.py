@@ -129,12 +129,16 @@ def shard_map(model_dir: Path) -> dict[str, Path]:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise MoedslError(f"{index}: `weight_map` must be an object of tensor name -> shard file name")
         root = model_dir.resolve()
+        paths: dict[str, Path] = {}  # a few shards for thousands of keys: each is checked once
         for key, shard in weight_map.items():
-            path = model_dir / shard
-            if root not in path.resolve().parents:
-                raise MoedslError(f"{index}: `{key}` is in shard {shard!r}, which is not a file inside {model_dir}")
-            if not path.is_file():
-                raise MoedslError(f"{index}: `{key}` is in shard {shard}, which does not exist in {model_dir}")
+            path = paths.get(shard)
+            if path is None:
+                path = model_dir / shard
+                if root not in path.resolve().parents:
+                    raise MoedslError(f"{index}: `{key}` is in shard {shard!r}, which is not a file inside {model_dir}")
+                if not path.is_file():
+                    raise MoedslError(f"{index}: `{key}` is in shard {shard}, which does not exist in {model_dir}")
+                paths[shard] = path
             shard_of[key] = path
         _check_index_keys(index, shard_of)
         return shard_of
@@ -248,6 +252,7 @@ class LayerwiseLoader:
         self._shard_of: dict[str, Path] = self._read_index()  # stored name -> shard
         self.stored_format = stored_format(self.model_dir)
         self._parts = checkpoint_parts(self.model_dir, self._shard_of)  # logical name -> stored names
+        self._keys = sorted(self._parts, key=_natural_key)  # asked for several times; thousands of keys
         self._config = None
         # filled by skeleton(): checkpoint key -> runtime key, plan per layer
         self._mapping = None
@@ -266,7 +271,7 @@ class LayerwiseLoader:
     def checkpoint_keys(self) -> list[str]:
         """Every tensor name in the checkpoint, in natural order: on-disk names, except that an FP8
         weight and its scale, or MXFP4 blocks and scales, are one name (the bf16 checkpoint's)."""
-        return sorted(self._parts, key=_natural_key)
+        return list(self._keys)
 
     def stored_keys(self, key: str) -> tuple[str, ...]:
         """The on-disk tensors checkpoint tensor `key` is read from."""

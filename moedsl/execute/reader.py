@@ -44,6 +44,8 @@ class LayerReader:
     def get(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's tensors (waiting for them if they are being read); starts reading layer i+1."""
         ahead = self._ahead.pop(i, None)
+        for j in [j for j in self._ahead if j != i + 1]:  # a wrong guess of where a resumed run starts
+            self._ahead.pop(j).cancel()
         if self._pool is None:
             tensors = self._read(i)
         else:

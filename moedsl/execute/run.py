@@ -211,6 +211,7 @@ class Runner:
         self.policy = opts.moe_policy()
         opts.quant_config()  # bad bits, group size or damping fail here, before any model is loaded
         self.out: OutputDir | None = None
+        self.reader: LayerReader | None = None
         from moedsl.solvers import resolve_solver
 
         self.solver = resolve_solver(opts.solver)  # likewise an unknown or broken solver
@@ -219,6 +220,8 @@ class Runner:
         try:
             return self._run()
         finally:
+            if self.reader is not None:  # a read ahead in flight when startup failed
+                self.reader.close()
             if self.out is not None:
                 self.out.release()  # after a failure: the lock, and the debris of a run that finished no layer
 
@@ -254,8 +257,15 @@ class Runner:
             definition = load(opts.definition) if opts.definition else for_model(model)
             tokens = opts.samples * opts.seq_len
             plan = compile_plan(definition, model, policy=self.policy, tokens=tokens)
-        with phases("startup.embeddings"):
             loader.use_layers(model, plan.layers_path)
+        # the first layer is read (and the GPU kernels compiled) while the run starts up: from here on,
+        # beside the embeddings, the calibration data and its capture. A resumed run starts further on
+        # (a guess, checked later; a wrong one costs only a read)
+        overlap = opts.pipeline == "overlap"
+        self.reader = reader = LayerReader(loader, plan.num_layers, pin=self.device.type == "cuda", overlap=overlap,
+                                           phases=phases)
+        reader.prefetch(_first_layer_guess(opts.out / RUN_DIR / STATE_NAME) if opts.resume else 0)
+        with phases("startup.embeddings"):
             loader.load_non_layer(model, self.device, skip=plan.towers)  # towers are copied, never run
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         cfg = opts.quant_config(required_scale_dtype(opts.format, dtype))
@@ -268,10 +278,6 @@ class Runner:
         resuming = out.state is not None
         head_options = dict(ignore=(), extra_quantization_config={"lm_head": True} if opts.format == "gptq" else None)
         writer = CheckpointWriter(opts.out, opts.format, cfg, **(head_options if opts.quantize_lm_head else {}))
-        # the first layer is read, and the GPU kernels compiled, while the run starts up
-        overlap = opts.pipeline == "overlap"
-        reader = LayerReader(loader, plan.num_layers, pin=self.device.type == "cuda", overlap=overlap, phases=phases)
-        reader.prefetch(_first_layer_guess(opts.out / RUN_DIR / STATE_NAME) if resuming else 0)
         ids, warnings = (calib.input_ids, list(calib.warnings)) if hasattr(calib, "input_ids") else (calib, [])
         warnings = model_warnings + warnings  # the report lists every warning, not only stderr
         report = Report.start(opts, plan, str(model_dir), definition.source_file or definition.header.name,

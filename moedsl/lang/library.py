@@ -84,11 +84,27 @@ def model_type_of(model_or_config: Any) -> str:
     return str(mt)
 
 
+def _may_match(path: Path, mt: str) -> bool:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return True  # parse_file says what is wrong with it
+    return mt in text or "\\" in text
+
+
 def for_model(model_or_config: Any) -> ir.Definition:
     """The library definition that matches this model's (or config's) `model_type`."""
     mt = model_type_of(model_or_config)
+    files = library_files()
+    # A `match "…"` naming mt spells it out in the file's text, or escapes a character of it (a backslash): the
+    # other files cannot match, and are parsed only to list the known types when none does.
+    for f in files:
+        if _may_match(f, mt):
+            parsed = parse_cached(f)
+            if mt in parsed.header.matches:
+                return load(f)
     known: list[str] = []
-    for f in library_files():
+    for f in files:
         parsed = parse_cached(f)
         if mt in parsed.header.matches:
             return load(f)
