@@ -54,3 +54,18 @@ def test_fp8_layer_bench_small_cpu():
     assert out["fp8_tensors"] == 3 * 16 + 3 + 5  # routed experts, the shared expert, the attention projections
     for key in ("write_seconds", "load_seconds", "read_seconds", "dequant_seconds"):
         assert out[key] > 0
+
+
+def test_gil_bench_small_cpu():
+    """bench/gil.py: the writer stage writes a real layer (packed by the real packer) beside the main loop."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gil_bench", ROOT / "bench" / "gil.py")
+    gil = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gil)
+    out = gil.main(["--experts", "4", "--hidden", "256", "--inter", "128", "--tokens", "1024", "--alone-s", "0.2"])
+    assert out["op_us_alone"] > 0
+    writer = out["writer"]
+    assert writer["modules"] == 4 + 3 * 4  # q, k, v, o and 4 experts × gate, up, down
+    assert writer["packed_mib"] > 0 and writer["stage_s"] > 0 and writer["slowdown"] > 0
+    assert "reader" not in out  # no --model
