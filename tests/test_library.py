@@ -369,3 +369,28 @@ def test_mla_without_q_lora_binds(tmp_path):
     bound = bind(moedsl.load("deepseek_v2"), build_model(cfg, "meta"))
     paths = {lin.path for k in bound.kinds for lin in k.linears}
     assert "self_attn.q_proj" in paths and "self_attn.q_a_proj" not in paths
+
+
+def test_grammar_cache_parses_as_a_fresh_build(tmp_path, monkeypatch, capsys):
+    """The analysed grammar kept in the cache gives the same definitions (comments and positions too) as
+    a parser built from the grammar; a damaged cache file is rebuilt without a word."""
+    from moedsl.lang import parser
+
+    monkeypatch.setenv("MOEDSL_CACHE", str(tmp_path))
+    files = [LIBRARY_DIR / f"{n}.moedef" for n in ("qwen3_moe", "deepseek_v3", "gpt_oss", "jamba")]
+
+    def parse_all():
+        parser._lark.cache_clear()
+        return [parse_file(f).model_dump() for f in files]
+
+    try:
+        built = parse_all()  # analyses the grammar and writes the cache
+        (cached,) = (tmp_path / "grammar").glob("moedef-*.lark")
+        assert parse_all() == built
+        assert parser._lark().source_path == "<deserialized>"  # lark loaded it from the cache
+        cached.write_bytes(b"damaged")
+        assert parse_all() == built
+        assert cached.stat().st_size > 1000  # written again
+        assert capsys.readouterr().err == ""
+    finally:
+        parser._lark.cache_clear()  # the other tests use a parser of the session's cache

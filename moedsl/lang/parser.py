@@ -49,8 +49,44 @@ _TERMINAL_WORDS = {
 
 @lru_cache(maxsize=1)
 def _lark() -> Lark:
-    return Lark(GRAMMAR_PATH.read_text(), parser="lalr", lexer="contextual", propagate_positions=True,
-                maybe_placeholders=True, lexer_callbacks={"COMMENT": _collect_comment})
+    """The parser. Analysing the grammar (LALR tables, one lexer per parser state) takes most of a second,
+    so lark keeps the result in moedsl's cache directory and loads it from there while the file's hash of
+    the grammar, the options and lark's and Python's versions still match (it rebuilds, and rewrites the
+    file, on any mismatch or damage); an unwritable cache only means a rebuild every time."""
+    import logging
+
+    import lark
+
+    text = GRAMMAR_PATH.read_text()
+    options = dict(parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=True,
+                   lexer_callbacks={"COMMENT": _collect_comment})
+    cache = _grammar_cache(text)
+    if cache is None:
+        return Lark(text, **options)
+    level = lark.logger.level
+    lark.logger.setLevel(logging.CRITICAL)  # a damaged or unwritable cache file is no news to the user
+    try:
+        return Lark(text, cache=cache, **options)
+    finally:
+        lark.logger.setLevel(level)
+
+
+def _grammar_cache(text: str) -> str | None:
+    """The file lark keeps the analysed grammar in (one per grammar text), in a directory of the user's own;
+    None when that cannot be created or written."""
+    import hashlib
+    import os
+
+    from moedsl.cache import cache_root
+
+    directory = cache_root() / "grammar"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(directory, os.W_OK):
+        return None
+    return str(directory / f"moedef-{hashlib.sha256(text.encode()).hexdigest()[:16]}.lark")
 
 
 _comment_sink = threading.local()

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from moedsl.cache import cache_root
 from moedsl.errors import MoedslError
 
 __all__ = [
@@ -133,16 +134,6 @@ _DEFAULT_SHAPE = dict(
     eos_token_id=257,
     pad_token_id=258,
 )
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """Where moedsl caches things: `cache_dir`, else `$MOEDSL_CACHE`, else `~/.cache/moedsl`."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("MOEDSL_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "moedsl"
 
 
 def _is_complete(path: Path) -> bool:
