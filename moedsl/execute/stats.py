@@ -22,22 +22,18 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         """x [n, features]: rows seen by the (single) matrix."""
-        with tf32(exact_in_tf32(x)):
-            x = x.reshape(-1, x.shape[-1]).float()
-            self.sum.addmm_(x.t(), x)
+        x = x.reshape(-1, x.shape[-1])
+        accumulate_gram(self.sum, x)
         self.count += x.shape[0]
 
     def add_expert(self, e: int, x: torch.Tensor) -> None:
-        with tf32(exact_in_tf32(x)):
-            x = x.reshape(-1, x.shape[-1]).float()
-            self.sum[e].addmm_(x.t(), x)
+        x = x.reshape(-1, x.shape[-1])
+        accumulate_gram(self.sum[e], x)
         self.count[e] += x.shape[0]
 
     def add_batched(self, h: torch.Tensor, counts: torch.Tensor | int) -> None:
         """h [E, n, features]: every expert's rows (rows of zeros add nothing)."""
-        with tf32(exact_in_tf32(h)):
-            hf = h.float()
-            self.sum.baddbmm_(hf.transpose(1, 2), hf)
+        accumulate_gram(self.sum, h)
         self.count += counts
 
     def finalize(self) -> torch.Tensor:
@@ -45,3 +41,32 @@ class Hessian:
         n = self.count.clamp_min(1).float()
         scale = 2.0 / n
         return self.sum * (scale if self.experts is None else scale[:, None, None])
+
+
+def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += xᵀx in fp32, for x [n, f] (acc [f, f]) or a batch x [E, n, f] (acc [E, f, f]).
+
+    bf16/fp16 data on CUDA: the product runs on the half-precision tensor cores with fp32
+    accumulation (`out_dtype`). A product of two bf16 values is exact in fp32, so this is the
+    arithmetic of the TF32 path below at twice its rate, without an fp32 copy of x (for the
+    down projections of a DeepSeek-V3 layer that copy is 4 bytes for each of 7·10¹⁰ values).
+    Elsewhere: fp32 products, in TF32 on CUDA where that is exact (see moedsl/precision.py)."""
+    xt = x.transpose(-1, -2)
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _HALF_OUT_DTYPE[0]:
+        try:
+            if x.dim() == 3:
+                torch.baddbmm(acc, xt, x, out_dtype=torch.float32, out=acc)
+            else:
+                torch.addmm(acc, xt, x, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):  # a torch without half-precision products into fp32
+            _HALF_OUT_DTYPE[0] = False
+    with tf32(exact_in_tf32(x)):
+        xf, xtf = x.float(), xt.float()
+        if x.dim() == 3:
+            acc.baddbmm_(xtf, xf)
+        else:
+            acc.addmm_(xtf, xf)
+
+
+_HALF_OUT_DTYPE = [True]  # cleared once if this torch lacks the `out_dtype` products

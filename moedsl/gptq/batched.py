@@ -26,15 +26,18 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
-from moedsl.gptq.gptq import check_finite, damp_error, damp_schedule, gptq_solve
+from moedsl.gptq.gptq import PreparedHessian, check_finite, damp_error, damp_schedule, gptq_solve
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, group_grids
 from moedsl.precision import tf32
 
 
 def gptq_quantize_shared(
-    Ws: Sequence[torch.Tensor] | torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params
+    Ws: Sequence[torch.Tensor] | torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params,
+    prepared: PreparedHessian | None = None,
 ) -> list[QuantResult]:
-    """Quantize several matrices [out_i, in] (a list, or one tensor [B, out, in]) that share H."""
+    """Quantize several matrices [out_i, in] (a list, or one tensor [B, out, in]) that share H.
+
+    prepared: `prepare_hessian(H, cfg)`, when the caller solves more matrices against H in other calls."""
     if isinstance(Ws, torch.Tensor):
         if Ws.dim() != 3:
             raise MoedslError(f"expected [B, out, in] weights, got shape {tuple(Ws.shape)}", code="gptq")
@@ -55,7 +58,7 @@ def gptq_quantize_shared(
         # gptq_solve takes its own fp32 copy; concatenating one matrix would only copy it once more
         stacked = mats[0] if len(mats) == 1 else torch.cat([m.to(device=mats[0].device, dtype=torch.float32) for m in mats])
 
-    whole, row_losses = gptq_solve(stacked, H, cfg, grid)
+    whole, row_losses = gptq_solve(stacked, H, cfg, grid, prepared)
     out = []
     start = 0
     for n in sizes:

@@ -19,6 +19,7 @@ matrices at once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,23 +37,53 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_
     return result
 
 
-def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params) -> tuple[QuantResult, torch.Tensor]:
-    """gptq_quantize, also returning the loss of each row (fp32 [out]); rows are independent."""
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params,
+               prepared: PreparedHessian | None = None) -> tuple[QuantResult, torch.Tensor]:
+    """gptq_quantize, also returning the loss of each row (fp32 [out]); rows are independent.
+
+    prepared: `prepare_hessian(H, cfg)` computed once for every matrix that shares H (the chunks of
+    a stack of experts), so its Cholesky factorizations run once instead of once per chunk."""
     with tf32(False):  # GPTQ needs true fp32 whatever the caller set (moedsl/precision.py)
-        return _gptq_solve(W, H, cfg, grid)
+        check_inputs(W, H)
+        if prepared is None:
+            prepared = prepare_hessian(H, cfg)
+        return _gptq_solve(W, prepared, cfg, grid)
 
 
-def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid) -> tuple[QuantResult, torch.Tensor]:
-    check_inputs(W, H)
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What GPTQ derives from H alone: the dead inputs, the column order and the factor of H⁻¹."""
+
+    dead: torch.Tensor  # [in] bool: inputs that were always zero
+    perm: torch.Tensor  # [in]: solve order (activation order, or the identity)
+    Hinv: torch.Tensor  # [in, in]: upper Cholesky factor of (H + λI)⁻¹, in solve order
+    damp: float  # the damp_percent λ was taken from
+
+
+def prepare_hessian(H: torch.Tensor, cfg: QuantConfig) -> PreparedHessian:
+    with tf32(False):
+        H = H.detach().to(torch.float32, copy=True)
+        columns = H.shape[0]
+        # An input that was always zero carries no information: give it a unit Hessian entry so
+        # H stays invertible, and a zero weight (the reference GPTQ convention).
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        # Activation order: the columns with the largest Hessian diagonal (the most used inputs)
+        # are quantized first, while many columns remain to absorb their error.
+        if cfg.act_order:
+            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+            H = H[perm][:, perm]
+        else:
+            perm = torch.arange(columns, device=H.device)
+        Hinv, damp = inverse_hessian_factor(H, cfg)
+        return PreparedHessian(dead, perm, Hinv, damp)
+
+
+def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, grid) -> tuple[QuantResult, torch.Tensor]:
     W = W.detach().to(torch.float32, copy=True)
-    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
     rows, columns = W.shape
     maxq = cfg.maxq
-
-    # An input that was always zero carries no information: give it a unit Hessian entry so
-    # H stays invertible, and a zero weight (the reference GPTQ convention).
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dead, perm, Hinv = prepared.dead.to(W.device), prepared.perm.to(W.device), prepared.Hinv.to(W.device)
     W[:, dead] = 0
 
     # Grids fixed before any update: per-channel (-1), or static groups, always over the
@@ -65,17 +96,8 @@ def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid) -> tup
     else:
         scales = torch.zeros(rows, n_groups, device=W.device)
         zeros = torch.zeros(rows, n_groups, device=W.device)
-
-    # Activation order: the columns with the largest Hessian diagonal (the most used inputs)
-    # are quantized first, while many columns remain to absorb their error.
     if cfg.act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
-        H = H[perm][:, perm]
-    else:
-        perm = torch.arange(columns, device=W.device)
-
-    Hinv, damp = inverse_hessian_factor(H, cfg)
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W, dtype=torch.uint8)
@@ -116,7 +138,7 @@ def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid) -> tup
         zeros=zeros.to(torch.int32),
         g_idx=g_idx,
         loss=float(losses.sum()),
-        damp=damp,
+        damp=prepared.damp,
     )
     return result, losses
 
