@@ -25,6 +25,11 @@ import time
 
 import torch
 
+try:
+    from bench.flops import account
+except ImportError:  # run as a script: bench/ is on the path itself
+    from flops import account
+
 SHAPES = {
     "qwen3_30b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128),
@@ -134,11 +139,10 @@ def main(argv=None) -> dict:
     out["seconds_per_layer"] = round(seconds, 3)
     out["stage_seconds"] = {s.index: round(s.seconds, 3) for s in result.stages}
     out["peak_gpu_gib"] = round(peak, 2) if peak is not None else None
-    from flops import account
-
     out["accounting"] = account(plan, result, seqs * seq_len, model.config.num_experts_per_tok, out["device"],
                                 replay_seconds=seconds - sum(s.seconds for s in result.stages))
     if args.profile:
+        print(json.dumps(out), flush=True)  # the figures first: a profiled run of a big layer is slow
         profile(model, plan, hidden, kwargs, original, device, chunk)
     if not args.no_unbatched:
         model.model.layers[0].load_state_dict(original)

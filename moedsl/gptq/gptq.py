@@ -118,14 +118,14 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
             scales[:, g], zeros[:, g] = grid(W[:, i1 : i1 + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype)
         groups = group_of[i1:i2]
         W1 = W[:, i1:i2].clone()
-        Q1, codes1, Err1, Losses1 = solve_block(
+        Q1, codes1, Err1, loss1 = solve_block(
             W1[None], Hinv[None, i1:i2, i1:i2], scales[:, groups][None], zeros[:, groups][None], maxq
         )
         Q[:, i1:i2] = Q1[0]
         codes[:, i1:i2] = codes1[0]
-        losses += Losses1[0].sum(dim=1)
-        # ...and the block's accumulated error over all later columns at once (lazy batch).
-        W[:, i2:] -= Err1[0] @ Hinv[i1:i2, i2:]
+        losses += loss1[0]
+        # ...and the block's accumulated error over all later columns at once (lazy batch), in place.
+        W[:, i2:].addmm_(Err1[0], Hinv[i1:i2, i2:], alpha=-1)
 
     # Back to the original column order; g_idx says which group each original column used.
     inv = torch.argsort(perm)
@@ -144,19 +144,31 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
 
 
 def inverse_hessian_factor(H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λI)⁻¹, raising λ until both factorizations succeed.
+    """Upper Cholesky factor of (H + λI)⁻¹, raising λ until the factorization succeeds.
 
     Returns the factor and the damp_percent used.
     """
     mean_diag = torch.diag(H).mean()
     eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     for attempt in damp_schedule(cfg):
-        L, info = torch.linalg.cholesky_ex(H + attempt * mean_diag * eye)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, attempt
+        U, info = upper_factor_of_inverse(H + attempt * mean_diag * eye)
+        if int(info) == 0 and bool(torch.isfinite(U).all()):
+            return U, attempt
     raise damp_error(cfg)
+
+
+def upper_factor_of_inverse(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U upper triangular with UᵀU = A⁻¹, for A [.., n, n] symmetric positive definite; and the
+    factorization's info (0: success).
+
+    Without forming A⁻¹: with J the reversal of the n indices, JAJ = LLᵀ (its Cholesky factor),
+    and U = J L⁻¹ J. (A = U⁻¹U⁻ᵀ with U⁻¹ upper, so J U⁻¹ J is the lower factor of JAJ.) One
+    Cholesky and one triangular inverse, where inverting A and factoring the inverse takes about
+    twice the arithmetic, and the same numbers up to rounding."""
+    flip = (-2, -1)
+    L, info = torch.linalg.cholesky_ex(A.flip(flip))
+    eye = torch.eye(A.shape[-1], device=A.device, dtype=A.dtype).expand_as(A)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(flip), info
 
 
 def damp_schedule(cfg: QuantConfig) -> list[float]:
