@@ -46,27 +46,14 @@ class Hessian:
 def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += xᵀx in fp32, for x [n, f] (acc [f, f]) or a batch x [E, n, f] (acc [E, f, f]).
 
-    bf16/fp16 data on CUDA: the product runs on the half-precision tensor cores with fp32
-    accumulation (`out_dtype`). A product of two bf16 values is exact in fp32, so this is the
-    arithmetic of the TF32 path below at twice its rate, without an fp32 copy of x (for the
-    down projections of a DeepSeek-V3 layer that copy is 4 bytes for each of 7·10¹⁰ values).
-    Elsewhere: fp32 products, in TF32 on CUDA where that is exact (see moedsl/precision.py)."""
-    xt = x.transpose(-1, -2)
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _HALF_OUT_DTYPE[0]:
-        try:
-            if x.dim() == 3:
-                torch.baddbmm(acc, xt, x, out_dtype=torch.float32, out=acc)
-            else:
-                torch.addmm(acc, xt, x, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError):  # a torch without half-precision products into fp32
-            _HALF_OUT_DTYPE[0] = False
+    fp32 products, in TF32 on CUDA where that is exact (bf16/fp16 data: moedsl/precision.py).
+    (Products of bf16 straight into fp32, torch 2.11's `out_dtype`, were tried on the H200: they ran
+    at about the TF32 peak rate all the same, and the GLM-4.5-Air layer's peak memory rose by
+    2.3 GiB, about two temporary copies of its down projections' Hessians.)"""
     with tf32(exact_in_tf32(x)):
-        xf, xtf = x.float(), xt.float()
+        xf = x.float()
+        xtf = xf.transpose(-1, -2)
         if x.dim() == 3:
             acc.baddbmm_(xtf, xf)
         else:
             acc.addmm_(xtf, xf)
-
-
-_HALF_OUT_DTYPE = [True]  # cleared once if this torch lacks the `out_dtype` products

@@ -80,9 +80,6 @@ if HAVE_TRITON:
         tile = rows[:, None].to(tl.int64) * sw_r + cols[None, :]
         tmask = rmask[:, None] & cmask[None, :]
         w = tl.load(W + b * sw_b + tile, mask=tmask, other=0.0)
-        grid_tile = b * ss_b + rows[:, None].to(tl.int64) * ss_r + cols[None, :]
-        s_all = tl.load(S + grid_tile, mask=tmask, other=1.0)
-        z_all = tl.load(Z + grid_tile, mask=tmask, other=0.0)
         q_all = tl.zeros((BR, BC), dtype=tl.float32)
         c_all = tl.zeros((BR, BC), dtype=tl.float32)
         e_all = tl.zeros((BR, BC), dtype=tl.float32)
@@ -90,8 +87,9 @@ if HAVE_TRITON:
         for i in range(0, NC):
             here = cols[None, :] == i
             wi = tl.sum(tl.where(here, w, 0.0), axis=1)
-            s = tl.sum(tl.where(here, s_all, 0.0), axis=1)
-            z = tl.sum(tl.where(here, z_all, 0.0), axis=1)
+            grid = b * ss_b + rows.to(tl.int64) * ss_r + i  # the rows' grid lines sit in L1 after column 0
+            s = tl.load(S + grid, mask=rmask, other=1.0)
+            z = tl.load(Z + grid, mask=rmask, other=0.0)
             d = tl.load(H + b * sh_b + i * sh_r + i)
             code = libdevice.rint(libdevice.div_rn(wi, s)) + z
             code = tl.minimum(tl.maximum(code, 0.0), maxq)
