@@ -25,6 +25,11 @@ import time
 
 import torch
 
+try:
+    from bench.flops import account
+except ImportError:  # run as a script: bench/ is on the path itself
+    from flops import account
+
 SHAPES = {
     "qwen3_30b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                       num_attention_heads=32, num_key_value_heads=4, head_dim=128),
@@ -61,14 +66,14 @@ def layer_inputs(model, plan, seqs: int, seq_len: int, batch: int, device: torch
     return hidden, kwargs[0]
 
 
-def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device):
+def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device, chunk_bytes: int = 2 << 30):
     from moedsl.execute.layer import LayerQuantizer
     from moedsl.gptq.quantizer import QuantConfig
 
     layer = model.model.layers[0]
     cfg = QuantConfig(bits=4, group_size=128)
-    q = LayerQuantizer(plan.kind_for_layer(0), layer, cfg, plan.policy, device, chunk_bytes=2 << 30, batched=batched,
-                       measure_error=False)
+    q = LayerQuantizer(plan.kind_for_layer(0), layer, cfg, plan.policy, device, chunk_bytes=chunk_bytes,
+                       batched=batched, measure_error=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -81,6 +86,21 @@ def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device):
     return seconds, peak, result
 
 
+def profile(model, plan, hidden, kwargs, original, device: torch.device, chunk: int) -> None:
+    """The layer once more under torch.profiler: the kernels that took the time, to stderr."""
+    import sys
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model.model.layers[0].load_state_dict(original)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        run_path(model, plan, hidden, kwargs, True, device, chunk)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60), file=sys.stderr)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3_30b", choices=["qwen3_30b", "glm45_air", "deepseek_v3"])
@@ -91,6 +111,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=8, help="sequences per forward")
     p.add_argument("--no-unbatched", action="store_true", help="skip timing the unbatched path on the full shape")
     p.add_argument("--policy", default="all", help="MoE policy: all (default), routed, topk=N, auto(min_tokens=N)")
+    p.add_argument("--chunk-gib", type=float, default=2.0, help="memory bound of one solve or statistics chunk")
+    p.add_argument("--profile", action="store_true",
+                   help="run the layer once more under torch.profiler and print its top kernels (stderr)")
     args = p.parse_args(argv)
 
     from moedsl.lang.library import load
@@ -109,12 +132,20 @@ def main(argv=None) -> dict:
     plan = compile_plan(definition, model, policy=Policy.parse(args.policy), tokens=seqs * seq_len)
     hidden, kwargs = layer_inputs(model, plan, seqs, seq_len, args.batch, device)
     original = {k: v.detach().to("cpu", copy=True) for k, v in model.model.layers[0].state_dict().items()}
-    run_path(model, plan, hidden, kwargs, True, device)  # warm-up: kernels, allocator, cuBLAS handles
+    chunk = int(args.chunk_gib * 2**30)
+    # warm-up (kernels, Triton compilation, cuBLAS handles) on two batches: a full pass would double
+    # the bench at 512 × 4096 tokens
+    run_path(model, plan, hidden[:2], kwargs[:2], True, device, chunk)
     model.model.layers[0].load_state_dict(original)
-    seconds, peak, result = run_path(model, plan, hidden, kwargs, True, device)
+    seconds, peak, result = run_path(model, plan, hidden, kwargs, True, device, chunk)
     out["seconds_per_layer"] = round(seconds, 3)
     out["stage_seconds"] = {s.index: round(s.seconds, 3) for s in result.stages}
     out["peak_gpu_gib"] = round(peak, 2) if peak is not None else None
+    out["accounting"] = account(plan, result, seqs * seq_len, model.config.num_experts_per_tok, out["device"],
+                                replay_seconds=seconds - sum(s.seconds for s in result.stages))
+    if args.profile:
+        print(json.dumps(out), flush=True)  # the figures first: a profiled run of a big layer is slow
+        profile(model, plan, hidden, kwargs, original, device, chunk)
     if not args.no_unbatched:
         model.model.layers[0].load_state_dict(original)
         unbatched, _, _ = run_path(model, plan, hidden, kwargs, False, device)

@@ -24,6 +24,7 @@ from moedsl.experts import weights as expert_weights
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack, rtn_quantize
 from moedsl.lang.ckpt_name import expand
 from moedsl.plan.schema import KindPlan, Policy, Stage, StatsKey, Target
+from moedsl.precision import tf32
 from moedsl.solvers import Problem, Solver, check_results
 
 __all__ = ["LayerQuantizer", "LayerResult", "Quantized", "StageReport", "StopForward", "TargetReport", "output_error"]
@@ -193,13 +194,15 @@ class LayerQuantizer(LayerStatistics):
         acc = {t.id: [0.0, torch.zeros((), dtype=torch.float64, device=self.device),
                       torch.zeros((), dtype=torch.float64, device=self.device)]
                for t in targets}  # loss, error, RTN error (the errors summed on the device: no sync per chunk)
+        # what the solver derives from the one Hessian every chunk reads (per-expert Hessians differ by chunk)
+        cache = None if key.per_expert else {}
         for e0 in range(0, E, step):
             e1 = min(E, e0 + step)
             Wc = [w[t.role][e0:e1].detach().to(self.device, torch.float32, copy=True) for t in targets]
             Hc = H[e0:e1] if key.per_expert else H[None]
             tokens = tuple(counts[e0:e1].tolist()) if key.per_expert else (int(counts),)
             results = self.solve_chunk(Problem(tuple(Wc), Hc, tuple(targets), tuple(range(e0, e1)), tokens, self.cfg,
-                                               self.index, self._where(targets)))  # [target][expert in chunk]
+                                               self.index, self._where(targets), cache))  # [target][expert in chunk]
             for t, W, res in zip(targets, Wc, results):
                 Q = torch.stack([r.weight for r in res])
                 expert_weights.write(ex, module, t.role, Q, slice(e0, e1))
@@ -245,10 +248,13 @@ def _experts_path(t: Target) -> str:
 def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared output error per matrix, tr(ΔW H ΔWᵀ)/2 (H = 2/n Σxxᵀ), for GPTQ's Q and for RTN.
 
-    W, Q [n, out, in]; H [n or 1, in, in]. RTN is row-wise, so all n matrices are one call."""
+    W, Q [n, out, in]; H [n or 1, in, in]. RTN is row-wise, so all n matrices are one call.
+    A figure for the report, not an input to any weight: on CUDA its products run in TF32, which
+    changes it in about the fourth digit and makes it several times cheaper."""
     rtn = rtn_quantize(W.reshape(-1, W.shape[-1]), cfg).weight.reshape(W.shape)
     out = []
-    for Qx in (Q, rtn):
-        d = (W - Qx.to(W.device)).float()
-        out.append(((d @ H) * d).sum(dim=(1, 2)) / 2)
+    with tf32(True):
+        for Qx in (Q, rtn):
+            d = (W - Qx.to(W.device)).float()
+            out.append(((d @ H) * d).sum(dim=(1, 2)) / 2)
     return out[0], out[1]

@@ -26,15 +26,18 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
-from moedsl.gptq.gptq import check_finite, damp_error, damp_schedule, gptq_solve
+from moedsl.gptq.gptq import PreparedHessian, check_finite, damp_error, damp_schedule, gptq_solve, upper_factor_of_inverse
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, group_grids
 from moedsl.precision import tf32
 
 
 def gptq_quantize_shared(
-    Ws: Sequence[torch.Tensor] | torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params
+    Ws: Sequence[torch.Tensor] | torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params,
+    prepared: PreparedHessian | None = None,
 ) -> list[QuantResult]:
-    """Quantize several matrices [out_i, in] (a list, or one tensor [B, out, in]) that share H."""
+    """Quantize several matrices [out_i, in] (a list, or one tensor [B, out, in]) that share H.
+
+    prepared: `prepare_hessian(H, cfg)`, when the caller solves more matrices against H in other calls."""
     if isinstance(Ws, torch.Tensor):
         if Ws.dim() != 3:
             raise MoedslError(f"expected [B, out, in] weights, got shape {tuple(Ws.shape)}", code="gptq")
@@ -55,7 +58,7 @@ def gptq_quantize_shared(
         # gptq_solve takes its own fp32 copy; concatenating one matrix would only copy it once more
         stacked = mats[0] if len(mats) == 1 else torch.cat([m.to(device=mats[0].device, dtype=torch.float32) for m in mats])
 
-    whole, row_losses = gptq_solve(stacked, H, cfg, grid)
+    whole, row_losses = gptq_solve(stacked, H, cfg, grid, prepared)
     out = []
     start = 0
     for n in sizes:
@@ -152,11 +155,11 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, g
             groups = group_of[0, i1:i2]
             scale1, zero1 = scales[:, :, groups], zeros[:, :, groups]
         W1 = W[:, :, i1:i2].clone()
-        Q1, codes1, Err1, Losses1 = solve_block(W1, Hinv[:, i1:i2, i1:i2], scale1, zero1, maxq)
+        Q1, codes1, Err1, loss1 = solve_block(W1, Hinv[:, i1:i2, i1:i2], scale1, zero1, maxq)
         Q[:, :, i1:i2] = Q1
         codes[:, :, i1:i2] = codes1
-        losses += Losses1.sum(dim=2)
-        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+        losses += loss1
+        W[:, :, i2:].baddbmm_(Err1, Hinv[:, i1:i2, i2:], alpha=-1)
 
     inv = torch.argsort(perm, dim=1)
     if cfg.act_order:
@@ -189,15 +192,11 @@ def batched_inverse_hessian_factor(H: torch.Tensor, cfg: QuantConfig) -> tuple[t
     damps: list[float] = [0.0] * B
     todo = torch.arange(B, device=H.device)
     for attempt in damp_schedule(cfg):
-        L, info = torch.linalg.cholesky_ex(H[todo] + (attempt * mean_diag[todo])[:, None, None] * eye)
-        ok = info == 0
-        first = ok.nonzero().squeeze(1)
-        if first.numel():
-            U1, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L[first]), upper=True)
-            good = (info2 == 0) & torch.isfinite(U1).flatten(1).all(dim=1)
-            ok[first[~good]] = False
-            done = first[good]
-            U[todo[done]] = U1[good]
+        U1, info = upper_factor_of_inverse(H[todo] + (attempt * mean_diag[todo])[:, None, None] * eye)
+        ok = (info == 0) & torch.isfinite(U1).flatten(1).all(dim=1)
+        done = ok.nonzero().squeeze(1)
+        if done.numel():
+            U[todo[done]] = U1[done]
             for b in todo[done].tolist():
                 damps[b] = attempt
         todo = todo[~ok]

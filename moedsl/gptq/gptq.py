@@ -19,6 +19,7 @@ matrices at once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,23 +37,53 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_
     return result
 
 
-def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params) -> tuple[QuantResult, torch.Tensor]:
-    """gptq_quantize, also returning the loss of each row (fp32 [out]); rows are independent."""
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid=find_params,
+               prepared: PreparedHessian | None = None) -> tuple[QuantResult, torch.Tensor]:
+    """gptq_quantize, also returning the loss of each row (fp32 [out]); rows are independent.
+
+    prepared: `prepare_hessian(H, cfg)` computed once for every matrix that shares H (the chunks of
+    a stack of experts), so its Cholesky factorizations run once instead of once per chunk."""
     with tf32(False):  # GPTQ needs true fp32 whatever the caller set (moedsl/precision.py)
-        return _gptq_solve(W, H, cfg, grid)
+        check_inputs(W, H)
+        if prepared is None:
+            prepared = prepare_hessian(H, cfg)
+        return _gptq_solve(W, prepared, cfg, grid)
 
 
-def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid) -> tuple[QuantResult, torch.Tensor]:
-    check_inputs(W, H)
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What GPTQ derives from H alone: the dead inputs, the column order and the factor of H⁻¹."""
+
+    dead: torch.Tensor  # [in] bool: inputs that were always zero
+    perm: torch.Tensor  # [in]: solve order (activation order, or the identity)
+    Hinv: torch.Tensor  # [in, in]: upper Cholesky factor of (H + λI)⁻¹, in solve order
+    damp: float  # the damp_percent λ was taken from
+
+
+def prepare_hessian(H: torch.Tensor, cfg: QuantConfig) -> PreparedHessian:
+    with tf32(False):
+        H = H.detach().to(torch.float32, copy=True)
+        columns = H.shape[0]
+        # An input that was always zero carries no information: give it a unit Hessian entry so
+        # H stays invertible, and a zero weight (the reference GPTQ convention).
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        # Activation order: the columns with the largest Hessian diagonal (the most used inputs)
+        # are quantized first, while many columns remain to absorb their error.
+        if cfg.act_order:
+            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+            H = H[perm][:, perm]
+        else:
+            perm = torch.arange(columns, device=H.device)
+        Hinv, damp = inverse_hessian_factor(H, cfg)
+        return PreparedHessian(dead, perm, Hinv, damp)
+
+
+def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, grid) -> tuple[QuantResult, torch.Tensor]:
     W = W.detach().to(torch.float32, copy=True)
-    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
     rows, columns = W.shape
     maxq = cfg.maxq
-
-    # An input that was always zero carries no information: give it a unit Hessian entry so
-    # H stays invertible, and a zero weight (the reference GPTQ convention).
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dead, perm, Hinv = prepared.dead.to(W.device), prepared.perm.to(W.device), prepared.Hinv.to(W.device)
     W[:, dead] = 0
 
     # Grids fixed before any update: per-channel (-1), or static groups, always over the
@@ -65,17 +96,8 @@ def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid) -> tup
     else:
         scales = torch.zeros(rows, n_groups, device=W.device)
         zeros = torch.zeros(rows, n_groups, device=W.device)
-
-    # Activation order: the columns with the largest Hessian diagonal (the most used inputs)
-    # are quantized first, while many columns remain to absorb their error.
     if cfg.act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
-        H = H[perm][:, perm]
-    else:
-        perm = torch.arange(columns, device=W.device)
-
-    Hinv, damp = inverse_hessian_factor(H, cfg)
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W, dtype=torch.uint8)
@@ -96,14 +118,14 @@ def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid) -> tup
             scales[:, g], zeros[:, g] = grid(W[:, i1 : i1 + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype)
         groups = group_of[i1:i2]
         W1 = W[:, i1:i2].clone()
-        Q1, codes1, Err1, Losses1 = solve_block(
+        Q1, codes1, Err1, loss1 = solve_block(
             W1[None], Hinv[None, i1:i2, i1:i2], scales[:, groups][None], zeros[:, groups][None], maxq
         )
         Q[:, i1:i2] = Q1[0]
         codes[:, i1:i2] = codes1[0]
-        losses += Losses1[0].sum(dim=1)
-        # ...and the block's accumulated error over all later columns at once (lazy batch).
-        W[:, i2:] -= Err1[0] @ Hinv[i1:i2, i2:]
+        losses += loss1[0]
+        # ...and the block's accumulated error over all later columns at once (lazy batch), in place.
+        W[:, i2:].addmm_(Err1[0], Hinv[i1:i2, i2:], alpha=-1)
 
     # Back to the original column order; g_idx says which group each original column used.
     inv = torch.argsort(perm)
@@ -116,25 +138,37 @@ def _gptq_solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grid) -> tup
         zeros=zeros.to(torch.int32),
         g_idx=g_idx,
         loss=float(losses.sum()),
-        damp=damp,
+        damp=prepared.damp,
     )
     return result, losses
 
 
 def inverse_hessian_factor(H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λI)⁻¹, raising λ until both factorizations succeed.
+    """Upper Cholesky factor of (H + λI)⁻¹, raising λ until the factorization succeeds.
 
     Returns the factor and the damp_percent used.
     """
     mean_diag = torch.diag(H).mean()
     eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     for attempt in damp_schedule(cfg):
-        L, info = torch.linalg.cholesky_ex(H + attempt * mean_diag * eye)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, attempt
+        U, info = upper_factor_of_inverse(H + attempt * mean_diag * eye)
+        if int(info) == 0 and bool(torch.isfinite(U).all()):
+            return U, attempt
     raise damp_error(cfg)
+
+
+def upper_factor_of_inverse(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U upper triangular with UᵀU = A⁻¹, for A [.., n, n] symmetric positive definite; and the
+    factorization's info (0: success).
+
+    Without forming A⁻¹: with J the reversal of the n indices, JAJ = LLᵀ (its Cholesky factor),
+    and U = J L⁻¹ J. (A = U⁻¹U⁻ᵀ with U⁻¹ upper, so J U⁻¹ J is the lower factor of JAJ.) One
+    Cholesky and one triangular inverse, where inverting A and factoring the inverse takes about
+    twice the arithmetic, and the same numbers up to rounding."""
+    flip = (-2, -1)
+    L, info = torch.linalg.cholesky_ex(A.flip(flip))
+    eye = torch.eye(A.shape[-1], device=A.device, dtype=A.dtype).expand_as(A)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(flip), info
 
 
 def damp_schedule(cfg: QuantConfig) -> list[float]:

@@ -54,6 +54,10 @@ class Problem:
     cfg       bits, group size, symmetry, act order, damping
     layer     the decoder layer's index (None for lm_head)
     where     names the problem in messages: `layer 3 mlp.experts.{e}.down_proj`
+    cache     for a shared Hessian cut into chunks of experts (every expert's gate and up under `all`):
+              one dict, the same for every chunk of that key; else None. A solver may keep there
+              what it derives from the Hessian alone, so that work runs once per key (GPTQ keeps
+              its factorization of H⁻¹: for a DeepSeek-V3 layer, 1 instead of one per chunk)
     """
 
     weights: tuple[torch.Tensor, ...]
@@ -64,6 +68,7 @@ class Problem:
     cfg: QuantConfig
     layer: int | None = None
     where: str = ""
+    cache: dict | None = None
 
     @property
     def shared(self) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from moedsl.gptq.batched import gptq_quantize_batched, gptq_quantize_shared
+from moedsl.gptq.gptq import prepare_hessian
 from moedsl.gptq.quantizer import QuantResult, find_params
 from moedsl.solvers import Problem
 
@@ -27,8 +28,13 @@ class GPTQ:
     def solve(self, problem: Problem) -> list[list[QuantResult]]:
         n, cfg = problem.n, problem.cfg
         if problem.shared:
+            prepared = None
+            if problem.cache is not None:  # later chunks of this key reuse the first chunk's factorization
+                if "gptq.prepared" not in problem.cache:
+                    problem.cache["gptq.prepared"] = prepare_hessian(problem.hessian[0], cfg)
+                prepared = problem.cache["gptq.prepared"]
             parts = gptq_quantize_shared([W[i] for W in problem.weights for i in range(n)], problem.hessian[0], cfg,
-                                         self.grid)
+                                         self.grid, prepared)
             return [parts[j * n:(j + 1) * n] for j in range(len(problem.weights))]
         stacked = problem.weights[0] if len(problem.weights) == 1 else torch.cat(problem.weights, dim=1)
         solved = gptq_quantize_batched(stacked, problem.hessian, cfg, self.grid)
