@@ -66,7 +66,7 @@ def layer_inputs(model, plan, seqs: int, seq_len: int, batch: int, device: torch
     return hidden, kwargs[0]
 
 
-def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device, chunk_bytes: int = 2 << 30):
+def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device, chunk_bytes: int | None = None):
     from moedsl.execute.layer import LayerQuantizer
     from moedsl.gptq.quantizer import QuantConfig
 
@@ -111,7 +111,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=8, help="sequences per forward")
     p.add_argument("--no-unbatched", action="store_true", help="skip timing the unbatched path on the full shape")
     p.add_argument("--policy", default="all", help="MoE policy: all (default), routed, topk=N, auto(min_tokens=N)")
-    p.add_argument("--chunk-gib", type=float, default=2.0, help="memory bound of one solve or statistics chunk")
+    p.add_argument("--chunk-gib", type=float, default=None,
+                   help="memory bound of one solve or statistics chunk (default: the run's, a quarter of the layer)")
     p.add_argument("--profile", action="store_true",
                    help="run the layer once more under torch.profiler and print its top kernels (stderr)")
     args = p.parse_args(argv)
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
     plan = compile_plan(definition, model, policy=Policy.parse(args.policy), tokens=seqs * seq_len)
     hidden, kwargs = layer_inputs(model, plan, seqs, seq_len, args.batch, device)
     original = {k: v.detach().to("cpu", copy=True) for k, v in model.model.layers[0].state_dict().items()}
-    chunk = int(args.chunk_gib * 2**30)
+    chunk = int(args.chunk_gib * 2**30) if args.chunk_gib else None
     # warm-up (kernels, Triton compilation, cuBLAS handles) on two batches: a full pass would double
     # the bench at 512 × 4096 tokens
     run_path(model, plan, hidden[:2], kwargs[:2], True, device, chunk)

@@ -73,7 +73,7 @@ class LayerResult:
 
 class LayerQuantizer(LayerStatistics):
     def __init__(self, kind: KindPlan, layer: nn.Module, cfg: QuantConfig, policy: Policy, device: torch.device,
-                 chunk_bytes: int = 1 << 30, batched: bool = True, measure_error: bool = True,
+                 chunk_bytes: int | None = None, batched: bool = True, measure_error: bool = True,
                  solver: Solver | None = None, index: int | None = None):
         """batched=False is the reference path: one expert at a time, one solve per matrix.
         solver: what quantizes each target (moedsl/solvers; GPTQ by default); index: the layer, for messages."""
@@ -90,7 +90,7 @@ class LayerQuantizer(LayerStatistics):
         self.cfg = cfg
         self.policy = policy
         self.device = device
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = chunk_bytes if chunk_bytes is not None else default_chunk_bytes(layer)
         self.routed_counts: dict[str, torch.Tensor] = {}  # experts path -> tokens per expert (gate/up stage)
         self.starved: dict[str, list[int]] = {}
         self.sink = None  # called with each Quantized as soon as it exists (the packer); else kept in the result
@@ -239,6 +239,15 @@ class LayerQuantizer(LayerStatistics):
     def _where(self, targets: list[Target]) -> str:
         names = ", ".join(t.id for t in targets)
         return f"layer {self.index} {names}" if self.index is not None else names
+
+
+def default_chunk_bytes(layer: nn.Module) -> int:
+    """The memory bound of one solve or statistics chunk: a quarter of the layer's own weights,
+    between 1 and 8 GiB. Larger chunks mean fewer, larger products and kernel launches (a DeepSeek-V3
+X
+    are on the device anyway, so the peak grows by at most a quarter of them."""
+    size = sum(p.numel() * p.element_size() for p in layer.parameters())
+    return int(min(8 << 30, max(1 << 30, size // 4)))
 
 
 def _experts_path(t: Target) -> str:

@@ -22,6 +22,9 @@ from moedsl.experts import weights as expert_weights
 from moedsl.plan.schema import KindPlan, Stage, StatsKey
 
 
+TOKEN_CHUNK = 4096  # tokens per product when every expert reads every token
+
+
 class StopForward(Exception):
     """Raised by a hook once a stage has seen every input it needs."""
 
@@ -267,13 +270,22 @@ class LayerStatistics:
                 h.add_expert(e, expert_fn.hidden(x, ex.fn, we, be)[0])
             return
         if key.tokens == "all":
-            # every expert on every token: [E, chunk, I] at a time, bounded by chunk_bytes
-            per_token = ex.num_experts * ex.intermediate_size * 4 * 3
-            chunk = max(1, min(x.shape[0], self.chunk_bytes // per_token))
-            for s in range(0, x.shape[0], chunk):
-                xc = x[s:s + chunk].to(dtype)
-                hid = expert_fn.hidden(xc, ex.fn, w, b)
-                h.add_batched(hid, xc.shape[0])
+            # every expert on every token, a slice of experts at a time over chunks of TOKEN_CHUNK
+            # tokens: [slice, chunk, I] values bounded by chunk_bytes. Long token chunks keep the
+            # Hessian products compute-bound: each product reads and writes its slice's Hessians
+            # (4·I² bytes an expert) once per chunk, whatever the chunk's length.
+            E, T = ex.num_experts, x.shape[0]
+            chunk = min(T, TOKEN_CHUNK)
+            per_expert = chunk * ex.intermediate_size * 4 * 3
+            width = max(1, min(E, self.chunk_bytes // per_expert))
+            for e0 in range(0, E, width):
+                e1 = min(E, e0 + width)
+                we = {r: v[e0:e1] for r, v in w.items()}
+                be = {r: (v[e0:e1] if v is not None else None) for r, v in b.items()}
+                acc = Hessian.view(h, slice(e0, e1))
+                for s in range(0, T, chunk):
+                    xc = x[s:s + chunk].to(dtype)
+                    acc.add_batched(expert_fn.hidden(xc, ex.fn, we, be), xc.shape[0])
             return
         counts_before = self.routed_counts.get(ex.path)
         low = set()

@@ -36,6 +36,13 @@ class Hessian:
         accumulate_gram(self.sum, h)
         self.count += counts
 
+    @staticmethod
+    def view(h: "Hessian", experts: slice) -> "Hessian":
+        """The Hessians and counts of a slice of h's experts, sharing h's storage."""
+        part = Hessian.__new__(Hessian)
+        part.sum, part.count, part.experts = h.sum[experts], h.count[experts], h.sum[experts].shape[0]
+        return part
+
     def finalize(self) -> torch.Tensor:
         """(2/n) Σ x xᵀ; a key that saw nothing stays all zeros (GPTQ then treats every column as dead)."""
         n = self.count.clamp_min(1).float()
@@ -46,10 +53,25 @@ class Hessian:
 def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += xᵀx in fp32, for x [n, f] (acc [f, f]) or a batch x [E, n, f] (acc [E, f, f]).
 
-    fp32 products, in TF32 on CUDA where that is exact (bf16/fp16 data: moedsl/precision.py).
-    (Products of bf16 straight into fp32, torch 2.11's `out_dtype`, were tried on the H200: they ran
-    at about the TF32 peak rate all the same, and the GLM-4.5-Air layer's peak memory rose by
-    2.3 GiB, about two temporary copies of its down projections' Hessians.)"""
+    bf16/fp16 data on CUDA: the products run on the half-precision tensor cores straight into fp32
+    (`out_dtype`), then add to acc: a product of two bf16 values is exact in fp32, so this is the
+    TF32 path's arithmetic, faster and without an fp32 copy of x, for a temporary of at most
+    TEMPORARY_BYTES (one expert's, if larger). Elsewhere: fp32 products, in TF32 on CUDA where that
+    is exact (moedsl/precision.py)."""
+    xt = x.transpose(-1, -2)
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _HALF_PRODUCTS[0]:
+        try:
+            if x.dim() == 2:
+                acc += torch.mm(xt, x, out_dtype=torch.float32)
+                return
+            step = max(1, TEMPORARY_BYTES // (4 * acc[0].numel()))  # the temporary stays small
+            for e in range(0, x.shape[0], step):
+                acc[e:e + step] += torch.bmm(xt[e:e + step], x[e:e + step], out_dtype=torch.float32)
+            return
+        except (RuntimeError, TypeError) as exc:  # a torch without half-precision products into fp32
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            _HALF_PRODUCTS[0] = False
     with tf32(exact_in_tf32(x)):
         xf = x.float()
         xtf = xf.transpose(-1, -2)
@@ -57,3 +79,7 @@ def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
             acc.baddbmm_(xtf, xf)
         else:
             acc.addmm_(xtf, xf)
+
+
+TEMPORARY_BYTES = 256 << 20
+_HALF_PRODUCTS = [True]  # cleared once if this torch lacks `out_dtype` products
