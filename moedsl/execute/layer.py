@@ -243,11 +243,11 @@ class LayerQuantizer(LayerStatistics):
 
 def default_chunk_bytes(layer: nn.Module) -> int:
     """The memory bound of one solve or statistics chunk: a quarter of the layer's own weights,
-    between 1 and 8 GiB. Larger chunks mean fewer, larger products and kernel launches (a DeepSeek-V3
+    between 2 and 8 GiB. Larger chunks mean fewer, larger products and kernel launches (a DeepSeek-V3
 X
     are on the device anyway, so the peak grows by at most a quarter of them."""
     size = sum(p.numel() * p.element_size() for p in layer.parameters())
-    return int(min(8 << 30, max(1 << 30, size // 4)))
+    return int(min(8 << 30, max(2 << 30, size // 4)))
 
 
 def _experts_path(t: Target) -> str:
