@@ -32,11 +32,6 @@ REASONS: dict[str, str] = {
         "`in_proj_a` are ONE checkpoint tensor `linear_attn.in_proj` (rows [q|k|v|z|b|a], split at load); as for "
         "sarvam_moe, a definition cannot write several quantized targets as one tensor."
     ),
-    "longcat_flash": (
-        "zero experts: `gate_up_proj` holds E + Z experts (Z identity 'zero' experts) but `down_proj` only E; "
-        "needs zero/identity experts (issue 12, composite/zero-expert work). Its two attentions and two dense "
-        "MLPs per layer (`self_attn.0/1`, `mlps.0/1`) are expressible as numeric children."
-    ),
     "jetmoe": (
         "experts module: `ParallelExperts` — the experts of one MoE are two modules (`mlp.input_linear`, "
         "`mlp.output_linear`), each one [E, out, in] weight called by the block itself, with no experts module "
