@@ -32,12 +32,6 @@ REASONS: dict[str, str] = {
         "`in_proj_a` are ONE checkpoint tensor `linear_attn.in_proj` (rows [q|k|v|z|b|a], split at load); as for "
         "sarvam_moe, a definition cannot write several quantized targets as one tensor."
     ),
-    "jetmoe": (
-        "experts module: `ParallelExperts` — the experts of one MoE are two modules (`mlp.input_linear`, "
-        "`mlp.output_linear`), each one [E, out, in] weight called by the block itself, with no experts module "
-        "of the (hidden, index, weights) contract; the attention is itself a mixture (`self_attention.experts`); "
-        "needs parallel-experts containers (issue 12, container work)."
-    ),
     "zaya": (
         "zero experts: the router scores E + 1 classes and the extra one is a skip expert with no weights "
         "(`num_router_classes = num_experts + 1`); needs zero/identity experts. Its router is an MLP "
