@@ -206,3 +206,14 @@ def test_jetmoe_quantizes_and_loads_back(policy, tiny_model, tmp_path):
     rel = ((b - a).norm() / a.norm()).item()
     assert 0 < rel < 0.25, rel
     assert np.isfinite(b.numpy()).all()
+
+
+def test_the_documented_example_validates_against_jetmoe(tmp_path):
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "language.md").read_text()
+    body = next(b for b in re.findall(r"```moedef\n(.*?)```", doc, re.S) if "arch jetmoe_example" in b)
+    path = tmp_path / "jetmoe_example.moedef"
+    path.write_text(body)
+    (report,) = moedsl.validate(path)
+    assert report.ok, report.problems
