@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unpack_reference import dequantize_gptq, read_checkpoint  # noqa: E402
 
 COMPOSITES = ("glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe", "llama4", "aria", "qwen3_5_moe", "kimi_k25",
-              "qwen3_omni_moe_thinker", "qwen3_vl_moe", "unlimited_ocr")
+              "qwen3_omni_moe_thinker", "qwen3_vl_moe", "unlimited_ocr", "mistral_large4")
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 

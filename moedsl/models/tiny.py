@@ -183,6 +183,7 @@ COMPOSITE_TINY: tuple[str, ...] = (
     "kimi_k25",
     "qwen3_omni_moe_thinker",
     "unlimited_ocr",
+    "mistral_large4",
 )
 # composite sub-configs that are not text decoders: shrunk with these keys (where the config has them)
 _TOWER: dict[str, Any] = {
