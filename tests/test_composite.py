@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from safetensors import safe_open
 
 import moedsl
@@ -77,6 +79,13 @@ def test_quantize_composite(model_type, policy, tiny_model, tmp_path):
     from moedsl.plan.compiler import compile_plan
     from moedsl.models.source import build, config_from_file
 
+    from moedsl.models.tiny import available_tiny
+
+    if not available_tiny((model_type,)):
+        pytest.skip(f"transformers {transformers.__version__} has no `{model_type}` (a newer model type)")
+    if model_type == "aria" and Version(transformers.__version__) < Version("5.18"):
+        # AriaConfig of 5.17 keeps a shrunk text_config as a dict, which its model cannot build from
+        pytest.skip("the tiny-model builder cannot build a shrunk Aria composite on transformers 5.17")
     src = tiny_model(model_type)
     out = tmp_path / "out"
     report = moedsl.quantize(model=src, out=out, group_size=-1, samples=4, seq_len=16, policy=policy, progress=False)
