@@ -112,7 +112,7 @@ CASES = [
          ("nested more than 64 deep",)),
     # words the language knows
     Case("unknown-annotation", HEAD + "layer k otherwise {\n  mlp:mo3 {\n    gate:router\n  }\n}\n", ":mo3",
-         ("unknown annotation `:mo3`", "expected: :0, :1, :!, :?, :moe, :moe-share, :router, :experts",
+         ("unknown annotation `:mo3`", "expected: :0, :1, :!, :?, :moe, :moe-share, :router, :experts, :grouped",
           "did you mean `:moe`?")),
     Case("unknown-layout", in_experts("      tensor w [E,out] down :1\n"), "[E,out]",
          ("unknown tensor layout `[E,out]`", "[E,in,out]", "[E*in,out]", "did you mean `[E,out,in]`?")),

@@ -441,7 +441,7 @@ def test_render_format() -> None:
         "defs/mine.moedef:4:6: error: unknown annotation `:mo3`\n"
         "   4 |   mlp:mo3 {}\n"
         "            ^^^^\n"
-        "  expected: :0, :1, :!, :?, :moe, :moe-share, :router, :experts\n"
+        "  expected: :0, :1, :!, :?, :moe, :moe-share, :router, :experts, :grouped\n"
         "  did you mean `:moe`?"
     )
 

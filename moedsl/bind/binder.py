@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moedsl.bind.bound import BoundDefinition, BoundExperts, BoundKind, BoundLinear, BoundMoe, BoundTensor
+from moedsl.bind.bound import (BoundDefinition, BoundExperts, BoundGrouped, BoundKind, BoundLinear, BoundMoe,
+                                BoundTensor)
 from moedsl.errors import MoedslError, MoedslErrors, nearest
 from moedsl.experts import layout as fused
 from moedsl.lang import ir
@@ -65,6 +66,7 @@ class _LayerBinding:
 
     linears: list[BoundLinear] = field(default_factory=list)
     moe: list[BoundMoe] = field(default_factory=list)
+    grouped: list[BoundGrouped] = field(default_factory=list)
     covered: set[str] = field(default_factory=set)  # parameter names (relative to the layer) accounted for
     skipped: list[str] = field(default_factory=list)
 
@@ -124,7 +126,8 @@ class Binder:
                     break  # one broken layer of a kind is enough to report
             assert first is not None
             kinds.append(BoundKind(name=kind.name, layers=indices, layer_class=type(layers[indices[0]]).__name__,
-                                   linears=tuple(first.linears), moe=tuple(first.moe), skipped=tuple(first.skipped)))
+                                   linears=tuple(first.linears), moe=tuple(first.moe), grouped=tuple(first.grouped),
+                                   skipped=tuple(first.skipped)))
         if self.errors:
             raise MoedslErrors(self.errors) if len(self.errors) > 1 else self.errors[0]
         hidden = getattr(self.config, "hidden_size", None) or getattr(self.config, "d_model", 0)
@@ -335,7 +338,9 @@ class Binder:
                 continue
             if it.role == "experts":
                 continue  # bound by moe_block, which needs the router and shared experts first
-            if it.stage is not None:
+            if it.stage is not None and it.grouped:
+                self.grouped_target(it, obj, path, b)
+            elif it.stage is not None:
                 self.target(it, obj, path, b, shared)
             if it.children is not None:
                 if not isinstance(obj, nn.Module):
@@ -353,13 +358,32 @@ class Binder:
     def target(self, it: ir.Module, obj: Any, path: str, b: _LayerBinding, shared: bool) -> None:
         if not isinstance(obj, nn.Linear):
             what = type(obj).__name__ if isinstance(obj, nn.Module) else f"tensor {list(obj.shape)}"
+            weight = get_path(obj, "weight") if isinstance(obj, nn.Module) else None
+            grouped = isinstance(weight, torch.Tensor) and weight.dim() == 3
             self.fail(f"`{path}:{it.stage}` is a {what}, not an nn.Linear: only Linear weights take a stage", it,
-                      notes=["mark it `:!` to run it without quantizing"])
+                      notes=["mark it `:!` to run it without quantizing"]
+                      + ([f"a container of E Linears in one [E, out, in] `weight`, called as `(rows, sizes)`, is "
+                          f"`{'|'.join(it.names)}:{it.stage}:grouped`"] if grouped else []))
             return
         ckpt = it.ckpt if it.ckpt is not None else path
         b.linears.append(BoundLinear(path=path, stage=it.stage, in_features=obj.in_features,
                                      out_features=obj.out_features, bias=obj.bias is not None, ckpt=ckpt,
                                      shared_expert=shared))
+        self.cover(obj, path, b)
+
+    def grouped_target(self, it: ir.Module, obj: Any, path: str, b: _LayerBinding) -> None:
+        weight = get_path(obj, "weight") if isinstance(obj, nn.Module) else None
+        others = [n for n, _ in obj.named_parameters() if n != "weight"] if isinstance(obj, nn.Module) else []
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or others:
+            what = type(obj).__name__ if isinstance(obj, nn.Module) else f"tensor {list(obj.shape)}"
+            have = f"parameters {' '.join(n for n, _ in obj.named_parameters())}" if isinstance(obj, nn.Module) else ""
+            self.fail(f"`{path}:{it.stage}:grouped` is a {what}: a grouped container holds exactly one [E, out, in] "
+                      f"parameter `weight`" + (f" (it has {have})" if have else ""), it)
+            return
+        E, out_f, in_f = weight.shape
+        ckpt = it.ckpt if it.ckpt is not None else path
+        b.grouped.append(BoundGrouped(path=path, stage=it.stage, experts=E, in_features=in_f, out_features=out_f,
+                                      ckpt=ckpt, module_class=type(obj).__name__))
         self.cover(obj, path, b)
 
     # -- MoE blocks --------------------------------------------------------------------------
@@ -377,12 +401,17 @@ class Binder:
                 shared.append(full)
             elif sub.role == "experts":
                 experts_item, experts_name = sub, ir.join_path(subpath, name)
-        if experts_item is None:
+        inline = experts_item is None and any(isinstance(c, ir.CallSig) for c in it.children or ())
+        if experts_item is None and not inline:
             return  # `walk` has already reported the experts path that does not resolve (or it is optional)
         if num_experts is None:
             self.fail("the experts count did not evaluate", it)
             return
-        experts = self.experts(experts_item, get_path(block, experts_name), ir.join_path(path, experts_name), b, num_experts)
+        if inline:  # grouped containers of the block itself (`call(rows, sizes)`)
+            experts = self.experts(it, block, path, b, num_experts)
+        else:
+            experts = self.experts(experts_item, get_path(block, experts_name), ir.join_path(path, experts_name), b,
+                                   num_experts)
         if experts is not None:
             b.moe.append(BoundMoe(path=path, router=router, shared=tuple(shared), experts=experts,
                                   module_class=type(block).__name__))
@@ -403,6 +432,11 @@ class Binder:
         errors_before = len(self.errors)
         for t in (c for c in kids if isinstance(c, ir.FusedTensor)):
             p = get_path(mod, t.name)
+            owner = get_path(mod, t.name.rpartition(".")[0]) if "." in t.name else None
+            if call == ir.GROUPED_CALL and isinstance(p, torch.Tensor) and not isinstance(owner, nn.Module):
+                self.fail(f"`{path}.{t.name}`: with `call(rows, sizes)` a tensor belongs to a grouped container "
+                          f"module inside {type(mod).__name__}", t)
+                continue
             if not isinstance(p, torch.Tensor):
                 siblings = [n for n, _ in mod.named_parameters()]
                 self.fail(f"`{path}.{t.name}` is not a parameter of {type(mod).__name__} in {self.where}", t,
@@ -466,6 +500,9 @@ class Binder:
             elif module_list:
                 lin = next(l for l in module_list if l.proj == role)
                 ckpt[role] = lin.ckpt.replace(f"{path}.0.", f"{path}.{{e}}.", 1)
+            elif call == ir.GROUPED_CALL:  # one module per expert under its container: `mlp.input_linear.{e}.gate_proj`
+                owner = next(t.name.rpartition(".")[0] for t in tensors if role in t.roles)
+                ckpt[role] = f"{path}.{owner}.{{e}}.{role}_proj"
             else:
                 ckpt[role] = f"{path}.{{e}}.{role}_proj"
         return BoundExperts(path=path, num_experts=E, hidden_size=hidden_size, intermediate_size=inter, fn=fn,

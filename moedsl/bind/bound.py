@@ -32,6 +32,20 @@ class BoundLinear(Frozen):
     proj: ir.ProjRole | None = None  # its role inside that expert
 
 
+class BoundGrouped(Frozen):
+    """A `:grouped` container to quantize: E Linears stored as one [E, out, in] `weight`, called as
+    `container(rows, sizes)` (rows sorted by expert, sizes[e] rows for expert e; JetMoE's parallel
+    experts). Each expert is quantized with the rows the model really routes to it."""
+
+    path: str
+    stage: int
+    experts: int
+    in_features: int
+    out_features: int
+    ckpt: str  # the container's checkpoint module name (its key is `ckpt.weight`), relative to the layer
+    module_class: str
+
+
 class BoundTensor(Frozen):
     """A fused expert parameter and the per-expert projections it holds."""
 
@@ -64,6 +78,21 @@ class BoundExperts(Frozen):
     module_class: str
     slots: tuple[Literal["identity", "zero"], ...] = ()  # weightless router slots E, E+1, ... (`extra`)
 
+    @property
+    def grouped(self) -> bool:
+        """The experts are grouped containers of the `:moe` block itself (`call(rows, sizes)`): each tensor
+        `CONTAINER.PARAM` belongs to a container called as `container(rows, sizes)`."""
+        return self.call == ir.GROUPED_CALL
+
+    @property
+    def first_role(self) -> str:
+        """The role whose container a block with grouped experts calls first: gate (or up, with no gate)."""
+        return "gate" if any("gate" in t.roles for t in self.tensors) else "up"
+
+    def container(self, role: str) -> str:
+        """The grouped container (relative to the experts module) holding `role`."""
+        return next(t.name.rpartition(".")[0] for t in self.tensors if role in t.roles)
+
     def role_stage(self, role: str) -> int | None:
         for t in self.tensors:
             if role in t.roles:
@@ -88,6 +117,7 @@ class BoundKind(Frozen):
     layer_class: str
     linears: tuple[BoundLinear, ...]
     moe: tuple[BoundMoe, ...] = ()
+    grouped: tuple[BoundGrouped, ...] = ()  # `:grouped` containers
     skipped: tuple[str, ...] = ()  # `:!` and router subtrees
 
 

@@ -97,7 +97,7 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
     kinds = {k.name: list(k.layers) for k in bound.kinds}
     record("expressions", [], f"experts={bound.num_experts} top_k={bound.top_k}; "
            + ", ".join(f"{k}: layers {v}" for k, v in kinds.items()))
-    n_targets = sum(len(k.linears) + sum(len(m.experts.ckpt) for m in k.moe) for k in bound.kinds)
+    n_targets = sum(len(k.linears) + len(k.grouped) + sum(len(m.experts.ckpt) for m in k.moe) for k in bound.kinds)
     record("structure", [], f"{len(bound.kinds)} layer kind(s), {n_targets} target kinds bound on {bound.model_class}")
 
     # numerics and checkpoint names need real weights: a tiny CPU model of the same model_type
@@ -184,6 +184,8 @@ def check_checkpoint_names(d: ir.Definition, bound: BoundDefinition, keys: set[s
         layer_ir = next(k for k in d.layers if k.name == kind.name)
         for lin in kind.linears:
             want(prefix + lin.ckpt + ".weight", layer_ir)
+        for g in kind.grouped:
+            want(prefix + g.ckpt + ".weight", _item_at(d, kind.name, g.path))
         for moe in kind.moe:
             ex = moe.experts
             item = _experts_item(d, kind.name) or layer_ir
@@ -268,15 +270,122 @@ def declared_output(ex: BoundExperts, module: nn.Module, x: torch.Tensor, index:
     return expert_fn.combine(per, index, weights)
 
 
-def check_expert_functions(d: ir.Definition, bound: BoundDefinition, model: nn.Module) -> tuple[list[MoedslError], str]:
+def _item_at(d: ir.Definition, kind: str, path: str) -> Any:
+    """The IR module of a layer kind at `path` (for a located message), else the kind."""
+    layer = next(k for k in d.layers if k.name == kind)
+
+    def find(items: tuple, prefix: str):
+        for it in items:
+            if isinstance(it, ir.Module):
+                for n in it.names:
+                    full = ir.join_path(prefix, n)
+                    if full == path:
+                        return it
+                    if it.children and path.startswith(full + "."):
+                        hit = find(it.children, full)
+                        if hit is not None:
+                            return hit
+        return None
+
+    return find(layer.items, "") or layer
+
+
+@torch.no_grad()
+def grouped_contract_error(container: nn.Module, weight: torch.Tensor, gen: torch.Generator) -> float:
+    """Relative error between `container(rows, sizes)` and expert e's rows times weight[e]ᵀ, expert by expert
+    (weight: the container's [E, out, in] view), on random rows in uneven groups (one expert gets none)."""
+    E = weight.shape[0]
+    sizes = torch.randint(1, 6, (E,), generator=gen)
+    sizes[E // 2] = 0
+    rows = torch.randn(int(sizes.sum()), weight.shape[2], generator=gen, dtype=weight.dtype)
+    theirs = container(rows, sizes.tolist())
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    ours = torch.cat([part @ weight[e].t() for e, part in enumerate(rows.split(sizes.tolist()))])
+    return ((ours - theirs).norm() / theirs.norm().clamp_min(1e-12)).item()
+
+
+@torch.no_grad()
+def grouped_experts_error(ex: BoundExperts, block: nn.Module, x: torch.Tensor) -> float:
+    """Grouped experts: run the block on x and compare what its down container returns, row by row, with
+    the declared expert function on the rows the first container received (same routing, same order)."""
+    first = get_path(block, ex.container(ex.first_role))
+    last = get_path(block, ex.container("down"))
+    seen: dict[str, Any] = {}
+    h1 = first.register_forward_pre_hook(lambda m, a: seen.setdefault("in", a))
+    h2 = last.register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
+    try:
+        block(x[None])
+    finally:
+        h1.remove()
+        h2.remove()
+    rows, sizes = seen["in"][0], seen["in"][1]
+    sizes = sizes.tolist() if torch.is_tensor(sizes) else list(sizes)
+    w, b = expert_weights.read(ex, block)
+    ours = torch.cat([expert_fn.output(part, ex.fn, *expert_weights.one(w, b, e))[0]
+                      for e, part in enumerate(rows.split(sizes))])
+    theirs = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+    return ((ours - theirs).norm() / theirs.norm().clamp_min(1e-12)).item()
+
+
+def check_grouped(d: ir.Definition, bound: BoundDefinition, model: nn.Module,
+                  gen: torch.Generator) -> tuple[list[MoedslError], list[str]]:
+    """Every grouped container (`:grouped` targets, and the containers of `call(rows, sizes)` experts) is
+    called as `(rows, sizes)` and multiplies expert e's rows by its slice of the declared layout."""
+    from moedsl.experts import layout as fused
+
     errs: list[MoedslError] = []
-    details = []
+    details: list[str] = []
+    layers = get_path(model, bound.layers_path)
+    for kind in bound.kinds:
+        layer = layers[kind.layers[0]]
+        checks = [(g.path, get_path(layer, g.path), get_path(layer, g.path).weight, g.module_class) for g in kind.grouped]
+        for moe in kind.moe:
+            ex = moe.experts
+            if ex.grouped:
+                block = get_path(layer, ex.path)
+                for t in ex.tensors:
+                    owner = t.name.rpartition(".")[0]
+                    container = get_path(block, owner)
+                    weight = fused.canonical(get_path(block, t.name), t.layout, t.stored_experts or ex.num_experts)
+                    checks.append((f"{ex.path}.{owner}", container, weight, type(container).__name__))
+        for path, container, weight, cls in checks:
+            where = _item_at(d, kind.name, path)
+            try:
+                rel = grouped_contract_error(container, weight.float(), gen)
+            except Exception as err:  # the container refusing (rows, sizes) is a definition problem
+                errs.append(MoedslError(f"calling {cls} `{path}` as `(rows, sizes)` failed: {err}", span=where.span,
+                                        code="fn error"))
+                continue
+            details.append(f"{kind.name}: `{path}` (rows, sizes) rel. error {rel:.1e}")
+            if not rel < 1e-4:
+                errs.append(MoedslError(
+                    f"`{path}` ({cls}) called as `(rows, sizes)` does not multiply expert e's rows by its [E, out, in] "
+                    f"weight (relative error {rel:.2e}) in layer {kind.layers[0]}", span=where.span, code="fn error",
+                    notes=["a grouped container's weight is [E, out, in]: check the tensor's layout"]))
+    return errs, details
+
+
+def check_expert_functions(d: ir.Definition, bound: BoundDefinition, model: nn.Module) -> tuple[list[MoedslError], str]:
     gen = torch.Generator().manual_seed(0)
+    errs, details = check_grouped(d, bound, model, gen)
     layers = get_path(model, bound.layers_path)
     for kind in bound.kinds:
         for moe in kind.moe:
             ex = moe.experts
             module = get_path(layers[kind.layers[0]], ex.path)
+            if ex.grouped:
+                x = torch.randn(24, ex.hidden_size, generator=gen)
+                rel = grouped_experts_error(ex, module, x)
+                details.append(f"{kind.name}: rel. error {rel:.1e}")
+                if not rel < 1e-4:
+                    fn_item = next((c for c in (_item_at(d, kind.name, ex.path).children or ())
+                                    if isinstance(c, ir.ExpertFn)), None)
+                    errs.append(MoedslError(
+                        f"the declared expert function does not match what {ex.module_class}'s containers compute "
+                        f"in layer {kind.layers[0]} (relative error {rel:.2e})", span=(fn_item or d.header).span,
+                        code="fn error", notes=["check `fn`, the tensor layouts and the gate/up split (concat vs "
+                                                "interleave)"]))
+                continue
             slots = ex.num_experts + len(ex.slots)  # the router also picks the weightless extra slots
             T, k = 24, min(bound.top_k or 2, slots)
             x = torch.randn(T, ex.hidden_size, generator=gen)

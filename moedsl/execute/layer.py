@@ -172,15 +172,27 @@ class LayerQuantizer(LayerStatistics):
 
     def solve_experts(self, stage: Stage, targets: list[Target], key: StatsKey, H: torch.Tensor, counts: torch.Tensor,
                       out: list[Quantized]) -> list[TargetReport]:
-        """One role per target, all experts. Experts are taken in chunks (fp32 copies of all of them at
+        """One role per target (or one `:grouped` container), all experts. Experts are taken in chunks (fp32 copies of all of them at
         once would be the peak of the layer): under `all` a chunk's gate and up rows are one tall matrix
         against the one shared Hessian; otherwise each expert has its Hessian and the chunk is one
         batched solve. The unbatched reference path solves one matrix at a time."""
         first = targets[0]
-        ex = _expert_bound(self.kind, first.path if first.kind == "fused" else _experts_path(first)).experts
-        module = get_path(self.layer, ex.path)
-        w, b = expert_weights.read(ex, module)
-        E, cols = ex.num_experts, w[first.role].shape[2]
+        if first.kind == "grouped":  # one container, its [E, out, in] weight: no roles, no bias
+            owner, container = first.path, get_path(self.layer, first.path)
+            E = first.experts
+            w, b = {None: container.weight}, {}
+
+            def write(t: Target, Q: torch.Tensor, experts: slice) -> None:
+                container.weight.data[experts] = Q.to(container.weight.dtype)
+        else:
+            ex = _expert_bound(self.kind, first.path if first.kind == "fused" else _experts_path(first)).experts
+            owner, module = ex.path, get_path(self.layer, ex.path)
+            E = ex.num_experts
+            w, b = expert_weights.read(ex, module)
+
+            def write(t: Target, Q: torch.Tensor, experts: slice) -> None:
+                expert_weights.write(ex, module, t.role, Q, experts)
+        cols = w[first.role].shape[2]
         no_tokens: list[int] = []
         if key.per_expert:
             starved = counts == 0
@@ -188,7 +200,7 @@ class LayerQuantizer(LayerStatistics):
             if no_tokens:
                 # an expert that saw no token has no statistics: an identity Hessian makes GPTQ round to nearest
                 H = torch.where(starved[:, None, None], torch.eye(cols, device=H.device), H)
-                self.starved[ex.path] = sorted(set(self.starved.get(ex.path, [])) | set(no_tokens))
+                self.starved[owner] = sorted(set(self.starved.get(owner, [])) | set(no_tokens))
         rows = sum(w[t.role].shape[1] for t in targets)
         step = max(1, min(E, self.chunk_bytes // (rows * cols * 4 * 8))) if self.batched else 1
         acc = {t.id: [0.0, torch.zeros((), dtype=torch.float64, device=self.device),
@@ -205,7 +217,7 @@ class LayerQuantizer(LayerStatistics):
                                                self.index, self._where(targets), cache))  # [target][expert in chunk]
             for t, W, res in zip(targets, Wc, results):
                 Q = torch.stack([r.weight for r in res])
-                expert_weights.write(ex, module, t.role, Q, slice(e0, e1))
+                write(t, Q, slice(e0, e1))
                 if self.measure_error:
                     err, rtn = output_error(W, Q, Hc, self.cfg)
                     acc[t.id][1] += err.sum()

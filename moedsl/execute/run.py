@@ -415,11 +415,14 @@ class Runner:
     @staticmethod
     def layer_copies(loader, plan: HookPlan, i: int, kind, quantized: list[str]) -> list[str]:
         """Layer i's checkpoint keys stored unchanged: all but the quantized modules' weights and
-        biases (`quantized`: full module names) and the fused expert tensors they replace."""
+        biases (`quantized`: full module names) and the fused expert tensors (and `:grouped` container
+        weights) they replace."""
         prefix = checkpoint_prefix(loader, plan, i)
         replaced: set[str] = set()
         for name in quantized:
             replaced |= {name + ".weight", name + ".bias"}
+        for stage in kind.stages:  # a `:grouped` container's one [E, out, in] weight, written per expert
+            replaced |= {prefix + t.ckpt.removesuffix(".{e}") + ".weight" for t in stage.targets if t.kind == "grouped"}
         for moe in kind.moe:
             ex = moe.experts
             if ex.ckpt_fused:

@@ -58,6 +58,18 @@ def _routing(ex: BoundExperts, args: tuple, kwargs: dict) -> tuple[torch.Tensor,
     return hidden.reshape(-1, hidden.shape[-1]), index
 
 
+def _grouped_call(args: tuple, kwargs: dict, E: int, where: str) -> tuple[torch.Tensor, list[int]]:
+    """(rows [N, in], rows per expert) of a grouped container's call `container(rows, sizes)`."""
+    values = [*args, *kwargs.values()]
+    if len(values) < 2 or not torch.is_tensor(values[0]):
+        raise MoedslError(f"`{where}` was not called as `(rows, sizes)`, as `call(rows, sizes)` / `:grouped` declares")
+    rows, sizes = values[0], values[1]
+    sizes = sizes.tolist() if torch.is_tensor(sizes) else [int(n) for n in sizes]
+    if len(sizes) != E or sum(sizes) != rows.shape[0]:
+        raise MoedslError(f"`{where}` was called with {rows.shape[0]} rows and sizes {sizes}: not {E} groups of rows")
+    return rows.reshape(-1, rows.shape[-1]), sizes
+
+
 def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token ids sorted by expert, tokens per expert, the expert of each sorted row). Choices of the
     weightless slots after the E experts (`extra`: index ≥ E) are dropped: they have no statistics."""
@@ -114,6 +126,21 @@ class LayerStatistics:
                     done(path)
 
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        # `:grouped` containers: the rows of each call, split by expert
+        for key in stage.stats:
+            if key.capture.kind != "grouped_input":
+                continue
+            needed.add(key.capture.path)
+
+            def grouped_hook(mod, args, kwargs_, key=key):
+                rows, sizes = _grouped_call(args, kwargs_, key.experts, key.capture.path)
+                for e, part in enumerate(rows.split(sizes)):
+                    if part.shape[0]:
+                        hessians[key.key].add_expert(e, part)
+                done(key.capture.path)
+
+            handles.append(get_path(self.layer, key.capture.path).register_forward_pre_hook(grouped_hook,
+                                                                                            with_kwargs=True))
         # Experts: one hook per experts module, for its gate/up and down statistics
         experts_keys: dict[str, list[StatsKey]] = {}
         for key in stage.stats:
@@ -155,7 +182,7 @@ class LayerStatistics:
 
                 def router_hook(mod, args, output, path=path, E=ex.num_experts, slots=ex.num_experts + len(ex.slots)):
                     outs = output if isinstance(output, tuple) else (output,)
-                    scores = next((o for o in outs if torch.is_tensor(o) and o.shape[-1] == slots
+                    scores = next((o for o in outs if torch.is_tensor(o) and o.dim() >= 2 and o.shape[-1] == slots
                                    and o.is_floating_point()), None)
                     if scores is None:
                         raise MoedslError(f"policy {self.policy}: the router of `{path}` returned no [T, {slots}] scores")
@@ -163,7 +190,40 @@ class LayerStatistics:
 
                 handles.append(router.register_forward_hook(router_hook))
 
+            if ex.grouped:
+                # the block routes its tokens itself: its input is every token; the container holding the
+                # gate/up rows is called with the routed rows grouped by expert, then the hook below runs
+                def block_input_hook(mod, args, kwargs_, path=path):
+                    x = args[0] if args else next(iter(kwargs_.values()))
+                    block_in[path] = x.reshape(-1, x.shape[-1])
+
+                handles.append(module.register_forward_pre_hook(block_input_hook, with_kwargs=True))
+
+            def grouped_experts(args, kwargs_, path, keys, ex, mod):
+                block = get_path(self.layer, path)
+                x_all = block_in[path]
+                if self.policy.kind in ("all", "topk"):
+                    x = x_all
+                    index = (router_out[path].topk(min(self.policy.top_k, ex.num_experts), dim=-1).indices
+                             if self.policy.kind == "topk" else None)
+                else:  # routed, auto: the rows of each expert, as the model routes them
+                    rows, sizes = _grouped_call(args, kwargs_, ex.num_experts, f"{path}.{ex.container(ex.first_role)}")
+                    x = rows
+                    index = torch.repeat_interleave(torch.arange(ex.num_experts, device=rows.device),
+                                                    torch.tensor(sizes, device=rows.device))[:, None]
+                    if all_tokens.get(path) is not None:
+                        all_tokens[path].add(x_all)
+                for key in keys:
+                    if key.capture.kind == "experts_input":
+                        self.add_experts_input(hessians[key.key], key, x, index, ex, None)
+                    else:
+                        self.add_experts_hidden(hessians[key.key], key, x, index, ex, block, x_all=x_all)
+
             def experts_hook(mod, args, kwargs_, path=path, keys=keys, ex=ex):
+                if ex.grouped:
+                    grouped_experts(args, kwargs_, path, keys, ex, mod)
+                    done(path)
+                    return
                 if _stacked(ex):
                     self.add_stacked(hessians, keys, ex, mod, args[0], router_out[path], block_in[path])
                     done(path)
@@ -178,7 +238,8 @@ class LayerStatistics:
                         self.add_experts_hidden(hessians[key.key], key, x, index, ex, mod)
                 done(path)
 
-            handles.append(module.register_forward_pre_hook(experts_hook, with_kwargs=True))
+            hooked = get_path(module, ex.container(ex.first_role)) if ex.grouped else module
+            handles.append(hooked.register_forward_pre_hook(experts_hook, with_kwargs=True))
         try:
             for x, kw in zip(inputs, kwargs):
                 fired.clear()
@@ -261,7 +322,10 @@ class LayerStatistics:
             h.add_batched(xs, counts)  # padding rows are zeros: they add nothing
 
     def add_experts_hidden(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
-                           ex: BoundExperts, module: nn.Module) -> None:
+                           ex: BoundExperts, module: nn.Module, x_all: torch.Tensor | None = None) -> None:
+        """x: the tokens (with index: the routed ones); x_all: every token, for the experts `auto` tops up
+        (grouped experts pass their routed rows as x, the block's input as x_all)."""
+        x_all = x if x_all is None else x_all
         w, b = expert_weights.read(ex, module)
         dtype = x.dtype
         if key.tokens == "all" and not self.batched:
@@ -301,12 +365,12 @@ class LayerStatistics:
                 h.add_batched(hid, counts * keep)
             for e in sorted(low):
                 we, be = expert_weights.one(w, b, e)
-                h.add_expert(e, expert_fn.hidden(x, ex.fn, we, be)[0])
+                h.add_expert(e, expert_fn.hidden(x_all, ex.fn, we, be)[0])
             return
         order, counts, _ = _tokens_by_expert(index, ex.num_experts)
         start = 0
         for e, n in enumerate(counts.tolist()):
-            xe = x if e in low else x[order[start:start + n]]
+            xe = x_all if e in low else x[order[start:start + n]]
             start += n
             if xe.shape[0] == 0:
                 continue

@@ -40,7 +40,8 @@ def _stages(items: tuple, prefix: str = "", out: dict[int, list[str]] | None = N
         if isinstance(it, ir.Module):
             path = ir.join_path(prefix, _paths(it.names))
             if it.stage is not None:
-                out.setdefault(it.stage, []).append(path + ("?" if it.optional else ""))
+                out.setdefault(it.stage, []).append(path + ("?" if it.optional else "")
+                                                    + (" (grouped, ×E)" if it.grouped else ""))
             if it.children:
                 _stages(it.children, path, out)
         elif isinstance(it, ir.FusedTensor) and it.stage is not None:
@@ -100,14 +101,17 @@ def _experts_summary(moe: ir.Module, moe_path: str) -> dict[str, str]:
     kids = moe.children or ()
     router = [p for p, _ in _roles(kids, "router", moe_path)]
     shared = [p + ("?" if m.optional else "") for p, m in _roles(kids, "moe-share", moe_path)]
-    ex_path, ex = next(_roles(kids, "experts", moe_path))
+    # experts held by the block itself (grouped containers, `call(rows, sizes)`) or by its `:experts` module
+    ex_path, ex = next(_roles(kids, "experts", moe_path), (moe_path, moe))
     items = ex.children or ()
     tensors = [c for c in items if isinstance(c, ir.FusedTensor)]
     fn = next(c for c in items if isinstance(c, ir.ExpertFn))
     scale = next((c.where for c in items if isinstance(c, ir.Scale)), "output")
     call = next((c.args for c in items if isinstance(c, ir.CallSig)), ("hidden", "index", "weights"))
     ckpts = [c for c in items if isinstance(c, ir.Ckpt)]
-    if tensors:
+    if tensors and call == ir.GROUPED_CALL:
+        storage = "grouped containers, each called `(rows, sizes)`: " + "; ".join(_tensor(t) for t in tensors)
+    elif tensors:
         storage = "fused: " + "; ".join(_tensor(t) for t in tensors)
     else:
         storage = "ModuleList (`#`), one module per expert"

@@ -112,6 +112,9 @@ class Module(Node):
     role: Role | None = None  # `:moe`, `:moe-share`, `:router`, `:experts`
     ckpt: str | None = None  # `@ "name"`: checkpoint name, relative to the layer
     proj: ProjRole | None = None  # `as gate|up|down`: role inside a ModuleList expert
+    # `:grouped`: a staged module holding E Linears as one [E, out, in] `weight`, called as
+    # `module(rows, sizes)` (rows sorted by expert, sizes[e] rows for expert e): JetMoE's parallel experts
+    grouped: bool = False
     children: tuple[Item, ...] | None = None
     doc: tuple[str, ...] = ()
 
@@ -187,8 +190,11 @@ class Scale(Node):
     doc: tuple[str, ...] = ()
 
 
-CallArg = Literal["hidden", "index", "weights", "scores", "_"]
-CALL_ARGS: tuple[str, ...] = ("hidden", "index", "weights", "scores", "_")
+CallArg = Literal["hidden", "index", "weights", "scores", "_", "rows", "sizes"]
+CALL_ARGS: tuple[str, ...] = ("hidden", "index", "weights", "scores", "_", "rows", "sizes")
+# `call(rows, sizes)`: the experts sit in grouped containers inside the `:moe` block itself, each container
+# called as `container(rows, sizes)` (rows sorted by expert, sizes[e] rows for expert e)
+GROUPED_CALL: tuple[str, ...] = ("rows", "sizes")
 
 
 class CallSig(Node):
@@ -196,6 +202,8 @@ class CallSig(Node):
 
     hidden [T,H] tokens; index [T,k] chosen experts; weights [T,k] their routing weights;
     scores [T,E] dense routing weights; `_` an argument the executor ignores.
+    `call(rows, sizes)` (exactly this): the experts are grouped containers inside the `:moe` block, each
+    called with the rows routed to its experts, sorted by expert, and the number of rows per expert.
     """
 
     kind: Literal["call"] = "call"

@@ -38,7 +38,7 @@ FN_FORMS = ("glu", "mlp", "swiglu_clamped")
 STATEMENT_WORDS = ("arch", "extends", "match", "experts", "top_k", "layers", "embed", "final_norm", "lm_head",
                    "language_model", "text_config", "towers", "let", "fragment", "layer", "use", "tensor", "fn",
                    "scale", "call", "ckpt", "extra")
-ANNOTATIONS = (":0", ":1", ":!", ":?") + tuple(":" + r for r in ir.ROLES)
+ANNOTATIONS = (":0", ":1", ":!", ":?") + tuple(":" + r for r in ir.ROLES) + (":grouped",)
 
 _TERMINAL_WORDS = {
     "NAME": "a name", "STRING": "a string", "INT": "an integer", "FLOAT": "a number",
@@ -312,6 +312,8 @@ class _Builder:
             key, value = "optional", True
         elif word in ir.ROLES and allow_roles:
             key, value = "role", word
+        elif word == "grouped" and allow_roles:
+            key, value = "grouped", True
         else:
             allowed = ANNOTATIONS if allow_roles else (":0", ":1", ":!")
             hint = nearest(str(tok), allowed, cutoff=0.5)
@@ -435,7 +437,10 @@ class _Builder:
             if str(tok) in args and str(tok) != "_":
                 raise self.error(f"`call(...)` names `{tok}` twice", tok)
             args.append(str(tok))
-        if "hidden" not in args:
+        if any(a in ir.GROUPED_CALL for a in args):
+            if tuple(args) != ir.GROUPED_CALL:
+                raise self.error("grouped experts are called as `call(rows, sizes)`, with nothing else", node)
+        elif "hidden" not in args:
             raise self.error("`call(...)` must name the `hidden` argument", node)
         return ir.CallSig(args=tuple(args), doc=self._trailing(node, doc), span=self.span(node))
 

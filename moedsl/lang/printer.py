@@ -89,6 +89,8 @@ def _module_head(m: ir.Module) -> str:
         parts.append(f":{m.role}")
     if m.stage is not None:
         parts.append(f":{m.stage}")
+    if m.grouped:
+        parts.append(":grouped")
     if m.skip:
         parts.append(":!")
     if m.optional:

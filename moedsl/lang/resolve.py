@@ -173,11 +173,18 @@ def _check_names(e, lets: set[str], where: str) -> None:
         _check_names(sub, lets, where)
 
 
-def _check_items(items: tuple, moe: ir.Module | None, experts: ir.Module | None, where: str) -> bool:
-    """Checks one block; returns whether a `:moe` block was seen."""
+def _inline_experts(m: ir.Module) -> bool:
+    """A `:moe` block that holds its experts' items itself (grouped containers, `call(rows, sizes)`)."""
+    return any(isinstance(c, _EXPERT_ONLY) for c in (m.children or ()))
+
+
+def _check_items(items: tuple, moe: ir.Module | None, experts: ir.Module | None, where: str,
+                 inline: bool = False) -> bool:
+    """Checks one block (`inline`: the block of a `:moe` that holds its experts itself); returns whether a
+    `:moe` block was seen."""
     seen_moe = False
     for it in items:
-        if isinstance(it, _EXPERT_ONLY) and experts is None:
+        if isinstance(it, _EXPERT_ONLY) and experts is None and not inline:
             word = {ir.FusedTensor: "tensor", ir.ExpertFn: "fn", ir.Scale: "scale", ir.CallSig: "call", ir.Ckpt: "ckpt",
                     ir.ExtraSlots: "extra"}[type(it)]
             raise MoedslError(f"`{word}` belongs directly inside an `:experts` module", span=it.span)
@@ -204,11 +211,16 @@ def _check_items(items: tuple, moe: ir.Module | None, experts: ir.Module | None,
             if experts is not None:
                 raise MoedslError(f"`{name}:experts` is inside another `:experts` module", span=it.span)
             _check_experts(it)
+        if it.grouped:
+            if it.stage is None or it.children is not None or it.role is not None or experts is not None:
+                raise MoedslError(f"`{name}:grouped` is one staged module (`{name}:N:grouped`) with no children and no "
+                                  "role, outside `:experts`", span=it.span)
         if it.proj is not None and experts is None:
             raise MoedslError(f"`as {it.proj}` names a role inside an expert; `{name}` is not in an `:experts` module",
                               span=it.span)
         if it.children:
-            _check_items(it.children, it if it.role == "moe" else moe, it if it.role == "experts" else experts, where)
+            _check_items(it.children, it if it.role == "moe" else moe, it if it.role == "experts" else experts, where,
+                         inline=it.role == "moe" and _inline_experts(it))
     return seen_moe
 
 
@@ -232,27 +244,58 @@ def _check_moe(m: ir.Module) -> None:
             raise MoedslError(f"`{'|'.join(inner.names)}:moe` is inside another `:moe` block (`{name}`)",
                               span=inner.span)
     experts = _count_roles(m.children, "experts")
-    if len(experts) != 1:
-        raise MoedslError(f"`{name}:moe` must contain exactly one `:experts` module (found {len(experts)})", span=m.span)
+    if _inline_experts(m):
+        if experts:
+            raise MoedslError(f"`{name}:moe` holds expert items itself and has an `:experts` module: choose one",
+                              span=experts[0].span)
+        _check_experts(m, inline=True)
+    elif len(experts) != 1:
+        raise MoedslError(f"`{name}:moe` must contain exactly one `:experts` module (found {len(experts)})", span=m.span,
+                          notes=["or, for experts in grouped containers of the block itself, write their `tensor`s, "
+                                 "`fn` and `call(rows, sizes)` directly in the block"])
     routers = _count_roles(m.children, "router")
     if len(routers) > 1:
         raise MoedslError(f"`{name}:moe` has {len(routers)} routers", span=routers[1].span)
 
 
-def _check_experts(m: ir.Module) -> None:
+def _check_experts(m: ir.Module, inline: bool = False) -> None:
     name = "|".join(m.names)
     kids = m.children or ()
+    what = f"`{name}:moe`" if inline else f"`{name}:experts`"
+    call = next((c for c in kids if isinstance(c, ir.CallSig)), None)
+    grouped = call is not None and call.args == ir.GROUPED_CALL
+    if inline and not grouped:
+        raise MoedslError(f"{what} holds its experts' tensors itself: they sit in grouped containers, declared with "
+                          "`call(rows, sizes)`", span=(call or m).span,
+                          notes=["experts in a module of their own: put the items in `NAME:experts { ... }`"])
+    if grouped and not inline:
+        raise MoedslError("`call(rows, sizes)` is for experts in grouped containers of the `:moe` block itself: "
+                          "write the expert items directly in the `:moe` block", span=call.span)
+    if grouped:
+        if any(isinstance(c, ir.Each) for c in kids):
+            raise MoedslError(f"{what}: grouped containers hold fused `tensor`s, not a `# {{...}}` ModuleList",
+                              span=m.span)
+        for c in kids:
+            if isinstance(c, ir.FusedTensor) and "." not in c.name:
+                raise MoedslError(f"tensor `{c.name}` of grouped experts is `CONTAINER.PARAMETER` (e.g. "
+                                  "`input_linear.weight`): each container is called as `(rows, sizes)`", span=c.span)
+            if isinstance(c, ir.ExtraSlots):
+                raise MoedslError("`extra` slots need the chosen experts of every token: grouped containers "
+                                  "(`call(rows, sizes)`) see only the rows of the experts with weights", span=c.span)
+            if isinstance(c, ir.Scale) and c.where == "input":
+                raise MoedslError("`scale input` with grouped containers: their rows are not scaled by the router",
+                                  span=c.span)
     fns = [c for c in kids if isinstance(c, ir.ExpertFn)]
     tensors = [c for c in kids if isinstance(c, ir.FusedTensor)]
     eaches = [c for c in kids if isinstance(c, ir.Each)]
     if len(fns) != 1:
-        raise MoedslError(f"`{name}:experts` must declare its function once, e.g. `fn glu(silu)` (found {len(fns)})",
+        raise MoedslError(f"{what} must declare its function once, e.g. `fn glu(silu)` (found {len(fns)})",
                           span=m.span)
     for word, cls in (("scale", ir.Scale), ("call", ir.CallSig)):
         if len([c for c in kids if isinstance(c, cls)]) > 1:
-            raise MoedslError(f"`{name}:experts` declares `{word}` more than once", span=m.span)
+            raise MoedslError(f"{what} declares `{word}` more than once", span=m.span)
     if bool(tensors) == bool(eaches) or len(eaches) > 1:
-        raise MoedslError(f"`{name}:experts` must hold either fused `tensor`s or one `# {{...}}` ModuleList block",
+        raise MoedslError(f"{what} must hold either fused `tensor`s or one `# {{...}}` ModuleList block",
                           span=m.span)
     roles: dict[str, object] = {}
     if tensors:
@@ -275,7 +318,7 @@ def _check_experts(m: ir.Module) -> None:
     missing = [r for r in need if r not in roles]
     extra = [r for r in roles if r not in need]
     if missing:
-        raise MoedslError(f"`{name}:experts` with `fn {fns[0].form}` needs a `{missing[0]}` projection", span=m.span,
+        raise MoedslError(f"{what} with `fn {fns[0].form}` needs a `{missing[0]}` projection", span=m.span,
                           notes=["fused: `tensor NAME [E,out,in] ROLE :N`; ModuleList: `NAME:N as ROLE`"])
     if extra:
         raise MoedslError(f"`fn {fns[0].form}` has no `{extra[0]}` projection", span=m.span)

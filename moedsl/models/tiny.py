@@ -178,6 +178,12 @@ COMPOSITE_TINY: tuple[str, ...] = (
     "qwen3_omni_moe",
     "llama4",
     "qwen3_vl_moe",
+    "aria",
+    "qwen3_5_moe",
+    "kimi_k25",
+    "qwen3_omni_moe_thinker",
+    "unlimited_ocr",
+    "mistral_large4",
 )
 # composite sub-configs that are not text decoders: shrunk with these keys (where the config has them)
 _TOWER: dict[str, Any] = {

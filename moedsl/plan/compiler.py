@@ -7,7 +7,8 @@ The compiler knows the bound model (paths, shapes, checkpoint names) and the rou
 it knows nothing of GPTQ. Per layer kind it produces the stages in stage-number order, and
 per stage:
 
-* **targets**: one per nn.Linear (`kind="linear"`), one per role of a fused experts tensor
+* **targets**: one per nn.Linear (`kind="linear"`), one per `:grouped` container (`kind="grouped"`,
+  covering its E experts; id `{container}.{e}`), one per role of a fused experts tensor
   (`kind="fused"`, covering all E experts; id `{experts}.{e}.{role}_proj`), one per linear of a
   ModuleList expert (`kind="module_list"`, path `{experts}.{e}.<rel>`). `:!` tensors give none.
 * **statistics keys** (one Hessian each, or E with `{e}`):
@@ -21,7 +22,9 @@ per stage:
     Exception: with `scale input` (routing weights scale the expert's *input*, Llama-4) each
     expert reads a differently scaled tensor, so the key is per expert under `all` too;
   - down reads each expert's hidden activation: always per expert,
-    `{experts}.{e}.down_proj:in`, captured as `experts_hidden`.
+    `{experts}.{e}.down_proj:in`, captured as `experts_hidden`;
+  - a `:grouped` container: per expert, `{container}.{e}:in`, captured as `grouped_input` (the rows the
+    container is called with, split by the sizes it is called with).
 * **captures**, in tree order, and **stop_after**: the capture that comes last in the
   definition's tree order. Tree order is taken as execution order; the executor still stops
   only once every capture of the stage has fired.
@@ -122,6 +125,8 @@ def tree_order(kind: ir.LayerKind, bk: BoundKind) -> dict[str, int]:
 
     for lin in bk.linears:
         add(lin.path)
+    for g in bk.grouped:
+        add(g.path)
     for s in bk.skipped:
         add(s)
     for moe in bk.moe:
@@ -152,6 +157,8 @@ def tree_order(kind: ir.LayerKind, bk: BoundKind) -> dict[str, int]:
 def bound_order(bk: BoundKind) -> dict[str, int]:
     """Fallback order without the IR: linears as bound; experts after their block's linears."""
     order = {lin.path: 2 * i for i, lin in enumerate(bk.linears)}
+    for j, g in enumerate(bk.grouped):
+        order[g.path] = 2 * (len(bk.linears) + j)
     for moe in bk.moe:
         inside = [2 * i for i, lin in enumerate(bk.linears) if lin.path.startswith(moe.path + ".")]
         order[moe.experts.path] = (max(inside) if inside else 2 * len(bk.linears)) + 1
@@ -243,9 +250,10 @@ class _KindCompiler:
             assert t.stage is not None  # resolve() guarantees a stage or `:!`
             for r in t.roles:
                 rel = f"{r}_proj"
-                ckpt = prefix + rel if ex.ckpt_fused else ex.ckpt.get(r, prefix + rel)
+                # `ckpt fused`: written per expert under the experts module (grouped experts: their container)
+                ckpt = prefix + rel if ex.ckpt_fused and not ex.grouped else ex.ckpt.get(r, prefix + rel)
                 items.append((t.stage, r, rel, dict(
-                    id=prefix + rel, kind="fused", path=ex.path, param=t.name, role=r, experts=E, layout=t.layout,
+                    id=ckpt if ex.grouped else prefix + rel, kind="fused", path=ex.path, param=t.name, role=r, experts=E, layout=t.layout,
                     split=t.split, roles=t.roles, bias=t.bias, in_features=t.in_features,
                     out_features=t.out_features, ckpt=ckpt)))
         roles_count = defaultdict(int)
@@ -296,10 +304,27 @@ class _KindCompiler:
                 self.add_key(stage, key, base + 0.01 * (j + 1), features, rows, base + 0.002)
                 self.add_target(stage, base + 0.01 * (j + 1), Target(**t, stats=key.key))
 
+    # -- grouped containers ------------------------------------------------------------------------
+
+    def grouped(self) -> None:
+        """A `:grouped` container: one Hessian per expert, from the rows the model routes to it (whatever the
+        policy, which applies to `:moe` blocks: these rows are all the inputs an expert ever reads)."""
+        for g in self.bk.grouped:
+            E = g.experts
+            cap = CapturePoint(kind="grouped_input", path=g.path)
+            key = StatsKey(key=f"{g.path}.{{e}}:in", capture=cap, features=g.in_features, per_expert=True, experts=E,
+                           tokens="routed")
+            pos = self.pos(g.path)
+            self.add_key(g.stage, key, pos, g.in_features, self.bound.top_k or E, pos)
+            self.add_target(g.stage, pos, Target(
+                id=f"{g.path}.{{e}}", kind="grouped", path=g.path, experts=E, layout="E,out,in", split="one",
+                in_features=g.in_features, out_features=g.out_features, ckpt=f"{g.ckpt}.{{e}}", stats=key.key))
+
     # -- assembly ------------------------------------------------------------------------------------
 
     def compile(self) -> KindPlan:
         self.linears()
+        self.grouped()
         for moe in self.bk.moe:
             self.experts(moe)
         stages = []

@@ -62,10 +62,11 @@ class CapturePoint(Frozen):
     linear_input: the input of the nn.Linear at `path`;
     experts_input: the experts module's call (tokens and routing) at `path`;
     experts_hidden: each expert's down-projection input, computed from the declared expert
-    function on the tokens of the experts module at `path` (no per-expert hooks).
+    function on the tokens of the experts module at `path` (no per-expert hooks);
+    grouped_input: the rows a `:grouped` container at `path` is called with, per expert.
     """
 
-    kind: Literal["linear_input", "experts_input", "experts_hidden"]
+    kind: Literal["linear_input", "experts_input", "experts_hidden", "grouped_input"]
     path: str
 
 
@@ -81,11 +82,12 @@ class StatsKey(Frozen):
 
 
 class Target(Frozen):
-    """A weight to quantize: an nn.Linear, or one role of all experts of a fused/ModuleList block."""
+    """A weight to quantize: an nn.Linear, one role of all experts of a fused/ModuleList block, or
+    all experts of a `:grouped` container."""
 
     id: str  # unique in the kind, e.g. `self_attn.q_proj` or `mlp.experts.{e}.gate_proj`
-    kind: Literal["linear", "fused", "module_list"]
-    path: str  # the nn.Linear; or the experts module
+    kind: Literal["linear", "fused", "module_list", "grouped"]
+    path: str  # the nn.Linear; or the experts module; or the grouped container
     param: str = "weight"  # fused: the parameter name inside the experts module
     role: ir.ProjRole | None = None
     experts: int | None = None  # E for expert targets

@@ -59,7 +59,8 @@ def hessian_count(kind: KindPlan) -> int:
 def _capture_text(c: CapturePoint) -> str:
     """The capture's kind; its path is the first target of the row (linear_input: the first
     member of the group; experts_input / experts_hidden: the experts module)."""
-    return {"linear_input": "input", "experts_input": "experts in", "experts_hidden": "expert hidden"}[c.kind]
+    return {"linear_input": "input", "experts_input": "experts in", "experts_hidden": "expert hidden",
+            "grouped_input": "grouped rows"}[c.kind]
 
 
 def _target_text(t: Target) -> Text:
@@ -134,7 +135,8 @@ def kind_table(plan: HookPlan, kind: KindPlan) -> Table:
 
 def kind_footer(plan: HookPlan, kind: KindPlan) -> Text:
     out = Text("  capture: input = the input of the row's first target; experts in = the experts module's input; "
-               "expert hidden = each expert's down-projection input\n"
+               "expert hidden = each expert's down-projection input; grouped rows = the rows a grouped container is "
+               "called with, per expert\n"
                "  ■ early stop: the stage's forward may stop once this capture (and the stage's others) has fired\n",
                style="dim")
     peak = peak_stage(kind)
@@ -148,12 +150,14 @@ def kind_footer(plan: HookPlan, kind: KindPlan) -> Text:
         out.append(f", peak stage {apeak.index}: {gib(apeak.memory.activation_bytes)}")
     for moe in kind.moe:
         ex = moe.experts
-        storage = "fused" if ex.tensors else "ModuleList"
+        storage = "in grouped containers" if ex.grouped else "fused" if ex.tensors else "ModuleList"
         fn = ex.fn.form + (f"({ex.fn.act})" if ex.fn.act else "")
         shared = f", shared {' '.join(moe.shared)}" if moe.shared else ""
         out.append(f"\n  MoE {moe.path}: router {moe.router or '-'}, experts {ex.path} ({ex.module_class}, "
                    f"{ex.num_experts} {storage}, {fn}, routing weights scale the {ex.scale}){shared}")
         ck = "fused tensors under their runtime names" if ex.ckpt_fused else " ".join(ex.ckpt[r] for r in ex.ckpt)
+        if ex.grouped:
+            ck += "; written per expert as " + " ".join(ex.ckpt[r] for r in ex.ckpt)
         out.append(f"\n  checkpoint names: {ck}")
     if kind.skipped:
         out.append(f"\n  not quantized: {' '.join(kind.skipped)}", style="dim")
