@@ -21,11 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moedsl.lang import ir, parser, printer
+from tests.long_tests import examples
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DEFS = sorted((REPO / "model_defs").glob("*.moedef"))
 
-SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
+# derandomized; the long run (MOEDSL_LONG_TESTS=1, tests/long_tests.py) draws four times as many
+SETTINGS = settings(max_examples=examples(50, 200), deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # ---- leaves ----------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def test_parse_print_roundtrip(d: ir.Definition) -> None:
     assert printer.definition(back) == text
 
 
-@settings(max_examples=400, deadline=None, derandomize=True)
+@settings(max_examples=examples(150, 400), deadline=None, derandomize=True)
 @given(exprs)
 def test_expression_roundtrip(e: ir.Expr) -> None:
     text = printer.expr(e)
