@@ -14,7 +14,7 @@ interpreter, and `MOEDSL_LONG_TESTS=1` (or `MOEDSL_TESTS_FRESH_PYTHON=1`) makes 
 
 The server (`python -m tests.cli_process SOCKET`) answers each connection with a supervisor process
 that forks the command, sends back its pid, waits for it and sends back its exit status (negative:
-the signal that ended it). It exits when the test process that started it closes its stdin.
+the signal that ended it) and CPU time. It exits when the test process that started it closes its stdin.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def _supervise(conn: socket.socket, default_threads: int) -> None:
             conn.close()
             _become_command(request, default_threads)
         conn.sendall(f"{pid}\n".encode())
-        _, status = os.waitpid(pid, 0)
-        conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+        _, status, usage = os.wait4(pid, 0)
+        conn.sendall(f"{os.waitstatus_to_exitcode(status)} {usage.ru_utime + usage.ru_stime:.3f}\n".encode())
     finally:
         os._exit(0)
 
@@ -193,8 +193,15 @@ class _Server:
 
 
 _lock = threading.Lock()
+cpu_seconds = 0.0  # CPU time of the finished commands so far (they are not this process's children)
 _server: _Server | None = None
 _server_pid: int | None = None
+
+
+def _count_cpu(seconds: float) -> None:
+    global cpu_seconds
+    with _lock:
+        cpu_seconds += seconds
 
 
 def _the_server() -> _Server:
@@ -259,8 +266,10 @@ class Process:
             line = self._line(timeout)
             if line is None:
                 raise subprocess.TimeoutExpired(self.argv, timeout)
-            self.returncode = int(line)
+            code, cpu = line.split()
+            self.returncode = int(code)
             self._conn.close()
+            _count_cpu(float(cpu))
         return self.returncode
 
     def kill(self) -> None:
@@ -311,3 +320,5 @@ def run(argv: list[str], cwd: Path | str, env: dict, timeout: float = 300, preex
 
 if __name__ == "__main__":
     serve(sys.argv[1])
+    sys.stdout.flush()
+    os._exit(0)  # no finalizing of torch and transformers: seconds of CPU on a busy machine, for nothing

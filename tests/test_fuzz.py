@@ -137,7 +137,8 @@ def test_random_token_soup_in_a_block(workdir: Path, text: str) -> None:
     check_load(wrapped, workdir)
 
 
-@settings(max_examples=examples(30, 60), derandomize=True, database=None, deadline=None)
+@settings(max_examples=examples(30, 60), derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.sampled_from(["(", "[", "{", "not ", "-", "a.", "a[", "x ?? ", "1 + ", "a or "]), st.integers(10, 3000))
 def test_deep_input_is_refused_cleanly(opener: str, n: int) -> None:
     closer = {"(": ")", "[": "]", "{": "}", "a[": "0]"}.get(opener, "")
