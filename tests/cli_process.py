@@ -117,7 +117,6 @@ def _become_command(request: dict, default_threads: int) -> None:
 def _supervise(conn: socket.socket, default_threads: int) -> None:
     """In the supervisor process: read the request, fork the command, report its pid and exit status."""
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it; this process waits
         request = pickle.loads(_recv_message(conn))
         pid = os.fork()
         if pid == 0:
