@@ -1,17 +1,17 @@
 """Shared fixtures: an isolated moedsl cache (so the built-in default model is built once per
 session in a temporary directory, never in ~/.cache), the default model's directory, tiny models
-per model_type, and a helper that runs the real CLI in a subprocess."""
+per model_type, and a helper that runs the real CLI as a process of its own."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import cli_process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,12 +59,13 @@ def tiny_model(tmp_path_factory):
     return make
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m moedsl ARGS` from the repository root, with this session's environment."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> cli_process.Completed:
+    """`moedsl ARGS` as a process of its own, from the repository root, with this session's environment:
+    forked from the server that has imported moedsl once (tests/cli_process.py; `python -m moedsl` in a
+    fresh interpreter with `MOEDSL_LONG_TESTS=1`). `returncode`, `stdout`, `stderr` as `subprocess.run`'s."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "moedsl", *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return cli_process.run([str(a) for a in args], REPO, full_env, timeout)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The adversarial harness (tests/adversarial) in CI: every case, as a real CLI subprocess, is handled."""
+"""The adversarial harness (tests/adversarial) in CI: every case, run as a real CLI process, is handled."""
 
 from __future__ import annotations
 

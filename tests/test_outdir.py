@@ -2,7 +2,8 @@
 visibly not, and filesystem errors reported with exit 2.
 
 Refusals run the CLI in-process (they must fail before any model is loaded); locking, kills and
-filesystem errors run real `python -m moedsl` processes.
+filesystem errors run real processes: forked from a server that has imported moedsl once
+(tests/cli_process.py), and `python -m moedsl` in a fresh interpreter inside the tmpfs mounts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from moedsl.cli import main as cli_main
+from tests import cli_process
 
 FAST = ["--group-size", "32", "--samples", "2", "--seq-len", "16", "--no-progress"]
 REPORT = "moedsl-report.json"
@@ -182,24 +184,26 @@ def _env(**extra: str) -> dict:
     return env
 
 
+def _args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["quantize", "--model", str(model), "--out", str(out), *ARGS, *extra]
+
+
 def _argv(model: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "moedsl", "quantize", "--model", str(model), "--out", str(out), *ARGS, *extra]
+    return [sys.executable, "-m", "moedsl", *_args(model, out, *extra)]
 
 
-def _run(model: Path, out: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(_argv(model, out, *extra), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
-                       **kw)
+def _run(model: Path, out: Path, *extra: str, preexec_fn=None) -> cli_process.Completed:
+    """The command to its end, as a process of its own (forked from the preloaded server, tests/cli_process.py)."""
+    r = cli_process.run(_args(model, out, *extra), REPO, _env(), timeout=300, preexec_fn=preexec_fn)
     assert "Traceback" not in r.stderr, r.stderr
     return r
 
 
-def _stopped(model: Path, out: Path, point: str, *extra: str) -> subprocess.Popen:
-    """A run stopped at `point` (a `stop_point` name), waiting there to be killed."""
+def _stopped(model: Path, out: Path, point: str, *extra: str) -> cli_process.Process:
+    """A run (a process of its own) stopped at `point` (a `stop_point` name), waiting there to be killed."""
     marker = out.parent / f".stopped-{out.name}-{time.monotonic_ns()}"
-    log = open(out.parent / f".stderr-{out.name}", "w")
-    p = subprocess.Popen(_argv(model, out, *extra), cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
-                         env=_env(MOEDSL_TEST_STOP=point, MOEDSL_TEST_STOP_FILE=str(marker)))
-    log.close()
+    env = _env(MOEDSL_TEST_STOP=point, MOEDSL_TEST_STOP_FILE=str(marker))
+    p = cli_process.Process(_args(model, out, *extra), REPO, env, stderr=out.parent / f".stderr-{out.name}")
     deadline = time.monotonic() + 300
     while not (marker.is_file() and marker.read_text().endswith("\n")):
         if p.poll() is not None or time.monotonic() > deadline:
@@ -212,7 +216,7 @@ def _stopped(model: Path, out: Path, point: str, *extra: str) -> subprocess.Pope
     return p
 
 
-def _kill(p: subprocess.Popen) -> None:
+def _kill(p: cli_process.Process) -> None:
     os.kill(p.pid, signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
 
@@ -442,17 +446,10 @@ def test_read_only_output(tiny4, tmp_path):
 
 def test_file_size_limit_then_resume(tiny4, reference, tmp_path):
     """RLIMIT_FSIZE (works without privileges): the first file above the limit fails with EFBIG."""
-    import resource
-
     limit = 40_000
     assert any(p.stat().st_size > limit for p in reference.glob("layer-*"))
-
-    def limited():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
     out = tmp_path / "out"
-    r = _run(tiny4, out, preexec_fn=limited)
+    r = _run(tiny4, out, preexec_fn=cli_process.file_size_limit(limit))
     assert r.returncode == 2, r.stderr
     assert f"cannot write {out}/" in r.stderr and "File too large" in r.stderr and "ulimit -f" in r.stderr
     assert not [n for n in MARKERS if (out / n).exists()] and not list(out.glob(".*.partial"))

@@ -9,6 +9,7 @@ library that resolved into the checkout instead of the installed package fails h
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -44,9 +45,15 @@ def installed(tmp_path_factory):
           str(src)], cwd=root, env=env)
     (wheel,) = wheels.glob("moedsl-*.whl")
     venv = root / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=root, env=env)
     bin_dir = venv / "bin"
-    _run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], cwd=root, env=env)
+    pip_version = tuple(int(x) for x in importlib.metadata.version("pip").split(".")[:2] if x.isdigit())
+    if pip_version >= (22, 3):  # no pip inside the venv (ensurepip is slow): this pip installs into it
+        _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], cwd=root, env=env)
+        pip = [sys.executable, "-m", "pip", "--python", str(bin_dir / "python")]
+    else:
+        _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=root, env=env)
+        pip = [str(bin_dir / "python"), "-m", "pip"]
+    _run([*pip, "install", "-q", "--no-deps", str(wheel)], cwd=root, env=env)
     work = root / "elsewhere"
     work.mkdir()
     return bin_dir, {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}, work, wheel

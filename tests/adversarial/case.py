@@ -14,6 +14,10 @@ there), and a failed run leaves no output directory that looks complete.
 
 A `cases_<topic>.py` module exports `CASES`, a list of `Case`. A case may replace how the command
 runs (`execute`: kills, concurrent runs) and add checks of its own (`check`).
+
+Each command is a real process of its own, forked from a server that has imported moedsl, torch and
+transformers once (`tests/cli_process.py`); a case marked `fresh` (and every case when
+`MOEDSL_LONG_TESTS=1`) runs `python -m moedsl` in a fresh interpreter instead.
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ class Case:
     execute: Execute | None = None
     check: Check | None = None
     timeout: float = 300.0  # generous: a busy CI machine is slow; a hang still ends
+    fresh: bool = False  # run as `python -m moedsl` in a fresh interpreter (not forked from the server)
 
 
 # ---- running one command ----------------------------------------------------------------
@@ -133,6 +138,18 @@ def cli_env(extra: dict | None = None) -> dict:
 
 
 def run_cli(ws: Workspace, argv: list[str], env: dict, timeout: float) -> Result:
+    """The command in a process forked from the preloaded server (tests/cli_process.py)."""
+    from tests import cli_process
+
+    try:
+        p = cli_process.run(argv, ws.root, env, timeout)
+        return Result(p.returncode, p.stdout, p.stderr, p.seconds)
+    except subprocess.TimeoutExpired as exc:
+        return Result(-9, "", (exc.stderr or "") + f"\n[harness] timed out after {timeout:.0f} s", timeout)
+
+
+def run_fresh_cli(ws: Workspace, argv: list[str], env: dict, timeout: float) -> Result:
+    """The command as `python -m moedsl` in a fresh interpreter."""
     import time
 
     t0 = time.perf_counter()

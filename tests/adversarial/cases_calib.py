@@ -47,7 +47,7 @@ CASES = [
     Case("calib-jsonl-ok", "calibration", _calib("c.jsonl", json.dumps(_ids()) + "\n"), ok()),
     Case("calib-text-ok", "calibration", _calib("c.txt", "The quick brown fox. " * 50), ok()),
     Case("calib-jsonl-deep-nesting", "calibration", _calib("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n"),
-         error("deep.jsonl:1")),
+         error("deep.jsonl:1"), fresh=True),
     Case("calib-jsonl-deep-object", "calibration", _calib("deepobj.jsonl", '{"a":' * 50_000 + "1" + "}" * 50_000),
          error("deepobj.jsonl:1")),
     Case("calib-jsonl-5000-digit-int", "calibration", _calib("big.jsonl", "[1, " + "9" * 5000 + "]\n"),

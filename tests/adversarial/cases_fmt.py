@@ -23,7 +23,7 @@ _LATIN1 = GOOD.replace("// Qwen3 MoE", "// Qwen3 MoE caf\u00e9").encode("latin-1
 
 CASES = [
     Case("fmt-ok", "fmt", _fmt("ok.moedef", GOOD), ok()),
-    Case("fmt-not-utf8", "fmt", _fmt("l1.moedef", _LATIN1), error("l1.moedef:1:")),
+    Case("fmt-not-utf8", "fmt", _fmt("l1.moedef", _LATIN1), error("l1.moedef:1:"), fresh=True),
     Case("fmt-not-utf8-later-line", "fmt", _fmt("l2.moedef", GOOD.encode() + b"// caf\xe9\n"),
          error(f"l2.moedef:{GOOD.count(chr(10)) + 1}:")),
     Case("fmt-lone-surrogate", "fmt", _fmt("s.moedef", GOOD.replace('"mlp.experts.{e}.gate_proj"',
@@ -42,6 +42,6 @@ CASES = [
     Case("fmt-bom", "fmt", _fmt("bom.moedef", "\ufeff" + GOOD), either("bom.moedef")),
     Case("fmt-crlf", "fmt", _fmt("crlf.moedef", GOOD.replace("\n", "\r\n")), either("crlf.moedef")),
     Case("fmt-deep-brackets", "fmt", _fmt("deep.moedef", GOOD + "let x = " + "(" * 100_000 + "1" + ")" * 100_000 + "\n"),
-         error("deep.moedef:")),
+         error("deep.moedef:"), fresh=True),
     Case("fmt-long-number", "fmt", _fmt("num.moedef", GOOD + "let x = " + "9" * 5000 + "\n"), error("num.moedef:")),
 ]

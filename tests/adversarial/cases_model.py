@@ -85,9 +85,9 @@ def _report_warnings_nonempty(ws, res):
 
 
 CASES = [
-    Case("baseline-qwen3", "model-dir", lambda ws: quantize(ws, ws.model()), ok()),
+    Case("baseline-qwen3", "model-dir", lambda ws: quantize(ws, ws.model()), ok(), fresh=True),
     Case("baseline-mixtral", "model-dir", lambda ws: quantize(ws, ws.model("mixtral")), ok()),
-    Case("baseline-default-model", "model-dir", lambda ws: quantize(ws, None), ok()),
+    Case("baseline-default-model", "model-dir", lambda ws: quantize(ws, None), ok(), fresh=True),
     # damaged files
     Case("shard-truncated", "model-dir", lambda ws: _shard(ws, lambda d: d[: len(d) // 2]),
          error("model.safetensors")),
@@ -110,7 +110,7 @@ CASES = [
     Case("index-shard-escapes-dir", "model-dir",
          lambda ws: _index(ws, lambda wm: {**wm, ATTN: "../../../etc/passwd"}),
          error("model.safetensors.index.json")),
-    Case("config-missing", "model-dir", lambda ws: quantize(ws, _del_config(ws)), error("config.json")),
+    Case("config-missing", "model-dir", lambda ws: quantize(ws, _del_config(ws)), error("config.json"), fresh=True),
     Case("config-not-json", "model-dir", lambda ws: quantize(ws, _write_config(ws, "{'model_type': 1")),
          error("config.json")),
     Case("config-empty", "model-dir", lambda ws: quantize(ws, _write_config(ws, "")), error("config.json")),

@@ -20,7 +20,7 @@ CASES = [
     Case("tokens-cannot-fit", "options", _q("--samples", "1000000000", "--seq-len", "1000000000"),
          error("--samples", "--seq-len", "1000000000")),
     Case("tokens-too-many-for-memory", "options", _q("--samples", "200000", "--seq-len", "100000"),
-         error("--samples", "200000")),
+         error("--samples", "200000"), fresh=True),
     Case("seq-len-above-positions", "options", _q("--seq-len", "1000", "--samples", "1"), either("--seq-len")),
     Case("policy-auto-huge-min-tokens", "options", _q("--policy", "auto(min_tokens=" + "9" * 40 + ")"),
          error("--policy", "min_tokens")),

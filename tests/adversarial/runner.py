@@ -1,4 +1,4 @@
-"""Run every adversarial case as a real CLI subprocess and judge it (`python -m tests.adversarial`).
+"""Run every adversarial case as a real CLI process and judge it (`python -m tests.adversarial`).
 
 Cases come from the `cases_*.py` modules beside this file (each exports `CASES`). Inputs are
 built serially (the shared tiny models once), the commands run in parallel (`-j`, default: the
@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tests.adversarial import case as C
+from tests.cli_process import fresh_python
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,7 +64,8 @@ def run_cases(cases: list[C.Case], jobs: int | None = None, keep: Path | None = 
         if broken:
             return case, C.Result(-1, "", broken), [broken]
         env = C.cli_env({**env_base, **case.env})
-        res = (case.execute or C.run_cli)(ws, argv, env, case.timeout)
+        execute = case.execute or (C.run_fresh_cli if case.fresh or fresh_python() else C.run_cli)
+        res = execute(ws, argv, env, case.timeout)
         return case, res, C.judge(case, ws, before, res, argv)
 
     jobs = jobs or os.cpu_count() or 2
