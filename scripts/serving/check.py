@@ -41,7 +41,7 @@ import torch  # noqa: E402
 FORMATS = ("gptq", "compressed-tensors")
 # library MoE families with a vLLM model class (vLLM 0.32), plain / shared-expert / fused-checkpoint
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "granitemoe", "dbrx", "gpt_oss")
-CI_FAMILIES = ("qwen3_moe", "qwen2_moe", "granitemoe")
+CI_FAMILIES = ("qwen3_moe", "qwen2_moe", "gpt_oss")  # plain, shared experts, fused checkpoint (stacked for vLLM)
 PROMPT = [(7 * i + 3) % 256 for i in range(24)]
 VLLM_TOLERANCE = 0.05  # |Δ log-prob| vs the reference: vLLM computes in bf16
 HF_TOLERANCE = 1e-3  # transformers decompresses to fp32
@@ -323,11 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm-python", required=True)
     ap.add_argument("--hf-python", default=None)
     ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--ci", action="store_true", help=f"the families CI checks: {','.join(CI_FAMILIES)}")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--work", default=None, help="keep checkpoints and probe logs here")
     ap.add_argument("--json", default=None, help="write the matrix as JSON here")
     args = ap.parse_args(argv)
-    families = [f for f in args.families.split(",") if f]
+    families = list(CI_FAMILIES) if args.ci else [f for f in args.families.split(",") if f]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="moedsl-serving-"))
     rows = {}
     for family in families:
