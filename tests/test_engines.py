@@ -150,3 +150,47 @@ def test_gpt_oss_compressed_tensors_experts_stacked_as_vllm_maps_them(tiny_model
         assert torch.equal(tensors[f"{stacked}_bias"], bias[e].to(tensors[f"{stacked}_bias"].dtype))
         assert tensors[f"{layer}.{e}.w2_weight_packed"].shape[0] == hidden
         assert f"{layer}.{e}.w2_bias" in tensors
+
+
+def _stack(n: int, out: int, cols: int, seed: int):
+    import torch
+
+    from moedsl.gptq.quantizer import QuantStack
+
+    g = torch.Generator().manual_seed(seed)
+    return QuantStack(codes=torch.randint(0, 16, (n, out, cols), generator=g, dtype=torch.uint8),
+                      scales=torch.rand(n, out, 2, generator=g), zeros=torch.full((n, out, 2), 8, dtype=torch.int32),
+                      g_idx=(torch.arange(cols, dtype=torch.int32) // (cols // 2)).expand(n, cols).contiguous(),
+                      bias=torch.rand(n, out, generator=g))
+
+
+def test_stacker_pairs_gate_and_up_per_expert_chunk():
+    """The stage between quantizer and packer: gate waits for up of the same experts; rows interleave
+    as gpt-oss's SwiGLU reads them; down is renamed; other stacks pass unchanged."""
+    import torch
+
+    from moedsl.errors import MoedslError
+    from moedsl.execute.layer import Quantized
+    from moedsl.execute.stacker import ExpertStacker
+    from moedsl.write.engines import VLLM_STACKED_EXPERTS
+
+    stacker = ExpertStacker(VLLM_STACKED_EXPERTS["gpt_oss"]["compressed-tensors"], ["mlp.experts"])
+    names = lambda role: [f"mlp.experts.{e}.{role}_proj" for e in (2, 3)]  # noqa: E731
+    gate, up, down = _stack(2, 4, 8, 0), _stack(2, 4, 8, 1), _stack(2, 8, 4, 2)
+    attn = Quantized(["self_attn.q_proj"], _stack(1, 4, 8, 3), False)
+    assert [s.q for s in stacker.add(attn)] == [attn]
+    assert stacker.add(Quantized(names("up"), up, True)) == []
+    (w13,) = stacker.add(Quantized(names("gate"), gate, True))
+    assert w13.q.ckpts == ["mlp.experts.2.w13", "mlp.experts.3.w13"] and (w13.join, w13.omit) == ("_", ("weight_shape",))
+    assert torch.equal(w13.q.stack.codes[:, 0::2], gate.codes) and torch.equal(w13.q.stack.codes[:, 1::2], up.codes)
+    assert torch.equal(w13.q.stack.bias[:, 1::2], up.bias) and torch.equal(w13.q.stack.scales[:, 0::2], gate.scales)
+    (w2,) = stacker.add(Quantized(names("down"), down, True))
+    assert w2.q.ckpts == ["mlp.experts.2.w2", "mlp.experts.3.w2"] and w2.q.stack is down
+    stacker.finish()
+    stacker.add(Quantized(names("gate"), gate, True))
+    with pytest.raises(MoedslError, match="without its partner"):
+        stacker.finish()
+    other = _stack(2, 4, 8, 4)
+    other.g_idx.zero_()
+    with pytest.raises(MoedslError, match="g_idx differ"):  # the gate still waiting, an up of other groups
+        stacker.add(Quantized(names("up"), other, True))
