@@ -48,8 +48,9 @@ def test_default_engine_warns_before_quantizing_and_writes(cli, tmp_path):
     assert qc["bits"] == 3
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     modules = {k.removesuffix(".qweight") for k in index if k.endswith(".qweight")}
-    assert "model.layers.0.mlp.gate_up_proj" in qc["modules_in_block_to_quantize"]
-    assert modules <= set(qc["modules_in_block_to_quantize"])
+    (listed,) = qc["modules_in_block_to_quantize"]  # list[list[str]], as transformers' GPTQConfig has it
+    assert "model.layers.0.mlp.gate_up_proj" in listed
+    assert modules <= set(listed)
 
 
 def test_engine_none_checks_nothing_and_writes_asym_gptq_as_v2(cli, tmp_path):

@@ -224,7 +224,8 @@ class CheckpointWriter:
         quantized = self.quantized_modules()
         if self.fmt == "gptq":
             qc = gptq_quantize_config(self.cfg, self.gptq_checkpoint_format, self.quantizer)
-            qc["modules_in_block_to_quantize"] = gptq_module_list(quantized)
+            # one list of names: the `list[list[str]]` transformers' GPTQConfig documents; vLLM flattens it
+            qc["modules_in_block_to_quantize"] = [gptq_module_list(quantized)]
         else:
             qc = ct_quantization_config(self.cfg, sorted(self._ignore - set(quantized)), targets_for(quantized))
         qc.update(self.extra_quantization_config)
