@@ -74,6 +74,13 @@ def serving_overrides(model_type: str) -> dict:
         return out
 
     out = fit(base)
+    if "qk_rope_head_dim" in base:  # MLA: fused_qkv_a_proj has q_lora_rank + kv_lora_rank + rope rows, and vLLM's
+        # CPU linear kernel takes multiples of 32 only (128 + 64 + 32 = 224)
+        out["qk_rope_head_dim"] = 32
+        if "head_dim" in base:  # transformers' rotary width for MLA
+            out["head_dim"] = 32
+        if "qk_head_dim" in base:
+            out["qk_head_dim"] = base["qk_nope_head_dim"] + 32
     out["initializer_range"] = 0.08  # larger weights than the default init, so wrong ones show in log-probs
     return out
 
