@@ -37,6 +37,10 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                         "module:Name (docs/solvers.md)")
     p.add_argument("--policy", default="routed", help="MoE calibration: routed | all | topk=N | auto(min_tokens=N)")
     p.add_argument("--format", default="gptq", choices=["gptq", "compressed-tensors"])
+    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "none"],
+                   help="the serving engine the checkpoint is for: auto (default) writes vLLM's names and warns "
+                        "before quantizing of what vLLM would not load; vllm refuses that instead; none: only what "
+                        "the format can store")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if a partial run is there")

@@ -33,6 +33,9 @@ class QuantizeOptions(BaseModel):
     damp_percent: float = 0.01
     policy: str = "routed"
     format: Literal["gptq", "compressed-tensors"] = "gptq"
+    # the serving engine the output is written for (moedsl/write/engines.py): auto warns of what vLLM
+    # would not load, vllm refuses it, none writes whatever the format can store
+    engine: Literal["auto", "vllm", "none"] = "auto"
     device: str = "auto"
     seed: int = 0
     resume: bool = True

@@ -27,6 +27,8 @@ class Packed:
     buffer: torch.Tensor  # uint8, on the host
     layout: list[tuple[str, torch.dtype, tuple[int, ...], int, int]]  # (local key, dtype, shape, offset, bytes)
     ready: torch.cuda.Event | None = None
+    join: str = "."  # keys are name + join + local key (`_` for an engine's stacked expert names)
+    omit: tuple[str, ...] = ()  # local keys not stored (a stacked layout has no name for them)
 
     def modules(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """(module name, {local key: tensor}) per module; each tensor owns its storage (safetensors
@@ -47,7 +49,8 @@ class Packer:
         self.writer = writer
         self.dtype = dtype
 
-    def pack(self, names: list[str], stack: QuantStack, expert: bool) -> Packed:
+    def pack(self, names: list[str], stack: QuantStack, expert: bool, join: str = ".",
+             omit: tuple[str, ...] = ()) -> Packed:
         stored = self.writer.pack_stack(names, stack, self.dtype, expert=expert)  # local -> [n, ...]
         layout, pieces, offset = [], [], 0
         n = len(names)
@@ -62,13 +65,14 @@ class Packer:
             offset += flat.numel()
         device = stack.codes.device
         if device.type != "cuda":
-            return Packed(list(names), torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone(), layout)
+            return Packed(list(names), torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone(), layout,
+                          join=join, omit=omit)
         flat = torch.cat(pieces)
         host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
         host.copy_(flat, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(device))
-        return Packed(list(names), host, layout, ready)
+        return Packed(list(names), host, layout, ready, join, omit)
 
 
 def packed_bytes(packed: list[Packed]) -> int:

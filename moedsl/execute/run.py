@@ -33,6 +33,7 @@ from moedsl.execute.outdir import REPORT_NAME, RUN_DIR, STATE_NAME, OutputDir, c
 from moedsl.execute.packer import Packer
 from moedsl.execute.phases import Phases
 from moedsl.execute.reader import LayerReader
+from moedsl.execute.stacker import ExpertStacker
 from moedsl.execute.report import Report, print_summary
 from moedsl.execute.writer import FinishedLayer, LayerWriter, copy_keys
 from moedsl.models import remote
@@ -193,6 +194,27 @@ def check_shapes(plan: HookPlan, cfg, fmt: str) -> None:
                           + (f"\n  … and {len(lines) - 20} more" if len(lines) > 20 else ""), notes=notes)
 
 
+def check_engine(opts: QuantizeOptions, cfg, has_experts: bool, family: str | None = None) -> list[str]:
+    """What the chosen serving engine could not load (moedsl/write/engines.py), found before any work:
+    refused for `--engine vllm`, returned as warnings for `auto`. What the format cannot store is
+    refused for every engine."""
+    from moedsl.write.engines import engine_problems, family_problems, format_problems
+
+    refused = format_problems(opts.format, cfg, has_experts=has_experts)
+    if refused:
+        raise MoedslError(f"--format {opts.format}: this checkpoint cannot be written:\n  " + "\n  ".join(refused))
+    problems = engine_problems(opts.engine, opts.format, cfg, has_experts=has_experts)
+    if family is not None:
+        problems += family_problems(opts.engine, family, opts.format)
+    if problems and opts.engine == "vllm":
+        raise MoedslError(f"--engine vllm: this {opts.format} checkpoint would not load in vLLM:\n  "
+                          + "\n  ".join(problems),
+                          notes=["pass --engine none to write it anyway, for a loader other than vLLM "
+                                 "(or leave --engine out: the run then warns instead)"])
+    return [f"vLLM will not load this checkpoint: {p} (--engine vllm refuses it; --engine none does not check)"
+            for p in problems]
+
+
 def quantize(**kwargs) -> Report:
     """Quantize a model and write a checkpoint; keyword arguments are `QuantizeOptions` fields.
 
@@ -209,7 +231,9 @@ class Runner:
         self.opts = opts
         self.device = pick_device(opts.device)
         self.policy = opts.moe_policy()
-        opts.quant_config()  # bad bits, group size or damping fail here, before any model is loaded
+        # bad bits, group size or damping, or a combination the chosen engine cannot load, fail here,
+        # before any model is loaded
+        check_engine(opts, opts.quant_config(), has_experts=False)
         self.out: OutputDir | None = None
         self.reader: LayerReader | None = None
         from moedsl.solvers import resolve_solver
@@ -234,6 +258,7 @@ class Runner:
         from moedsl.models.default import default_model_dir
         from moedsl.plan.compiler import compile_plan
         from moedsl.write.checkpoint import CheckpointWriter, required_scale_dtype
+        from moedsl.write.engines import gptq_checkpoint_format, stacked_experts
 
         opts = self.opts
         t_start = time.perf_counter()
@@ -270,6 +295,9 @@ class Runner:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         cfg = opts.quant_config(required_scale_dtype(opts.format, dtype))
         check_shapes(plan, cfg, opts.format)
+        engine_warnings = check_engine(opts, cfg, has_experts=any(kind.moe for kind in plan.kinds),
+                                       family=definition.header.name)
+        stacked = stacked_experts(opts.engine, definition.header.name, opts.format)
         with phases("startup.calibration"):
             calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed,
                                      trust_remote_code=code is not None)
@@ -277,9 +305,10 @@ class Runner:
         self.out = out = hold(opts.out, resume=opts.resume, overwrite=opts.overwrite)
         resuming = out.state is not None
         head_options = dict(ignore=(), extra_quantization_config={"lm_head": True} if opts.format == "gptq" else None)
-        writer = CheckpointWriter(opts.out, opts.format, cfg, **(head_options if opts.quantize_lm_head else {}))
+        writer = CheckpointWriter(opts.out, opts.format, cfg, gptq_checkpoint_format=gptq_checkpoint_format(cfg),
+                                  **(head_options if opts.quantize_lm_head else {}))
         ids, warnings = (calib.input_ids, list(calib.warnings)) if hasattr(calib, "input_ids") else (calib, [])
-        warnings = model_warnings + warnings  # the report lists every warning, not only stderr
+        warnings = model_warnings + engine_warnings + warnings  # the report lists every warning, not only stderr
         report = Report.start(opts, plan, str(model_dir), definition.source_file or definition.header.name,
                               str(self.device), warnings)
         report.remote_code = code.record() if code is not None else None
@@ -343,14 +372,18 @@ class Runner:
                     quantizer.phases = phases
                     prefix = checkpoint_prefix(loader, plan, i)
                     packed: list = []
+                    stacker = ExpertStacker(stacked, [m.experts.path for m in kind.moe])
 
-                    def pack(q, prefix=prefix, packed=packed):
+                    def pack(q, prefix=prefix, packed=packed, stacker=stacker):
                         with phases("pack"):
-                            packed.append(packer.pack([prefix + c for c in q.ckpts], q.stack, q.expert))
+                            for s in stacker.add(q):
+                                packed.append(packer.pack([prefix + c for c in s.q.ckpts], s.q.stack, s.q.expert,
+                                                          s.join, s.omit))
 
                     quantizer.sink = pack
                     with remote.running(code, f"running decoder layer {i}", only_in_code=True):
                         result = quantizer.run(hidden, kwargs)
+                    stacker.finish()
                     hidden = [y.to(act_device) for y in result.outputs]
                     carried = [dict(zip(plan.carry, extra)) for extra in result.carried]
                     loader.unload_layer(model, i)

@@ -85,7 +85,7 @@ class LayerWriter:
         t0 = time.perf_counter()
         for packed in layer.packed:
             for name, tensors in packed.modules():
-                self.writer.add_packed(name, tensors)
+                self.writer.add_packed(name, tensors, join=packed.join, omit=packed.omit)
         copy_keys(self.writer, self.loader, layer.copies)
         self.writer.flush_shard(layer.shard)
         t1 = time.perf_counter()

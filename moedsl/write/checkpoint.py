@@ -30,6 +30,7 @@ from safetensors import safe_open
 from moedsl.errors import MoedslError
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack
 from moedsl.write.compressed_tensors import check_ct_config, ct_quantization_config, ct_tensors, ct_tensors_stacked
+from moedsl.write.engines import gptq_module_list, targets_for
 from moedsl.write.files import filesystem_error, save_atomic, write_all_atomic
 from moedsl.write.gptq_format import (CheckpointFormat, check_gptq_config, gptq_quantize_config, gptq_tensors,
                                      gptq_tensors_stacked)
@@ -102,12 +103,16 @@ class CheckpointWriter:
         dtype: torch.dtype = torch.bfloat16,
         *,
         expert: bool = False,
+        join: str = ".",
+        omit: tuple[str, ...] = (),
     ) -> None:
         """Add the quantized module `name` (checkpoint name without `.weight`).
 
         dtype: the model dtype; compressed-tensors stores scales and bias in it, GPTQ stores
             bias in it (GPTQ scales are always float16).
         expert: the module is a routed MoE expert (compressed-tensors refuses asymmetric ones).
+        join, omit: keys are `name + join + local`; `omit` drops local keys. Both serve engines that
+            name stacked experts as one leaf (`experts.3.w13_weight_packed`, engines.StackedExperts).
         """
         self._check_open()
         self._check_name(name)
@@ -117,7 +122,7 @@ class CheckpointWriter:
             tensors = ct_tensors(name, result, self.cfg, dtype, bias, expert)
         # every tensor is new (packed, or copied where it could share the caller's storage: one g_idx
         # serves every matrix that shared a Hessian, and safetensors refuses shared storage)
-        self.add_packed(name, tensors)
+        self.add_packed(name, tensors, join=join, omit=omit)
 
     def pack_stack(self, names: list[str], stack: QuantStack, dtype: torch.dtype = torch.bfloat16, *,
                    expert: bool = False) -> dict[str, torch.Tensor]:
@@ -130,12 +135,13 @@ class CheckpointWriter:
             return gptq_tensors_stacked(names, stack, self.cfg, dtype, self.gptq_checkpoint_format)
         return ct_tensors_stacked(names, stack, self.cfg, dtype, expert)
 
-    def add_packed(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    def add_packed(self, name: str, tensors: Mapping[str, torch.Tensor], *, join: str = ".",
+                   omit: tuple[str, ...] = ()) -> None:
         """Add module `name` from its stored tensors by local key (`pack_stack`'s, one matrix of them),
-        which must be on the CPU and own their storage."""
+        which must be on the CPU and own their storage. join, omit: as for `add_quantized`."""
         self._check_open()
         self._check_name(name)
-        keys = {f"{name}.{local}": t for local, t in tensors.items()}
+        keys = {f"{name}{join}{local}": t for local, t in tensors.items() if local not in omit}
         for key in keys:
             self._check_new_key(key)
         self._pending.update(keys)
@@ -206,11 +212,22 @@ class CheckpointWriter:
 
     # ---- the end ----------------------------------------------------------------------
 
+    def quantized_modules(self) -> list[str]:
+        """Every quantized module written so far (adopted shards included), by checkpoint name."""
+        marker = "qweight" if self.fmt == "gptq" else "weight_packed"
+        keys = list(self._weight_map) + list(self._pending)
+        return sorted(k.removesuffix(marker)[:-1] for k in keys if k.endswith(marker) and k[-len(marker) - 1] in "._")
+
     def quantization_config(self) -> dict:
+        """The format's config. Module names serving engines need to match are derived from the
+        tensors written (moedsl/write/engines.py says why each is there)."""
+        quantized = self.quantized_modules()
         if self.fmt == "gptq":
             qc = gptq_quantize_config(self.cfg, self.gptq_checkpoint_format, self.quantizer)
+            # one list of names: the `list[list[str]]` transformers' GPTQConfig documents; vLLM flattens it
+            qc["modules_in_block_to_quantize"] = [gptq_module_list(quantized)]
         else:
-            qc = ct_quantization_config(self.cfg, sorted(self._ignore))
+            qc = ct_quantization_config(self.cfg, sorted(self._ignore - set(quantized)), targets_for(quantized))
         qc.update(self.extra_quantization_config)
         return qc
 

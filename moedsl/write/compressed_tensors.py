@@ -104,8 +104,10 @@ def ct_tensors_stacked(
     return tensors
 
 
-def ct_quantization_config(cfg: QuantConfig, ignore: list[str]) -> dict:
-    """`quantization_config` for config.json: one scheme for every quantized Linear."""
+def ct_quantization_config(cfg: QuantConfig, ignore: list[str], targets: list[str] | None = None) -> dict:
+    """`quantization_config` for config.json: one scheme for every quantized Linear.
+
+    targets: default ["Linear"]; a quantized lm_head must be named too (`engines.targets_for`)."""
     grouped = cfg.group_size != -1
     weights = {
         "num_bits": cfg.bits,
@@ -123,7 +125,7 @@ def ct_quantization_config(cfg: QuantConfig, ignore: list[str]) -> dict:
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
-                "targets": ["Linear"],
+                "targets": list(targets or ["Linear"]),
                 "weights": weights,
                 "input_activations": None,
                 "output_activations": None,

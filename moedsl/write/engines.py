@@ -1,0 +1,186 @@
+"""What the serving engines load, as data beside the writers.
+
+A run names the engine it writes for (`--engine`):
+  * `auto` (the default): the names and layouts vLLM maps (gpt_oss's stacked experts), and a
+    warning, before anything is quantized, for each option or family vLLM could not load;
+  * `vllm`: the same, but those are refused (exit 2) before any model is loaded or quantized;
+  * `none`: only what the format itself can store, no engine's names, no warnings.
+`engine_problems` / `family_problems` give the reasons in vLLM's own words, and what it takes instead.
+
+Facts are from vLLM 0.32's Python sources, which its CPU and GPU builds share (the CPU build is what
+scripts/check-serving.sh runs). The refusals below are raised by vLLM's config classes on any build:
+  * GPTQ (`auto_gptq.AutoGPTQConfig`): `TYPE_MAP` holds only (4, sym) and (8, sym); anything else fails
+    with "Unsupported quantization config: bits=B, sym=S". `desc_act=True` with grouped weights fails
+    in `gptq_utils.normalize_and_validate_gptq_desc_act`. act_order with static groups is written with
+    `desc_act: false` and trivial `g_idx`, which it loads.
+  * compressed-tensors (`compressed_tensors_wNa16.py`, `compressed_tensors_moe_wna16.py`): 4 and 8
+    bits; actorder "group" (a g_idx) is removed, "weight" (static groups) loads. A quantized lm_head
+    is a `ParallelLMHead`, not a `Linear`, so the scheme's `targets` must name it (`targets_for`).
+  * GPTQ module matching (`gptq_utils.is_layer_gptq_quantized`): a runtime Linear that fuses
+    checkpoint modules is quantized only if the config's `packed_modules_mapping` lists its
+    parts. Several model classes (qwen2_moe, qwen3_moe with `mlp_only_layers`; deepseek_v2/v3
+    with `q_lora_rank`) add `gate_up_proj` / `fused_qkv_a_proj` to that mapping only after the
+    quantization config has copied it, so the dense layer comes up unquantized and loading fails
+    with "'MergedColumnParallelLinear' object has no attribute 'data'". Listing the quantized
+    modules in `modules_in_block_to_quantize`, the fused runtime names included
+    (`gptq_module_list`), makes the match explicit.
+Kernel limits differ between builds and are not refused here, since moedsl cannot know where the
+checkpoint will be served: the CPU build's `CPUWNA16LinearKernel` takes output sizes that are
+multiples of 32 only, and its int4 MoE kernel runs only on x86 with AMX, for SiLU experts with plain
+top-k routing; a GPU build picks Marlin (its own tile sizes) or falls back to MoeWNA16 kernels. The
+engine names such a limit when it loads the checkpoint (the serving check prints it verbatim).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+
+from moedsl.errors import MoedslError
+from moedsl.gptq.quantizer import QuantConfig, QuantStack
+
+Engine = Literal["auto", "vllm", "none"]
+ENGINES = ("auto", "vllm", "none")
+VLLM_VERSION = "0.32"
+
+# vLLM's fused runtime Linears and the checkpoint modules each fuses (siblings under one parent)
+VLLM_FUSED_LINEARS: dict[str, tuple[str, ...]] = {
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),
+}
+
+VLLM_BITS = {"gptq": (4, 8), "compressed-tensors": (4, 8)}
+VLLM_DESC_ACT = ("GPTQ group activation ordering (desc_act=True) is no longer supported. Use a checkpoint with "
+                 "static activation ordering or desc_act=False.")
+
+
+def _dynamic_act_order(cfg: QuantConfig) -> bool:
+    return cfg.act_order and cfg.group_size != -1 and not cfg.static_groups
+
+
+def format_problems(fmt: str, cfg: QuantConfig, *, has_experts: bool) -> list[str]:
+    """What the writer itself would refuse only once the first expert is written: found up front."""
+    if fmt == "compressed-tensors" and not cfg.sym and has_experts:
+        return ["the compressed-tensors writer stores MoE experts symmetric only (one scheme for every expert of a "
+                "layer, no expert zero points); drop --asym, or write --format gptq --engine none (gptq_v2)"]
+    return []
+
+
+def engine_problems(engine: str, fmt: str, cfg: QuantConfig, *, has_experts: bool = True) -> list[str]:
+    """Why `engine` could not load a `fmt` checkpoint quantized with `cfg` (empty: it can)."""
+    if engine == "none":
+        return []
+    problems = []
+    if cfg.bits not in VLLM_BITS[fmt]:
+        problems.append(f"vLLM {VLLM_VERSION} loads {fmt} with 4 or 8 bits only, not {cfg.bits} "
+                        f"(\"Unsupported quantization config: bits={cfg.bits}, sym={cfg.sym}\")")
+    if fmt == "gptq":
+        if not cfg.sym:
+            problems.append(f"vLLM {VLLM_VERSION} loads only symmetric GPTQ (\"Unsupported quantization config: "
+                            f"bits={cfg.bits}, sym=False\"); asymmetric weights need --format compressed-tensors "
+                            "(zero points, dense Linears only)")
+        if _dynamic_act_order(cfg):
+            problems.append(f"vLLM {VLLM_VERSION} refuses GPTQ act-order with dynamic groups (\"{VLLM_DESC_ACT}\"); "
+                            "add --static-groups (same solve order, contiguous groups, loads as desc_act=false)")
+    elif _dynamic_act_order(cfg):
+        problems.append(f"vLLM {VLLM_VERSION} and compressed-tensors removed actorder 'group' (a g_idx); add "
+                        "--static-groups (stored as actorder 'weight')")
+    return problems
+
+
+def gptq_checkpoint_format(cfg: QuantConfig) -> str:
+    """GPTQ v1 stores zero − 1 and cannot hold a zero-point of 0, which asymmetric groups produce:
+    asymmetric GPTQ (which vLLM does not load) is written as `gptq_v2`."""
+    return "gptq" if cfg.sym else "gptq_v2"
+
+
+def gptq_module_list(quantized: list[str]) -> list[str]:
+    """`modules_in_block_to_quantize` for vLLM: every quantized module by its full checkpoint name, plus
+    the fused runtime name of each group of siblings vLLM fuses when all of them are quantized."""
+    names = set(quantized)
+    by_parent: dict[str, set[str]] = {}
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        by_parent.setdefault(parent, set()).add(leaf)
+    for parent, leaves in by_parent.items():
+        for fused, parts in VLLM_FUSED_LINEARS.items():
+            if set(parts) <= leaves:
+                names.add(f"{parent}.{fused}" if parent else fused)
+    return sorted(names)
+
+
+def targets_for(quantized: list[str]) -> list[str]:
+    """compressed-tensors `targets`: every Linear, and by name the quantized heads vLLM builds as
+    `ParallelLMHead` (which "Linear" does not match)."""
+    heads = sorted(n for n in set(quantized) if n.rpartition(".")[2] == "lm_head")
+    return ["Linear", *heads]
+
+
+# ---- per-family expert names and layouts ------------------------------------------------------
+
+class StackedExperts(NamedTuple):
+    """vLLM maps this family's quantized experts only as one gate+up matrix per expert.
+
+    Keys are `<layer>.<template with {e}>_<local>` (`mlp.experts.3.w13_weight_packed`); `order` is how
+    gate and up rows are combined (gpt-oss's SwiGLU reads them interleaved: even rows gate)."""
+
+    w13: str
+    w2: str
+    order: Literal["interleave", "concat"]
+    omit: tuple[str, ...]  # local keys its loader has no name for (and never reads)
+
+
+# family (definition name) -> format -> the stacked names vLLM's loader maps
+VLLM_STACKED_EXPERTS: dict[str, dict[str, StackedExperts]] = {
+    # vllm/model_executor/models/gpt_oss.py `_GPT_OSS_STREAMED_EXPERT_SUFFIX_TO_SHARD`: per expert
+    # `experts.<e>.{w13,w2}_{weight_packed,weight_scale,bias}`; weight_shape has no name there
+    "gpt_oss": {"compressed-tensors": StackedExperts("mlp.experts.{e}.w13", "mlp.experts.{e}.w2", "interleave",
+                                                     ("weight_shape",))},
+}
+
+# (family, format) -> why vLLM cannot load that family's quantized experts in that format
+VLLM_FAMILY_LIMITS: dict[tuple[str, str], str] = {
+    ("gpt_oss", "gptq"): "vLLM's gpt_oss loader maps int4 experts only as compressed-tensors "
+                         "(`experts.<e>.w13_weight_packed`, ...) or MXFP4; GPTQ expert tensors (`qweight`, ...) are "
+                         "skipped without a word and the experts stay unloaded; use --format compressed-tensors",
+    ("dbrx", "gptq"): "vLLM's DbrxExperts.weight_loader copies only unquantized or FP8 expert weights; it has no "
+                      "mapping for int4 experts (loading fails with KeyError on the first expert tensor)",
+    ("dbrx", "compressed-tensors"): "vLLM's DbrxExperts.weight_loader copies only unquantized or FP8 expert weights; "
+                                    "it has no mapping for int4 experts (loading fails with KeyError on the first "
+                                    "expert tensor)",
+}
+
+
+def family_problems(engine: str, family: str, fmt: str) -> list[str]:
+    """Why `engine` could not load this family's quantized experts in `fmt` (empty: it can)."""
+    if engine == "none":
+        return []
+    why = VLLM_FAMILY_LIMITS.get((family, fmt))
+    return [f"vLLM {VLLM_VERSION}, {family}: {why}"] if why else []
+
+
+def stacked_experts(engine: str, family: str, fmt: str) -> StackedExperts | None:
+    """The stacked expert names this family's experts are written under (None: per expert, as transformers
+    names them)."""
+    if engine == "none":
+        return None
+    return VLLM_STACKED_EXPERTS.get(family, {}).get(fmt)
+
+
+def stack_gate_up(gate: QuantStack, up: QuantStack, order: str) -> QuantStack:
+    """Each expert's gate and up rows as one matrix (stacks [n, out, …] → [n, 2·out, …]): interleaved
+    (g0 u0 g1 u1 …) or gate then up. Both read the expert's input, so their g_idx must agree."""
+    if not torch.equal(gate.g_idx, up.g_idx):
+        raise MoedslError("cannot stack gate and up: their g_idx differ (they did not share a Hessian)", code="write")
+
+    def rows(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        if a is None or b is None:
+            return None
+        if order == "interleave":
+            return torch.stack([a, b], dim=2).flatten(1, 2)
+        return torch.cat([a, b], dim=1)
+
+    return QuantStack(codes=rows(gate.codes, up.codes), scales=rows(gate.scales, up.scales),
+                      zeros=rows(gate.zeros, up.zeros), g_idx=gate.g_idx, bias=rows(gate.bias, up.bias))

@@ -1,0 +1,197 @@
+"""What serving engines load: refusals before any work, and the config names they match on.
+
+The loading itself is checked by scripts/check-serving.sh (tests/test_serving.py runs it); these
+tests check the run's behaviour on real CLI processes and real checkpoints, without vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moedsl.gptq.quantizer import QuantConfig
+from moedsl.write.engines import engine_problems, gptq_module_list, targets_for
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--act-order"], ("desc_act=True) is no longer supported", "--static-groups")),
+    (["--asym"], ("sym=False", "compressed-tensors")),
+    (["--bits", "3"], ("bits=3",)),
+    (["--act-order", "--format", "compressed-tensors"], ("actorder 'group'", "--static-groups")),
+])
+def test_vllm_refusals_exit_2_before_work(cli, tmp_path, args, words):
+    out = tmp_path / "out"
+    r = cli("quantize", "--out", str(out), "--no-progress", "--samples", "2", "--seq-len", "16", "--engine", "vllm",
+            *args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "--engine vllm" in r.stderr and "--engine none" in r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_default_engine_warns_before_quantizing_and_writes(cli, tmp_path):
+    """Without --engine, what vLLM would not load (3-bit GPTQ, as the quality bench writes) is a warning,
+    printed before the first layer and kept in the report; the checkpoint is written. Its quantize_config
+    lists the default model's dense-layer gate_up_proj: vLLM matches that fused Linear only by this list."""
+    out = tmp_path / "out"
+    r = cli("quantize", "--out", str(out), "--samples", "2", "--seq-len", "16", "--bits", "3")
+    assert r.returncode == 0, r.stderr
+    flat = " ".join(r.stderr.split())  # rich wraps long lines
+    assert "vLLM will not load this checkpoint" in flat and "bits=3" in flat
+    assert r.stderr.index("vLLM will not load") < r.stderr.index("layers ")
+    report = json.loads((out / "moedsl-report.json").read_text())
+    assert any("bits=3" in w and "--engine vllm refuses it" in w for w in report["warnings"])
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["bits"] == 3
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    modules = {k.removesuffix(".qweight") for k in index if k.endswith(".qweight")}
+    (listed,) = qc["modules_in_block_to_quantize"]  # list[list[str]], as transformers' GPTQConfig has it
+    assert "model.layers.0.mlp.gate_up_proj" in listed
+    assert modules <= set(listed)
+
+
+def test_engine_none_checks_nothing_and_writes_asym_gptq_as_v2(cli, tmp_path):
+    out = tmp_path / "out"
+    r = cli("quantize", "--out", str(out), "--no-progress", "--samples", "2", "--seq-len", "16", "--bits", "3",
+            "--asym", "--engine", "none")
+    assert r.returncode == 0, r.stderr
+    assert "vLLM" not in r.stderr
+    assert not any("vLLM" in w for w in json.loads((out / "moedsl-report.json").read_text())["warnings"])
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["sym"] is False and qc["checkpoint_format"] == "gptq_v2"
+
+
+def test_asym_compressed_tensors_experts_refused_for_every_engine(cli, tmp_path):
+    """The writer stores MoE experts symmetric only: refused before work, not at the first expert."""
+    out = tmp_path / "out"
+    r = cli("quantize", "--out", str(out), "--no-progress", "--samples", "2", "--seq-len", "16", "--asym",
+            "--format", "compressed-tensors", "--engine", "none")
+    assert r.returncode == 2, r.stderr
+    assert "symmetric only" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_static_groups_act_order_is_accepted():
+    cfg = QuantConfig(bits=4, group_size=128, act_order=True, static_groups=True)
+    assert engine_problems("vllm", "gptq", cfg) == []
+    assert engine_problems("vllm", "compressed-tensors", cfg) == []
+    assert engine_problems("none", "gptq", QuantConfig(bits=3, sym=False, act_order=True)) == []
+
+
+def test_module_list_names_fused_runtime_linears():
+    names = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj",
+             "model.layers.0.self_attn.q_a_proj", "model.layers.0.self_attn.kv_a_proj_with_mqa",
+             "model.layers.1.mlp.experts.0.gate_proj", "model.layers.1.mlp.experts.0.down_proj"]
+    got = gptq_module_list(names)
+    assert "model.layers.0.mlp.gate_up_proj" in got
+    assert "model.layers.0.self_attn.fused_qkv_a_proj" in got
+    assert "model.layers.1.mlp.experts.0.gate_up_proj" not in got  # its up_proj is not quantized
+    assert set(names) <= set(got)
+    assert targets_for(["lm_head", "model.layers.0.mlp.gate_proj"]) == ["Linear", "lm_head"]
+
+
+def test_quantized_lm_head_is_a_compressed_tensors_target(cli, tmp_path):
+    out = tmp_path / "out"
+    r = cli("quantize", "--out", str(out), "--no-progress", "--samples", "2", "--seq-len", "16",
+            "--format", "compressed-tensors", "--quantize-lm-head")
+    assert r.returncode == 0, r.stderr
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight_packed" in index
+    assert qc["config_groups"]["group_0"]["targets"] == ["Linear", "lm_head"]
+    assert "lm_head" not in qc["ignore"]
+
+
+def test_gpt_oss_gptq_refused_for_vllm(cli, tiny_model, tmp_path):
+    src = tiny_model("gpt_oss")
+    r = cli("quantize", "--model", str(src), "--out", str(tmp_path / "out"), "--no-progress", "--samples", "2",
+            "--seq-len", "16", "--group-size", "32", "--engine", "vllm")
+    assert r.returncode == 2, r.stderr
+    assert "gpt_oss" in r.stderr and "--format compressed-tensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gpt_oss_compressed_tensors_experts_stacked_as_vllm_maps_them(tiny_model, tmp_path):
+    """vLLM's gpt_oss loader maps `experts.<e>.w13_weight_packed` (gate/up rows interleaved), `w2_*`."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from unpack_reference import dequantize_ct, read_checkpoint
+
+    from moedsl.execute.run import quantize
+
+    src = tiny_model("gpt_oss")
+    out = tmp_path / "out"
+    quantize(model=src, out=out, format="compressed-tensors", group_size=32, samples=4, seq_len=16,
+             policy="all", progress=False, device="cpu")
+    tensors = read_checkpoint(out)
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    source = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    layer = "model.layers.0.mlp.experts"
+    assert not any(k.startswith(f"{layer}.gate_up_proj") or ".gate_proj." in k for k in tensors)
+    assert not any(k.endswith("w13_weight_shape") or k.endswith("w2_weight_shape") for k in tensors)
+    gate_up = source[f"{layer}.gate_up_proj"]  # [E, in, 2I], gate at even columns
+    bias = source[f"{layer}.gate_up_proj_bias"]  # [E, 2I]
+    E, hidden, two_i = gate_up.shape
+    for e in range(E):
+        stacked = f"{layer}.{e}.w13"
+        keys = {f"{stacked}.{local}": tensors[f"{stacked}_{local}"] for local in ("weight_packed", "weight_scale")}
+        keys[f"{stacked}.weight_shape"] = torch.tensor([two_i, hidden])
+        w13 = torch.from_numpy(dequantize_ct(keys, stacked, qconfig)["weight"]).float()
+        gate, up = gate_up[e][:, 0::2].T.float(), gate_up[e][:, 1::2].T.float()
+        rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+        assert rel(w13[0::2], gate) < 0.3 < rel(w13[0::2], up)
+        assert rel(w13[1::2], up) < 0.3 < rel(w13[1::2], gate)
+        assert torch.equal(tensors[f"{stacked}_bias"], bias[e].to(tensors[f"{stacked}_bias"].dtype))
+        assert tensors[f"{layer}.{e}.w2_weight_packed"].shape[0] == hidden
+        assert f"{layer}.{e}.w2_bias" in tensors
+
+
+def _stack(n: int, out: int, cols: int, seed: int):
+    import torch
+
+    from moedsl.gptq.quantizer import QuantStack
+
+    g = torch.Generator().manual_seed(seed)
+    return QuantStack(codes=torch.randint(0, 16, (n, out, cols), generator=g, dtype=torch.uint8),
+                      scales=torch.rand(n, out, 2, generator=g), zeros=torch.full((n, out, 2), 8, dtype=torch.int32),
+                      g_idx=(torch.arange(cols, dtype=torch.int32) // (cols // 2)).expand(n, cols).contiguous(),
+                      bias=torch.rand(n, out, generator=g))
+
+
+def test_stacker_pairs_gate_and_up_per_expert_chunk():
+    """The stage between quantizer and packer: gate waits for up of the same experts; rows interleave
+    as gpt-oss's SwiGLU reads them; down is renamed; other stacks pass unchanged."""
+    import torch
+
+    from moedsl.errors import MoedslError
+    from moedsl.execute.layer import Quantized
+    from moedsl.execute.stacker import ExpertStacker
+    from moedsl.write.engines import VLLM_STACKED_EXPERTS
+
+    stacker = ExpertStacker(VLLM_STACKED_EXPERTS["gpt_oss"]["compressed-tensors"], ["mlp.experts"])
+    names = lambda role: [f"mlp.experts.{e}.{role}_proj" for e in (2, 3)]  # noqa: E731
+    gate, up, down = _stack(2, 4, 8, 0), _stack(2, 4, 8, 1), _stack(2, 8, 4, 2)
+    attn = Quantized(["self_attn.q_proj"], _stack(1, 4, 8, 3), False)
+    assert [s.q for s in stacker.add(attn)] == [attn]
+    assert stacker.add(Quantized(names("up"), up, True)) == []
+    (w13,) = stacker.add(Quantized(names("gate"), gate, True))
+    assert w13.q.ckpts == ["mlp.experts.2.w13", "mlp.experts.3.w13"] and (w13.join, w13.omit) == ("_", ("weight_shape",))
+    assert torch.equal(w13.q.stack.codes[:, 0::2], gate.codes) and torch.equal(w13.q.stack.codes[:, 1::2], up.codes)
+    assert torch.equal(w13.q.stack.bias[:, 1::2], up.bias) and torch.equal(w13.q.stack.scales[:, 0::2], gate.scales)
+    (w2,) = stacker.add(Quantized(names("down"), down, True))
+    assert w2.q.ckpts == ["mlp.experts.2.w2", "mlp.experts.3.w2"] and w2.q.stack is down
+    stacker.finish()
+    stacker.add(Quantized(names("gate"), gate, True))
+    with pytest.raises(MoedslError, match="without its partner"):
+        stacker.finish()
+    other = _stack(2, 4, 8, 4)
+    other.g_idx.zero_()
+    with pytest.raises(MoedslError, match="g_idx differ"):  # the gate still waiting, an up of other groups
+        stacker.add(Quantized(names("up"), other, True))
