@@ -122,7 +122,10 @@ def test_quantize_composite(model_type, policy, tiny_model, tmp_path):
         W = _source_weight(source, name, transposed).float().numpy()
         Q = dequantize_gptq(written, name, qcfg)["weight"]
         assert Q.shape == W.shape, name
-        assert np.linalg.norm(Q - W) / np.linalg.norm(W) < 0.3, name
+        # a module written under another module's name would sit at about √2 (independent weights);
+        # GPTQ moves a weight further from its source than rounding does when its expert saw few
+        # routed tokens (0.31 for one such expert of qwen3_omni_moe under `routed`)
+        assert np.linalg.norm(Q - W) / np.linalg.norm(W) < 0.5, name
     # every source tensor is in the output: copied, or replaced by its quantized form
     for key in source:
         fused_experts = key.endswith((".experts.gate_up_proj", ".experts.down_proj", ".experts.fc1.weight",
