@@ -18,7 +18,7 @@ Random weights cannot show quantization quality, and there is no hub here, so th
     python bench/quality.py                                # one H100: a few minutes
     python bench/quality.py --repeat 2                     # + run-to-run spread
     python bench/quality.py --small --device cpu           # ~1 minute on 2 cores (tests)
-    python bench/quality.py --solver-sweep                 # every solver at 4 and 3 bits, auto, 256 seqs
+    python bench/quality.py --solver-sweep                 # every solver at 4 and 3 bits, routed, 256 seqs
 
 A solver on the --solvers axis is a `--solver` value (gptq, rtn, mse, gptaq, gptaq-mse,
 `gptaq(alpha=0.5)`, a file.py:Name), optionally followed by `+act`: activation order with
@@ -55,7 +55,7 @@ FULL = dict(
     eval_windows=64, calib_sizes="16,256", bits="4,3", policies="routed,all,auto", group_size=128, solvers="gptq",
 )
 # the solver comparison of issue 15 (--solver-sweep): every built-in, and act order on the strongest
-SWEEP = dict(solvers="gptq,mse,gptaq,gptaq-mse,gptq+act,gptaq-mse+act", policies="auto", calib_sizes="256")
+SWEEP = dict(solvers="gptq,mse,gptaq,gptaq-mse,gptq+act,gptaq-mse+act", policies="routed", calib_sizes="256")
 SMALL = dict(
     model=dict(num_hidden_layers=2, hidden_size=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128),
