@@ -55,7 +55,7 @@ FULL = dict(
     eval_windows=64, calib_sizes="16,256", bits="4,3", policies="routed,all,auto", group_size=128, solvers="gptq",
 )
 # the solver comparison of issue 15 (--solver-sweep): every built-in, and act order on the strongest
-SWEEP = dict(solvers="gptq,mse,gptaq,gptaq-mse,gptq+act,gptaq-mse+act", policies="routed", calib_sizes="256")
+SWEEP = dict(solvers="gptq,mse,gptaq,gptaq(alpha=0.5),gptaq-mse,gptq+act,gptaq-mse+act", policies="routed", calib_sizes="256")
 SMALL = dict(
     model=dict(num_hidden_layers=2, hidden_size=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128),
