@@ -14,6 +14,13 @@ paths' quantized weights on a small fp32 layer. Prints one JSON line.
     python bench/moe_layer.py                      # on CUDA
     python bench/moe_layer.py --shape glm45_air
     python bench/moe_layer.py --small --device cpu # a few seconds, for tests
+    python bench/moe_layer.py --solver gptaq       # another solver (gptq, rtn, mse, gptaq, gptaq-mse, …)
+
+`--solver` picks the solver as `moedsl quantize --solver` does; `--act-order` adds activation
+order with static groups. A solver that asks for cross statistics (gptaq) also gets the
+full-precision stream, here the same layer inputs (one layer has no quantized layer before it, so
+the cross term is zero, but every cost of collecting it is paid: the layer copy, the
+full-precision forwards and replay, the cross accumulation and the correction).
 """
 
 from __future__ import annotations
@@ -66,19 +73,23 @@ def layer_inputs(model, plan, seqs: int, seq_len: int, batch: int, device: torch
     return hidden, kwargs[0]
 
 
-def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device, chunk_bytes: int | None = None):
+def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device, chunk_bytes: int | None = None,
+             solver: str = "gptq", act_order: bool = False):
     from moedsl.execute.layer import LayerQuantizer
     from moedsl.gptq.quantizer import QuantConfig
+    from moedsl.solvers import resolve_solver, wants_cross
 
     layer = model.model.layers[0]
-    cfg = QuantConfig(bits=4, group_size=128)
+    cfg = QuantConfig(bits=4, group_size=128, act_order=act_order, static_groups=act_order)
+    chosen = resolve_solver(solver)
     q = LayerQuantizer(plan.kind_for_layer(0), layer, cfg, plan.policy, device, chunk_bytes=chunk_bytes,
-                       batched=batched, measure_error=False)
+                       batched=batched, measure_error=False, solver=chosen)
+    fp = (hidden, kwargs) if wants_cross(chosen) else (None, None)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = q.run(hidden, kwargs)
+    result = q.run(hidden, kwargs, *fp)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -115,7 +126,11 @@ def main(argv=None) -> dict:
                    help="memory bound of one solve or statistics chunk (default: the run's, a quarter of the layer)")
     p.add_argument("--profile", action="store_true",
                    help="run the layer once more under torch.profiler and print its top kernels (stderr)")
+    p.add_argument("--solver", default="gptq", help="gptq (default), rtn, mse, gptaq, gptaq-mse, gptaq(alpha=A), "
+                                                    "file.py:Name")
+    p.add_argument("--act-order", action="store_true", help="activation order with static groups")
     args = p.parse_args(argv)
+    solve = dict(solver=args.solver, act_order=args.act_order)
 
     from moedsl.lang.library import load
     from moedsl.plan.compiler import compile_plan
@@ -126,7 +141,8 @@ def main(argv=None) -> dict:
     seqs, seq_len = (8, 128) if args.small else (args.seqs, args.seq_len)
     definition = load(SHAPES[shape].get("model_type", "qwen3_moe"))
     out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "shape": shape,
-                 "tokens": seqs * seq_len, "bits": 4, "group_size": 128, "policy": args.policy}
+                 "tokens": seqs * seq_len, "bits": 4, "group_size": 128, "policy": args.policy, "solver": args.solver,
+                 "act_order": args.act_order}
 
     # 1. the full-size layer: fast path, then the unbatched path on the same starting weights
     model = build(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -136,9 +152,9 @@ def main(argv=None) -> dict:
     chunk = int(args.chunk_gib * 2**30) if args.chunk_gib else None
     # warm-up (kernels, Triton compilation, cuBLAS handles) on two batches: a full pass would double
     # the bench at 512 × 4096 tokens
-    run_path(model, plan, hidden[:2], kwargs[:2], True, device, chunk)
+    run_path(model, plan, hidden[:2], kwargs[:2], True, device, chunk, **solve)
     model.model.layers[0].load_state_dict(original)
-    seconds, peak, result = run_path(model, plan, hidden, kwargs, True, device, chunk)
+    seconds, peak, result = run_path(model, plan, hidden, kwargs, True, device, chunk, **solve)
     out["seconds_per_layer"] = round(seconds, 3)
     out["stage_seconds"] = {s.index: round(s.seconds, 3) for s in result.stages}
     out["peak_gpu_gib"] = round(peak, 2) if peak is not None else None
@@ -149,7 +165,7 @@ def main(argv=None) -> dict:
         profile(model, plan, hidden, kwargs, original, device, chunk)
     if not args.no_unbatched:
         model.model.layers[0].load_state_dict(original)
-        unbatched, _, _ = run_path(model, plan, hidden, kwargs, False, device)
+        unbatched, _, _ = run_path(model, plan, hidden, kwargs, False, device, **solve)
         out["unbatched_seconds"] = round(unbatched, 3)
         out["speedup"] = round(unbatched / seconds, 1)
     del model, hidden, kwargs, result, original
@@ -161,8 +177,8 @@ def main(argv=None) -> dict:
     splan = compile_plan(load("qwen3_moe"), small, policy=Policy.parse(args.policy), tokens=8 * 128)
     shidden, skwargs = layer_inputs(small, splan, 8, 128, 4, device)
     twin = copy.deepcopy(small)
-    run_path(small, splan, shidden, skwargs, True, device)
-    run_path(twin, splan, shidden, skwargs, False, device)
+    run_path(small, splan, shidden, skwargs, True, device, **solve)
+    run_path(twin, splan, shidden, skwargs, False, device, **solve)
     a, b = small.model.layers[0].state_dict(), twin.model.layers[0].state_dict()
     diffs = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
     out["max_abs_weight_diff"] = max(diffs.values())

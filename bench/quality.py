@@ -18,6 +18,11 @@ Random weights cannot show quantization quality, and there is no hub here, so th
     python bench/quality.py                                # one H100: a few minutes
     python bench/quality.py --repeat 2                     # + run-to-run spread
     python bench/quality.py --small --device cpu           # ~1 minute on 2 cores (tests)
+    python bench/quality.py --solver-sweep                 # every solver at 4 and 3 bits, routed, 256 seqs
+
+A solver on the --solvers axis is a `--solver` value (gptq, rtn, mse, gptaq, gptaq-mse,
+`gptaq(alpha=0.5)`, a file.py:Name), optionally followed by `+act`: activation order with
+static groups (`--act-order --static-groups`, the form vLLM's MoE kernels load).
 """
 
 from __future__ import annotations
@@ -49,11 +54,13 @@ FULL = dict(
     train_steps=1500, batch=32, seq_len=512, lr=1e-3, log_every=50,
     eval_windows=64, calib_sizes="16,256", bits="4,3", policies="routed,all,auto", group_size=128, solvers="gptq",
 )
+# the solver comparison of issue 15 (--solver-sweep): every built-in, and act order on the strongest
+SWEEP = dict(solvers="gptq,mse,gptaq,gptaq(alpha=0.5),gptaq-mse,gptq+act,gptaq-mse+act", policies="routed", calib_sizes="256")
 SMALL = dict(
     model=dict(num_hidden_layers=2, hidden_size=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128),
     train_steps=60, batch=8, seq_len=64, lr=3e-3, log_every=10,
-    eval_windows=8, calib_sizes="4,8", bits="4", policies="routed,all", group_size=32, solvers="gptq,mse",
+    eval_windows=8, calib_sizes="4,8", bits="4", policies="routed,all", group_size=32, solvers="gptq,gptaq",
 )
 STARVED = 16  # an expert with fewer calibration tokens than this counts as starved
 
@@ -368,6 +375,14 @@ def plot(results: dict, work: Path) -> list[str]:
 # one whole run
 # ----------------------------------------------------------------------------------------------
 
+def solver_options(entry: str) -> tuple[str, bool]:
+    """`NAME` or `NAME+act` -> (the --solver value, whether to use act order with static groups)."""
+    name, plus, extra = entry.partition("+")
+    if plus and extra != "act":
+        raise SystemExit(f"--solvers {entry}: the only suffix is +act (activation order with static groups)")
+    return name, bool(plus)
+
+
 def one_run(args, corpus: dict, run_dir: Path, device: torch.device) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -402,13 +417,16 @@ def one_run(args, corpus: dict, run_dir: Path, device: torch.device) -> dict:
         np.save(run_dir / f"calib-{n}.npy", calib[:n])  # the first n windows: the sets are nested
     for bits in args.bits:
         for solver in args.solvers:
+            name, act = solver_options(solver)
             for policy in args.policies:
                 for n in args.calib_sizes:
-                    out = run_dir / f"{solver}-w{bits}-{policy.split('(')[0]}-c{n}"
+                    out = run_dir / "".join(c if c.isalnum() or c in "-." else "_"
+                                            for c in f"{solver}-w{bits}-{policy.split('(')[0]}-c{n}")
                     t0 = time.perf_counter()
                     moedsl.quantize(model=model_dir, out=out, bits=bits, group_size=args.group_size, policy=policy,
-                                    samples=n, seq_len=args.seq_len, calib=run_dir / f"calib-{n}.npy", solver=solver,
-                                    device=str(device), seed=args.seed, progress=False, overwrite=True, resume=False,
+                                    samples=n, seq_len=args.seq_len, calib=run_dir / f"calib-{n}.npy", solver=name,
+                                    act_order=act, static_groups=act, device=str(device), seed=args.seed,
+                                    progress=False, overwrite=True, resume=False,
                                     engine="none")  # read back here, not served: 3 bits too, without warnings
                     seconds = time.perf_counter() - t0
                     report = json.loads((out / "moedsl-report.json").read_text())
@@ -539,9 +557,15 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int)
     p.add_argument("--no-llmcompressor", dest="llmcompressor", action="store_false",
                    help="skip llm-compressor's GPTQ even when it is installed")
-    p.add_argument("--solvers", help="comma-separated moedsl solvers to compare (default gptq; e.g. gptq,mse,rtn)")
+    p.add_argument("--solvers", help="comma-separated moedsl solvers to compare (default gptq; e.g. gptq,mse,gptaq,"
+                                     "gptaq-mse+act; +act: activation order with static groups)")
+    p.add_argument("--solver-sweep", action="store_true",
+                   help=f"compare the solvers: {SWEEP['solvers']} under {SWEEP['policies']} with {SWEEP['calib_sizes']} "
+                        "calibration sequences (explicit --solvers/--policies/--calib-sizes win)")
     args = p.parse_args(argv)
     preset = SMALL if args.small else FULL
+    if args.solver_sweep:
+        preset = {**preset, **SWEEP}
     args.shape = preset["model"]
     for key, value in preset.items():
         if key != "model" and getattr(args, key) is None:

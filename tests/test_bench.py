@@ -2,21 +2,24 @@
 
 import json
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_moe_layer_bench_small_cpu():
-    proc = subprocess.run([sys.executable, "bench/moe_layer.py", "--small", "--device", "cpu"], cwd=ROOT,
+@pytest.mark.parametrize("solver", [[], ["--solver", "gptaq", "--act-order"]], ids=["gptq", "gptaq-act"])
+def test_moe_layer_bench_small_cpu(solver):
+    proc = subprocess.run([sys.executable, "bench/moe_layer.py", "--small", "--device", "cpu", *solver], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(out)
     for key in ("device", "seconds_per_layer", "unbatched_seconds", "speedup", "peak_gpu_gib", "max_abs_weight_diff"):
         assert key in out
-    assert out["device"] == "cpu"
+    assert out["device"] == "cpu" and out["solver"] == (solver[1] if solver else "gptq")
     assert out["max_abs_weight_diff"] == 0.0  # the batched solves equal one-matrix-at-a-time solves exactly
     assert out["weights_differing"] == 0
     assert out["seconds_per_layer"] > 0 and out["unbatched_seconds"] > 0

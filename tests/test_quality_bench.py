@@ -32,7 +32,7 @@ def test_results_have_every_row(small_run):
     work, stdout = small_run
     results = json.loads((work / "results.json").read_text())
     names = [r["name"] for r in results["runs"][0]["rows"]]
-    expected = ["baseline (bf16)", "rtn w4 g32"] + [f"{s} w4 {p} c{n}" for s in ("gptq", "mse")
+    expected = ["baseline (bf16)", "rtn w4 g32"] + [f"{s} w4 {p} c{n}" for s in ("gptq", "gptaq")
                                                     for p in ("routed", "all") for n in (4, 8)]
     assert names == expected
     for row in results["runs"][0]["rows"]:

@@ -204,7 +204,7 @@ def _read(out: Path, fmt: str, module: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
-@pytest.mark.parametrize("solver", ["rtn", "mse", "gptq-act-order"])
+@pytest.mark.parametrize("solver", ["rtn", "mse", "gptq-act-order", "gptaq", "gptaq-mse"])
 def test_every_solver_round_trips(solver, fmt, tmp_path, default_model):
     """What each solver returned is what the independent unpacker reads from the checkpoint."""
     import importlib
@@ -217,6 +217,7 @@ def test_every_solver_round_trips(solver, fmt, tmp_path, default_model):
 
     class Recording(mod.RecordingGPTQ):
         name = f"recording-{solver}"
+        statistics = getattr(inner, "statistics", ("hessian",))  # gptaq: the cross statistics too
 
         def solve(self, problem):
             results = inner.solve(problem)

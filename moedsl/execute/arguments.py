@@ -33,8 +33,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-groups", action="store_true")
     p.add_argument("--damp", dest="damp_percent", type=float, default=0.01)
     p.add_argument("--solver", default="gptq",
-                   help="what quantizes each weight: gptq (default), rtn, mse, or your own as file.py:Name or "
-                        "module:Name (docs/solvers.md)")
+                   help="what quantizes each weight: gptq (default), rtn, mse, gptaq, gptaq-mse, gptaq(alpha=A), or "
+                        "your own as file.py:Name or module:Name (docs/solvers.md)")
     p.add_argument("--policy", default="routed", help="MoE calibration: routed | all | topk=N | auto(min_tokens=N)")
     p.add_argument("--format", default="gptq", choices=["gptq", "compressed-tensors"])
     p.add_argument("--engine", default="auto", choices=["auto", "vllm", "none"],

@@ -6,10 +6,16 @@ moedsl/execute/statistics.py); then GPTQ for the stage's targets, grouped by sta
 (here); then the quantized weights are written back, so later stages (and the next layer) see
 quantized upstream weights, and handed on (`sink`: the packer) as stacks of every expert of a
 solve chunk.
+
+A solver that asks for cross statistics (GPTAQ) gets a second activation stream: the
+full-precision model's inputs to the layer (`fp_inputs`). A copy of the layer with its weights
+as loaded runs on them: in each stage's statistics pass (the cross term, statistics.py) and
+after the stages, to produce the full-precision model's inputs to the next layer.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -69,6 +75,8 @@ class LayerResult:
     outputs: list[torch.Tensor]
     carried: list[tuple]  # per batch: the layer's extra outputs, for the next layer (`carry`)
     starved: dict[str, list[int]]  # experts path -> experts that saw no token (after the policy)
+    fp_outputs: list[torch.Tensor] | None = None  # the full-precision stream's, when the solver asks for it
+    fp_carried: list[tuple] | None = None
 
 
 class LayerQuantizer(LayerStatistics):
@@ -95,24 +103,35 @@ class LayerQuantizer(LayerStatistics):
         self.starved: dict[str, list[int]] = {}
         self.sink = None  # called with each Quantized as soon as it exists (the packer); else kept in the result
         self.phases = NO_PHASES  # phase timers of the run (moedsl/execute/phases.py)
+        self.fp_layer: nn.Module | None = None  # the layer as loaded, while a cross-statistics run needs it
 
     # -- the whole layer ---------------------------------------------------------------------
 
-    def run(self, inputs: list[torch.Tensor], kwargs: list[dict]) -> LayerResult:
+    def run(self, inputs: list[torch.Tensor], kwargs: list[dict], fp_inputs: list[torch.Tensor] | None = None,
+            fp_kwargs: list[dict] | None = None) -> LayerResult:
+        """fp_inputs/fp_kwargs: the full-precision stream (cross statistics), or None."""
         quantized: list[Quantized] = []
         stages = []
-        for stage in self.kind.stages:
-            t0 = time.perf_counter()
-            with self.phases("statistics"):
-                hessians = self.collect(stage, inputs, kwargs)
-            with self.phases("solve"):
-                reports = self.solve(stage, hessians, quantized)
-            seconds = time.perf_counter() - t0
-            stages.append(StageReport(stage.index, seconds, sum(r.error for r in reports),
-                                      sum(r.rtn_error for r in reports), reports))
-        with self.phases("replay"):
-            outputs, carried = self.replay(inputs, kwargs)
-        return LayerResult(quantized, stages, outputs, carried, self.starved)
+        if fp_inputs is not None:
+            self.fp_layer = copy.deepcopy(self.layer)  # before any stage writes quantized weights back
+        try:
+            for stage in self.kind.stages:
+                t0 = time.perf_counter()
+                with self.phases("statistics"):
+                    hessians = self.collect(stage, inputs, kwargs, fp_inputs)
+                with self.phases("solve"):
+                    reports = self.solve(stage, hessians, quantized)
+                seconds = time.perf_counter() - t0
+                stages.append(StageReport(stage.index, seconds, sum(r.error for r in reports),
+                                          sum(r.rtn_error for r in reports), reports))
+            with self.phases("replay"):
+                outputs, carried = self.replay(inputs, kwargs)
+                fp_outputs = fp_carried = None
+                if fp_inputs is not None:
+                    fp_outputs, fp_carried = self.replay(fp_inputs, fp_kwargs or kwargs, self.fp_layer)
+        finally:
+            self.fp_layer = None
+        return LayerResult(quantized, stages, outputs, carried, self.starved, fp_outputs, fp_carried)
 
     def emit(self, q: Quantized, out: list[Quantized]) -> None:
         if self.sink is None:
@@ -121,11 +140,13 @@ class LayerQuantizer(LayerStatistics):
             self.sink(q)
 
     @torch.no_grad()
-    def replay(self, inputs: list[torch.Tensor], kwargs: list[dict]) -> tuple[list[torch.Tensor], list[tuple]]:
-        """The quantized layer with native routing: next layer's inputs, and any extra outputs it carries."""
+    def replay(self, inputs: list[torch.Tensor], kwargs: list[dict],
+               layer: nn.Module | None = None) -> tuple[list[torch.Tensor], list[tuple]]:
+        """The quantized layer (or `layer`) with native routing: next layer's inputs, and any extra outputs it carries."""
+        layer = self.layer if layer is None else layer
         outs, carried = [], []
         for x, kw in zip(inputs, kwargs):
-            y = self.layer(x.to(self.device), **kw)
+            y = layer(x.to(self.device), **kw)
             outs.append((y[0] if isinstance(y, tuple) else y).to(self.out_device))
             carried.append(tuple(y[1:]) if isinstance(y, tuple) else ())
         return outs, carried
@@ -143,22 +164,22 @@ class LayerQuantizer(LayerStatistics):
             t0 = time.perf_counter()
             key = by_key[key_name]
             hess = hessians[key_name]
-            H = hess.finalize()
+            H, D = hess.finalize(), hess.finalize_cross()
             if targets[0].kind == "linear":
-                reports += self.solve_linears(stage, targets, H, int(hess.count), out)
+                reports += self.solve_linears(stage, targets, H, int(hess.count), out, D)
             else:
-                reports += self.solve_experts(stage, targets, key, H, hess.count, out)
+                reports += self.solve_experts(stage, targets, key, H, hess.count, out, D)
             spent = time.perf_counter() - t0
             for r in reports[-len(targets):]:
                 r.seconds = spent / len(targets)
         return reports
 
     def solve_linears(self, stage: Stage, targets: list[Target], H: torch.Tensor, tokens: int,
-                      out: list[Quantized]) -> list[TargetReport]:
+                      out: list[Quantized], D: torch.Tensor | None = None) -> list[TargetReport]:
         modules = [get_path(self.layer, t.path) for t in targets]
         Ws = [m.weight.detach().to(self.device, torch.float32, copy=True) for m in modules]
         problem = Problem(tuple(W[None] for W in Ws), H[None], tuple(targets), (), (tokens,), self.cfg,
-                          self.index, self._where(targets))
+                          self.index, self._where(targets), None if D is None else D[None])
         results = [r[0] for r in self._solve(problem)]
         reports = []
         for t, m, W, r in zip(targets, modules, Ws, results):
@@ -171,7 +192,7 @@ class LayerQuantizer(LayerStatistics):
         return reports
 
     def solve_experts(self, stage: Stage, targets: list[Target], key: StatsKey, H: torch.Tensor, counts: torch.Tensor,
-                      out: list[Quantized]) -> list[TargetReport]:
+                      out: list[Quantized], D: torch.Tensor | None = None) -> list[TargetReport]:
         """One role per target (or one `:grouped` container), all experts. Experts are taken in chunks (fp32 copies of all of them at
         once would be the peak of the layer): under `all` a chunk's gate and up rows are one tall matrix
         against the one shared Hessian; otherwise each expert has its Hessian and the chunk is one
@@ -200,6 +221,8 @@ class LayerQuantizer(LayerStatistics):
             if no_tokens:
                 # an expert that saw no token has no statistics: an identity Hessian makes GPTQ round to nearest
                 H = torch.where(starved[:, None, None], torch.eye(cols, device=H.device), H)
+                if D is not None:
+                    D = torch.where(starved[:, None, None], torch.zeros((), device=D.device), D)
                 self.starved[owner] = sorted(set(self.starved.get(owner, [])) | set(no_tokens))
         rows = sum(w[t.role].shape[1] for t in targets)
         step = max(1, min(E, self.chunk_bytes // (rows * cols * 4 * 8))) if self.batched else 1
@@ -212,9 +235,11 @@ class LayerQuantizer(LayerStatistics):
             e1 = min(E, e0 + step)
             Wc = [w[t.role][e0:e1].detach().to(self.device, torch.float32, copy=True) for t in targets]
             Hc = H[e0:e1] if key.per_expert else H[None]
+            Dc = None if D is None else D[e0:e1] if key.per_expert else D[None]
             tokens = tuple(counts[e0:e1].tolist()) if key.per_expert else (int(counts),)
             results = self.solve_chunk(Problem(tuple(Wc), Hc, tuple(targets), tuple(range(e0, e1)), tokens, self.cfg,
-                                               self.index, self._where(targets), cache))  # [target][expert in chunk]
+                                               self.index, self._where(targets), cross=Dc,
+                                               cache=cache))  # [target][expert in chunk]
             for t, W, res in zip(targets, Wc, results):
                 Q = torch.stack([r.weight for r in res])
                 write(t, Q, slice(e0, e1))
@@ -235,11 +260,13 @@ class LayerQuantizer(LayerStatistics):
         if self.batched or problem.n == 1:
             return self._solve(problem)
         # the reference path: one matrix at a time
-        parts = [self._solve(Problem(tuple(W[i:i + 1] for W in problem.weights),
-                                     problem.hessian[i:i + 1] if not problem.shared else problem.hessian,
+        def one(t: torch.Tensor | None, i: int):
+            return t if t is None or problem.shared else t[i:i + 1]
+
+        parts = [self._solve(Problem(tuple(W[i:i + 1] for W in problem.weights), one(problem.hessian, i),
                                      problem.targets, problem.experts[i:i + 1],
                                      problem.tokens[i:i + 1] if not problem.shared else problem.tokens,
-                                     problem.cfg, problem.layer, problem.where))
+                                     problem.cfg, problem.layer, problem.where, one(problem.cross, i)))
                  for i in range(problem.n)]
         return [[part[j][0] for part in parts] for j in range(len(problem.weights))]
 

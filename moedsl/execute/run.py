@@ -5,7 +5,10 @@
 3. Run the calibration batches up to the first decoder layer, recording every layer's call
    arguments (masks differ between layer types in hybrid models).
 4. For each layer: load its weights, quantize it by its plan (`LayerQuantizer`), write its
-   shard, save the next layer's inputs for resuming, unload it.
+   shard, save the next layer's inputs for resuming, unload it. A solver that asks for cross
+   statistics (GPTAQ) makes the run carry a second stream, the full-precision model's inputs
+   to each layer: it starts equal to the first (the embeddings are not quantized), goes through
+   each layer as loaded, and is saved for resuming beside the quantized stream.
 5. Copy the tensors that are not quantized, the tokenizer files, then write the index, the report
    and, last, config.json (which marks the checkpoint complete).
 
@@ -236,9 +239,10 @@ class Runner:
         check_engine(opts, opts.quant_config(), has_experts=False)
         self.out: OutputDir | None = None
         self.reader: LayerReader | None = None
-        from moedsl.solvers import resolve_solver
+        from moedsl.solvers import resolve_solver, wants_cross
 
         self.solver = resolve_solver(opts.solver)  # likewise an unknown or broken solver
+        self.cross = wants_cross(self.solver)  # carry the full-precision stream too (GPTAQ)
 
     def run(self) -> Report:
         try:
@@ -328,6 +332,9 @@ class Runner:
             hidden, layer_kwargs = capture_layer_inputs(model, plan, batches, self.device, act_device)
         start_layer = 0
         carried: list[dict] = [{} for _ in batches]  # per batch: what the last layer hands the next (`carry`)
+        # the full-precision model's stream (cross statistics only): equal to the quantized one at layer 0
+        fp_hidden = list(hidden) if self.cross else None
+        fp_carried: list[dict] = [{} for _ in batches]
         fingerprint = {"options": {**opts.fingerprint(), "definition": definition.header.name},
                        "source": source_fingerprint(model_dir, [loader.shard_of(k) for k in loader.checkpoint_keys()],
                                                     ids, plan)}
@@ -340,6 +347,10 @@ class Runner:
             acts = out.load_acts(act_device)
             hidden = [acts[f"x.{b}"] for b in range(len(batches))]
             carried = [{name: acts.get(f"carry.{name}.{b}") for name in plan.carry} for b in range(len(batches))]
+            if self.cross:
+                fp_hidden = [acts[f"fp.x.{b}"] for b in range(len(batches))]
+                fp_carried = [{name: acts.get(f"fp.carry.{name}.{b}") for name in plan.carry}
+                              for b in range(len(batches))]
             for i in range(start_layer):
                 writer.adopt_shard(f"layer-{i:05d}.safetensors")
             report.layers = state["layers"]
@@ -381,11 +392,17 @@ class Runner:
                                                           s.join, s.omit))
 
                     quantizer.sink = pack
+                    fp_kwargs = None
+                    if self.cross:
+                        fp_kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], fp_carried)]
                     with remote.running(code, f"running decoder layer {i}", only_in_code=True):
-                        result = quantizer.run(hidden, kwargs)
+                        result = quantizer.run(hidden, kwargs, fp_hidden, fp_kwargs)
                     stacker.finish()
                     hidden = [y.to(act_device) for y in result.outputs]
                     carried = [dict(zip(plan.carry, extra)) for extra in result.carried]
+                    if self.cross:
+                        fp_hidden = [y.to(act_device) for y in result.fp_outputs]
+                        fp_carried = [dict(zip(plan.carry, extra)) for extra in result.fp_carried]
                     loader.unload_layer(model, i)
                     if not overlap and self.device.type == "cuda":  # step by step: give memory back at each layer
                         torch.cuda.empty_cache()
@@ -398,6 +415,10 @@ class Runner:
                     acts = {f"x.{b}": x for b, x in enumerate(hidden)}
                     acts |= {f"carry.{name}.{b}": v for b, c in enumerate(carried)
                              for name, v in c.items() if torch.is_tensor(v)}
+                    if self.cross:
+                        acts |= {f"fp.x.{b}": x for b, x in enumerate(fp_hidden)}
+                        acts |= {f"fp.carry.{name}.{b}": v for b, c in enumerate(fp_carried)
+                                 for name, v in c.items() if torch.is_tensor(v)}
                     names = [n for p in packed for n in p.names]
                     done = FinishedLayer(i, f"layer-{i:05d}.safetensors", packed,
                                          self.layer_copies(loader, plan, i, kind, names), acts,
@@ -415,7 +436,7 @@ class Runner:
         head_key = None
         if opts.quantize_lm_head:
             with phases("head"):
-                head_key = self.quantize_head(model, plan, hidden, cfg, writer, dtype, report)
+                head_key = self.quantize_head(model, plan, hidden, cfg, writer, dtype, report, fp_hidden)
         with phases("rest"):
             self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
         config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -439,6 +460,8 @@ class Runner:
         hidden = getattr(model.config.get_text_config(), "hidden_size", 0) or 0  # a composite's: its text decoder's
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         need = 2 * tokens * hidden * torch.finfo(dtype).bits // 8  # a layer's inputs and its outputs
+        if self.cross:
+            need *= 2  # and the full-precision model's
         free, _ = torch.cuda.mem_get_info(self.device)
         if choice == "cpu" or need > free // 4:
             progress.note(f"calibration activations ({need / 2**30:.1f} GiB per layer) kept in host memory")
@@ -471,8 +494,10 @@ class Runner:
         writer.flush_shard("model-rest.safetensors")
 
     @torch.no_grad()
-    def quantize_head(self, model, plan: HookPlan, hidden: list[torch.Tensor], cfg, writer, dtype, report) -> str:
-        """GPTQ of lm_head on the final norm's outputs (the last layer's outputs, normalized)."""
+    def quantize_head(self, model, plan: HookPlan, hidden: list[torch.Tensor], cfg, writer, dtype, report,
+                      fp_hidden: list[torch.Tensor] | None = None) -> str:
+        """GPTQ of lm_head on the final norm's outputs (the last layer's outputs, normalized); fp_hidden:
+        the full-precision model's last-layer outputs, for the cross term (or None)."""
         from moedsl.bind.binder import get_path
         from moedsl.execute.stats import Hessian
         from moedsl.execute.layer import output_error
@@ -487,14 +512,16 @@ class Runner:
             raise MoedslError("--quantize-lm-head: lm_head shares its weight with the embeddings (tied); "
                               "quantizing it would quantize the embeddings too")
         norm = get_path(model, plan.final_norm)
-        H = Hessian(head.in_features, self.device)
-        for x in hidden:
-            H.add(norm(x.to(self.device)))
+        H = Hessian(head.in_features, self.device, cross=fp_hidden is not None)
+        for b, x in enumerate(hidden):
+            H.add(norm(x.to(self.device)), None if fp_hidden is None else norm(fp_hidden[b].to(self.device)))
         W = head.weight.detach().to(self.device, torch.float32, copy=True)
         Hf = H.finalize()
         head_target = Target(id=plan.lm_head, kind="linear", path=plan.lm_head, in_features=W.shape[1],
                              out_features=W.shape[0], ckpt=plan.lm_head, stats=plan.lm_head)
-        problem = Problem((W[None],), Hf[None], (head_target,), (), (int(H.count),), cfg, None, plan.lm_head)
+        D = H.finalize_cross()
+        problem = Problem((W[None],), Hf[None], (head_target,), (), (int(H.count),), cfg, None, plan.lm_head,
+                          None if D is None else D[None])
         results = self.solver.solve(problem)
         check_results(self.solver, problem, results)
         r = results[0][0]

@@ -6,6 +6,13 @@ one hook on the experts module sees the tokens and the routing; the gate/up stat
 XᵀX (one for all experts under `all`, per expert otherwise), and the down-projection
 statistics come from the declared expert function evaluated for all experts at once with
 batched matmuls, in token chunks. The forward stops as soon as every capture has fired.
+
+Cross statistics (for solvers that ask for them, GPTAQ): before each batch's forward, the
+full-precision copy of the layer (`fp_layer`, its weights as loaded) runs on the full-precision
+model's inputs and records what reaches the same capture points; each quantized-stream row is
+paired with the full-precision row of the same token. An expert's rows are the tokens the
+*quantized* model routes to it (or every token, under `all`): its Hessian and its cross term
+see the same tokens, and the full-precision routing is not used.
 """
 
 from __future__ import annotations
@@ -85,13 +92,17 @@ def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.
 
 class LayerStatistics:
     """The statistics half of `LayerQuantizer` (moedsl/execute/layer.py), which sets the attributes
-    used here: layer, kind, policy, device, chunk_bytes, batched, stop_early, routed_counts."""
+    used here: layer, kind, policy, device, chunk_bytes, batched, stop_early, routed_counts, fp_layer."""
 
     @torch.no_grad()
-    def collect(self, stage: Stage, inputs: list[torch.Tensor], kwargs: list[dict]) -> dict[str, Hessian]:
+    def collect(self, stage: Stage, inputs: list[torch.Tensor], kwargs: list[dict],
+                fp_inputs: list[torch.Tensor] | None = None) -> dict[str, Hessian]:
+        """fp_inputs: the full-precision model's inputs to this layer, per batch, when the cross term is wanted."""
+        cross = fp_inputs is not None
         hessians: dict[str, Hessian] = {}
         for key in stage.stats:
-            hessians[key.key] = Hessian(key.features, self.device, key.experts if key.per_expert else None)
+            hessians[key.key] = Hessian(key.features, self.device, key.experts if key.per_expert else None, cross)
+        fp_now: dict[str, torch.Tensor] = {}  # capture path -> the full-precision input there, this batch
         handles = []
         needed: set[str] = set()
         fired: set[str] = set()
@@ -114,7 +125,7 @@ class LayerStatistics:
                 def hook(mod, args, kwargs_, path=path, key=key):
                     x = args[0] if args else kwargs_["input"]
                     if path == key.capture.path:
-                        hessians[key.key].add(x)
+                        hessians[key.key].add(x, fp_now.get(path))
                         reference[key.key] = x
                     else:
                         ref = reference.get(key.key)
@@ -155,8 +166,13 @@ class LayerStatistics:
             module = get_path(self.layer, path)
             needed.add(path)
             if self.policy.kind == "auto" and any(k.capture.kind == "experts_input" and k.per_expert for k in keys):
-                all_tokens[path] = Hessian(ex.hidden_size, self.device)
+                all_tokens[path] = Hessian(ex.hidden_size, self.device, cross=cross)
             if _stacked(ex):
+                if cross:
+                    raise MoedslError(f"solver `{self.solver.name}` needs cross statistics, which moedsl does not "
+                                      f"collect for `{path}`: its routing weights scale the experts' input "
+                                      "(`scale input`), so the two models' expert inputs differ by their routing",
+                                      notes=["use gptq or mse for this model"])
                 if self.policy.kind not in ("routed", "all"):
                     raise MoedslError(f"policy {self.policy} is not supported for `{path}`, whose routing weights scale "
                                       "the experts' input (`scale input`): use `routed` or `all`")
@@ -200,6 +216,10 @@ class LayerStatistics:
                 handles.append(module.register_forward_pre_hook(block_input_hook, with_kwargs=True))
 
             def grouped_experts(args, kwargs_, path, keys, ex, mod):
+                if cross:
+                    raise MoedslError(f"solver `{self.solver.name}` needs cross statistics, which moedsl does not "
+                                      f"collect for grouped expert containers (`{path}`, `:grouped`): use gptq, "
+                                      "mse or rtn for this model")
                 block = get_path(self.layer, path)
                 x_all = block_in[path]
                 if self.policy.kind in ("all", "topk"):
@@ -231,19 +251,23 @@ class LayerStatistics:
                 x, index = _routing(ex, args, kwargs_)
                 if self.policy.kind == "topk":
                     index = router_out[path].topk(min(self.policy.top_k, ex.num_experts), dim=-1).indices
+                x_fp = fp_now.get(path)
                 for key in keys:
                     if key.capture.kind == "experts_input":
-                        self.add_experts_input(hessians[key.key], key, x, index, ex, all_tokens.get(path))
+                        self.add_experts_input(hessians[key.key], key, x, index, ex, all_tokens.get(path), x_fp)
                     else:
-                        self.add_experts_hidden(hessians[key.key], key, x, index, ex, mod)
+                        self.add_experts_hidden(hessians[key.key], key, x, index, ex, mod, x_fp)
                 done(path)
 
             hooked = get_path(module, ex.container(ex.first_role)) if ex.grouped else module
             handles.append(hooked.register_forward_pre_hook(experts_hook, with_kwargs=True))
         try:
-            for x, kw in zip(inputs, kwargs):
+            for b, (x, kw) in enumerate(zip(inputs, kwargs)):
                 fired.clear()
                 reference.clear()
+                if cross:
+                    fp_now.clear()
+                    fp_now.update(self.record_fp(stage, fp_inputs[b], kw))
                 try:
                     self.layer(x.to(self.device), **kw)
                 except StopForward:
@@ -268,7 +292,38 @@ class LayerStatistics:
                     for e in low.tolist():
                         h.sum[e] = all_tokens[path].sum
                         h.count[e] = all_tokens[path].count
+                        if cross:
+                            h.cross[e] = all_tokens[path].cross
         return hessians
+
+    def record_fp(self, stage: Stage, x: torch.Tensor, kw: dict) -> dict[str, torch.Tensor]:
+        """One forward of the full-precision layer copy on the full-precision input x: what reaches each
+        capture point of the stage (a Linear's input; the tokens an experts module reads)."""
+        paths = {key.capture.path: key.capture.kind for key in stage.stats}
+        seen: dict[str, torch.Tensor] = {}
+        handles = []
+        for path, kind in paths.items():
+            def hook(mod, args, kwargs_, path=path, kind=kind):
+                if kind == "linear_input":
+                    seen[path] = args[0] if args else kwargs_["input"]
+                else:
+                    seen[path] = _routing(_expert_bound(self.kind, path).experts, args, kwargs_)[0]
+                if len(seen) == len(paths):
+                    raise StopForward
+
+            handles.append(get_path(self.fp_layer, path).register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            self.fp_layer(x.to(self.device), **kw)
+        except StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = set(paths) - set(seen)
+        if missing:
+            raise MoedslError(f"stage {stage.index}: {', '.join(sorted(missing))} never ran during the forward of "
+                              f"the full-precision {self.kind.layer_class}")
+        return seen
 
     def add_stacked(self, hessians: dict[str, Hessian], keys: list[StatsKey], ex: BoundExperts, module: nn.Module,
                     stacked: torch.Tensor, scores: torch.Tensor, x: torch.Tensor) -> None:
@@ -302,54 +357,76 @@ class LayerStatistics:
                     h.add_expert(e, expert_fn.hidden(xe, ex.fn, we, be)[0])
 
     def add_experts_input(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
-                          ex: BoundExperts, all_tokens: Hessian | None) -> None:
+                          ex: BoundExperts, all_tokens: Hessian | None, x_fp: torch.Tensor | None = None) -> None:
         if not key.per_expert:
-            h.add(x)
+            h.add(x, x_fp)
             return
         if index is None:
             raise MoedslError(f"{ex.module_class}: routed statistics need the chosen experts (`index` in `call(...)`)")
         if all_tokens is not None:
-            all_tokens.add(x)
+            all_tokens.add(x, x_fp)
         if not self.batched:
             order, counts, _ = _tokens_by_expert(index, ex.num_experts)
             start = 0
             for e, n in enumerate(counts.tolist()):
                 if n:
-                    h.add_expert(e, x[order[start:start + n]])
+                    rows = order[start:start + n]
+                    h.add_expert(e, x[rows], None if x_fp is None else x_fp[rows])
                 start += n
             return
-        for xs, mask, counts in self.routed_batches(x, index, ex.num_experts, ex.hidden_size):
-            h.add_batched(xs, counts)  # padding rows are zeros: they add nothing
+        for xs, mask, counts, fps in self.routed_batches(x, index, ex.num_experts, ex.hidden_size, x_fp):
+            h.add_batched(xs, counts, fps)  # padding rows are zeros: they add nothing
 
     def add_experts_hidden(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
-                           ex: BoundExperts, module: nn.Module, x_all: torch.Tensor | None = None) -> None:
-        """x: the tokens (with index: the routed ones); x_all: every token, for the experts `auto` tops up
-        (grouped experts pass their routed rows as x, the block's input as x_all)."""
+                           ex: BoundExperts, module: nn.Module, x_fp: torch.Tensor | None = None,
+                           x_all: torch.Tensor | None = None) -> None:
+        """The down projections' inputs; with x_fp (cross statistics) also the full-precision model's:
+        the full-precision experts (`fp_layer`'s weights) on the full-precision tokens.
+        x: the tokens (with index: the routed ones); x_all: every token, for the experts `auto` tops up
+        (grouped experts pass their routed rows as x, the block's input as x_all; they take no x_fp)."""
         x_all = x if x_all is None else x_all
         w, b = expert_weights.read(ex, module)
+        fp_w = expert_weights.read(ex, get_path(self.fp_layer, ex.path)) if x_fp is not None else None
+
+        def hidden(xs, e=None):  # the experts' hidden rows for xs, and the full-precision ones for fps
+            we, be = (w, b) if e is None else expert_weights.one(w, b, e)
+            return expert_fn.hidden(xs, ex.fn, we, be)
+
+        def hidden_fp(fps, e=None):
+            if fps is None:
+                return None
+            we, be = fp_w if e is None else expert_weights.one(*fp_w, e)
+            return expert_fn.hidden(fps, ex.fn, we, be)
+
+        def rows(t, r):
+            return None if t is None else t[r]
+
         dtype = x.dtype
         if key.tokens == "all" and not self.batched:
             for e in range(ex.num_experts):
-                we, be = expert_weights.one(w, b, e)
-                h.add_expert(e, expert_fn.hidden(x, ex.fn, we, be)[0])
+                fp_e = hidden_fp(x_fp, e)
+                h.add_expert(e, hidden(x, e)[0], None if fp_e is None else fp_e[0])
             return
         if key.tokens == "all":
             # every expert on every token, a slice of experts at a time over chunks of TOKEN_CHUNK
-            # tokens: [slice, chunk, I] values bounded by chunk_bytes. Long token chunks keep the
-            # Hessian products compute-bound: each product reads and writes its slice's Hessians
-            # (4·I² bytes an expert) once per chunk, whatever the chunk's length.
+            # tokens: [slice, chunk, I] values bounded by chunk_bytes (twice that with the
+            # full-precision stream). Long token chunks keep the Hessian products compute-bound: each
+            # product reads and writes its slice's Hessians (4·I² bytes an expert) once per chunk.
             E, T = ex.num_experts, x.shape[0]
             chunk = min(T, TOKEN_CHUNK)
-            per_expert = chunk * ex.intermediate_size * 4 * 3
+            per_expert = chunk * ex.intermediate_size * 4 * 3 * (2 if x_fp is not None else 1)
             width = max(1, min(E, self.chunk_bytes // per_expert))
             for e0 in range(0, E, width):
                 e1 = min(E, e0 + width)
                 we = {r: v[e0:e1] for r, v in w.items()}
                 be = {r: (v[e0:e1] if v is not None else None) for r, v in b.items()}
+                fwe = None if fp_w is None else ({r: v[e0:e1] for r, v in fp_w[0].items()},
+                                                {r: (v[e0:e1] if v is not None else None) for r, v in fp_w[1].items()})
                 acc = Hessian.view(h, slice(e0, e1))
                 for s in range(0, T, chunk):
                     xc = x[s:s + chunk].to(dtype)
-                    acc.add_batched(expert_fn.hidden(xc, ex.fn, we, be), xc.shape[0])
+                    fpc = None if fwe is None else expert_fn.hidden(x_fp[s:s + chunk], ex.fn, *fwe)
+                    acc.add_batched(expert_fn.hidden(xc, ex.fn, we, be), xc.shape[0], fpc)
             return
         counts_before = self.routed_counts.get(ex.path)
         low = set()
@@ -360,28 +437,33 @@ class LayerStatistics:
             # expert topped up by `auto` reads every token instead, one at a time (there are few)
             keep = torch.ones(ex.num_experts, dtype=torch.bool, device=x.device)
             keep[list(low)] = False
-            for xs, mask, counts in self.routed_batches(x, index, ex.num_experts, ex.intermediate_size * 3):
-                hid = expert_fn.hidden(xs, ex.fn, w, b) * (mask & keep[:, None])[..., None].to(xs.dtype)
-                h.add_batched(hid, counts * keep)
+            width = ex.intermediate_size * 3 * (2 if x_fp is not None else 1)
+            for xs, mask, counts, fps in self.routed_batches(x, index, ex.num_experts, width, x_fp):
+                live = (mask & keep[:, None])[..., None].to(xs.dtype)
+                hid_fp = hidden_fp(fps)
+                h.add_batched(hidden(xs) * live, counts * keep, None if hid_fp is None else hid_fp * live)
             for e in sorted(low):
-                we, be = expert_weights.one(w, b, e)
-                h.add_expert(e, expert_fn.hidden(x_all, ex.fn, we, be)[0])
+                fp_e = hidden_fp(x_fp, e)
+                h.add_expert(e, hidden(x_all, e)[0], None if fp_e is None else fp_e[0])
             return
         order, counts, _ = _tokens_by_expert(index, ex.num_experts)
         start = 0
         for e, n in enumerate(counts.tolist()):
-            xe = x_all if e in low else x[order[start:start + n]]
+            r = slice(None) if e in low else order[start:start + n]
             start += n
+            xe = x_all if e in low else x[r]
             if xe.shape[0] == 0:
                 continue
-            we, be = expert_weights.one(w, b, e)
-            h.add_expert(e, expert_fn.hidden(xe, ex.fn, we, be)[0])
+            fp_e = hidden_fp(rows(x_fp, r), e)
+            h.add_expert(e, hidden(xe, e)[0], None if fp_e is None else fp_e[0])
 
-    def routed_batches(self, x: torch.Tensor, index: torch.Tensor, E: int, width: int):
-        """Token chunks of routed inputs as padded batches: (xs [E, n, H], mask [E, n], counts [E]).
+    def routed_batches(self, x: torch.Tensor, index: torch.Tensor, E: int, width: int,
+                       fp: torch.Tensor | None = None):
+        """Token chunks of routed inputs as padded batches: (xs [E, n, H], mask [E, n], counts [E], fps).
 
         Tokens are grouped by expert (one sort), scattered into a zero-padded [E, n, H] tensor,
-        n the largest count in the chunk; chunks keep E·n·width·4 bytes under chunk_bytes."""
+        n the largest count in the chunk; chunks keep E·n·width·4 bytes under chunk_bytes. fps: the
+        same rows of fp (the full-precision tokens), or None."""
         T, k = index.shape
         step = max(1, min(T, self.chunk_bytes // max(1, 4 * width * k * 4)))
         for s in range(0, T, step):
@@ -394,6 +476,10 @@ class LayerStatistics:
             slot = torch.arange(order.numel(), device=x.device) - starts[flat]
             xs = x.new_zeros(E, n, x.shape[-1])
             xs[flat, slot] = xc[order]
+            fps = None
+            if fp is not None:
+                fps = fp.new_zeros(E, n, fp.shape[-1])
+                fps[flat, slot] = fp[s:s + step][order]
             mask = torch.zeros(E, n, dtype=torch.bool, device=x.device)
             mask[flat, slot] = True
-            yield xs, mask, counts
+            yield xs, mask, counts, fps

@@ -18,15 +18,22 @@ Built-in solvers (each a short module beside this one, selected by `--solver NAM
            batched path, in a form serving engines load
     rtn    round-to-nearest on the same grids
     mse    GPTQ whose group grids minimise the grid's own rounding error (a clipping search)
+    gptaq  GPTAQ: GPTQ fitted to the full-precision model's outputs (asymmetric calibration);
+           gptaq-mse on the mse grids; `gptaq(alpha=0.5)` sets its α
 
 A solver outside the package is named `path/to/file.py:Name` or `package.module:Name`; Name is
 a class (instantiated with no arguments) or an object with `name` and `solve`.
+
+A solver that needs more than the Hessian says so in `statistics` (default `("hessian",)`):
+`"cross"` makes the executor carry the full-precision model's activations beside the quantized
+model's and hand the solver `Problem.cross`; other solvers pay nothing for it.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
@@ -37,7 +44,7 @@ from moedsl.errors import MoedslError, nearest
 from moedsl.gptq.quantizer import QuantConfig, QuantResult
 from moedsl.plan.schema import Target
 
-__all__ = ["Problem", "Solver", "BUILTIN", "resolve_solver", "solver_name"]
+__all__ = ["Problem", "Solver", "BUILTIN", "resolve_solver", "solver_name", "wants_cross"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,13 +58,16 @@ class Problem:
     experts   the expert index of each of the n matrices; () for an nn.Linear (n = 1)
     tokens    rows of calibration input behind each Hessian ([1] or [n]); 0: no statistics (the
               Hessian is then the identity, so GPTQ rounds to nearest)
-    cfg       bits, group size, symmetry, act order, damping
-    layer     the decoder layer's index (None for lm_head)
-    where     names the problem in messages: `layer 3 mlp.experts.{e}.down_proj`
+    cross     fp32, shaped as `hessian`, for solvers that ask for it (`statistics` names "cross"),
+              else None: D = 2/N Σ (x − x̃) x̃ᵀ, x̃ the quantized model's input row, x the
+              full-precision model's input at the same token (D[a, b] = 2/N Σ (x − x̃)_a x̃_b)
     cache     for a shared Hessian cut into chunks of experts (every expert's gate and up under `all`):
               one dict, the same for every chunk of that key; else None. A solver may keep there
               what it derives from the Hessian alone, so that work runs once per key (GPTQ keeps
               its factorization of H⁻¹: for a DeepSeek-V3 layer, 1 instead of one per chunk)
+    cfg       bits, group size, symmetry, act order, damping
+    layer     the decoder layer's index (None for lm_head)
+    where     names the problem in messages: `layer 3 mlp.experts.{e}.down_proj`
     """
 
     weights: tuple[torch.Tensor, ...]
@@ -68,6 +78,7 @@ class Problem:
     cfg: QuantConfig
     layer: int | None = None
     where: str = ""
+    cross: torch.Tensor | None = None
     cache: dict | None = None
 
     @property
@@ -90,14 +101,21 @@ class Solver(Protocol):
 
 
 def _builtin() -> dict[str, type]:
+    from moedsl.solvers.gptaq import GPTAQ, GPTAQMSE
     from moedsl.solvers.gptq import GPTQ
     from moedsl.solvers.mse import MSE
     from moedsl.solvers.rtn import RTN
 
-    return {"gptq": GPTQ, "rtn": RTN, "mse": MSE}
+    return {"gptq": GPTQ, "rtn": RTN, "mse": MSE, "gptaq": GPTAQ, "gptaq-mse": GPTAQMSE}
 
 
-BUILTIN = ("gptq", "rtn", "mse")
+BUILTIN = ("gptq", "rtn", "mse", "gptaq", "gptaq-mse")
+_WITH_OPTIONS = re.compile(r"^([a-z][a-z0-9-]*)\((.*)\)$")
+
+
+def wants_cross(solver: Solver) -> bool:
+    """Whether a solver asks for the cross statistic (and so for the full-precision activations)."""
+    return "cross" in tuple(getattr(solver, "statistics", ("hessian",)))
 
 
 def solver_name(solver: str | Solver) -> str:
@@ -112,6 +130,9 @@ def resolve_solver(spec: str | Solver) -> Solver:
     builtin = _builtin()
     if spec in builtin:
         return builtin[spec]()
+    options = _WITH_OPTIONS.match(spec.strip())
+    if options and options.group(1) in builtin:
+        return _with_options(builtin[options.group(1)], options.group(1), options.group(2), spec)
     if ":" not in spec:
         raise MoedslError(f"--solver {spec}: unknown solver", expected=list(BUILTIN),
                           suggestion=nearest(spec, BUILTIN),
@@ -128,6 +149,28 @@ def resolve_solver(spec: str | Solver) -> Solver:
         except Exception as exc:  # the user's constructor: report it, never a traceback
             raise MoedslError(f"--solver {spec}: `{attr}()` failed: {type(exc).__name__}: {exc}") from None
     return _check(obj, spec)
+
+
+def _with_options(cls: type, name: str, text: str, spec: str) -> Solver:
+    """A built-in with keyword options, `gptaq(alpha=0.5)`: numbers only."""
+    kwargs = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        try:
+            kwargs[key.strip()] = float(value)
+        except ValueError:
+            raise MoedslError(f"--solver {spec}: `{part}` is not `option=number`") from None
+        if not eq:
+            raise MoedslError(f"--solver {spec}: `{part}` is not `option=number`")
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        import inspect
+
+        known = [p for p in inspect.signature(cls).parameters]
+        raise MoedslError(f"--solver {spec}: `{name}` takes " + (f"the options {', '.join(known)}" if known else
+                                                                 "no options"),
+                          suggestion=nearest(next(iter(kwargs), ""), known) if known else None) from None
 
 
 def _import(where: str, spec: str):
