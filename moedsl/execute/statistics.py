@@ -77,6 +77,12 @@ def _grouped_call(args: tuple, kwargs: dict, E: int, where: str) -> tuple[torch.
     return rows.reshape(-1, rows.shape[-1]), sizes
 
 
+def _experts_slice(weights: tuple[dict, dict], e0: int, e1: int) -> tuple[dict, dict]:
+    """Experts e0..e1 of (weights, biases) by role, as `expert_weights.read` gives them."""
+    w, b = weights
+    return {r: v[e0:e1] for r, v in w.items()}, {r: (v[e0:e1] if v is not None else None) for r, v in b.items()}
+
+
 def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token ids sorted by expert, tokens per expert, the expert of each sorted row). Choices of the
     weightless slots after the E experts (`extra`: index ≥ E) are dropped: they have no statistics."""
@@ -418,15 +424,13 @@ class LayerStatistics:
             width = max(1, min(E, self.chunk_bytes // per_expert))
             for e0 in range(0, E, width):
                 e1 = min(E, e0 + width)
-                we = {r: v[e0:e1] for r, v in w.items()}
-                be = {r: (v[e0:e1] if v is not None else None) for r, v in b.items()}
-                fwe = None if fp_w is None else ({r: v[e0:e1] for r, v in fp_w[0].items()},
-                                                {r: (v[e0:e1] if v is not None else None) for r, v in fp_w[1].items()})
-                acc = Hessian.view(h, slice(e0, e1))
+                part = _experts_slice((w, b), e0, e1)
+                fp_part = None if fp_w is None else _experts_slice(fp_w, e0, e1)
+                acc = h.experts_slice(e0, e1)
                 for s in range(0, T, chunk):
                     xc = x[s:s + chunk].to(dtype)
-                    fpc = None if fwe is None else expert_fn.hidden(x_fp[s:s + chunk], ex.fn, *fwe)
-                    acc.add_batched(expert_fn.hidden(xc, ex.fn, we, be), xc.shape[0], fpc)
+                    fpc = None if fp_part is None else expert_fn.hidden(x_fp[s:s + chunk], ex.fn, *fp_part)
+                    acc.add_batched(expert_fn.hidden(xc, ex.fn, *part), xc.shape[0], fpc)
             return
         counts_before = self.routed_counts.get(ex.path)
         low = set()

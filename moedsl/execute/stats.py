@@ -51,12 +51,11 @@ class Hessian:
                 self.cross.baddbmm_(self._delta(fp, hf).transpose(1, 2), hf)
         self.count += counts
 
-    @staticmethod
-    def view(h: "Hessian", experts: slice) -> "Hessian":
-        """The Hessians (and cross terms) and counts of a slice of h's experts, sharing h's storage."""
+    def experts_slice(self, e0: int, e1: int) -> "Hessian":
+        """Experts e0..e1 of this stack (Hessians, cross terms, counts), sharing its storage."""
         part = Hessian.__new__(Hessian)
-        part.sum, part.count, part.experts = h.sum[experts], h.count[experts], h.sum[experts].shape[0]
-        part.cross = None if h.cross is None else h.cross[experts]
+        part.sum, part.count, part.experts = self.sum[e0:e1], self.count[e0:e1], e1 - e0
+        part.cross = None if self.cross is None else self.cross[e0:e1]
         return part
 
     @staticmethod

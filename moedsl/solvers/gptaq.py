@@ -49,33 +49,46 @@ ALPHA = 0.25
 
 
 def asymmetry_corrected(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, cfg: QuantConfig,
-                        alpha: float) -> torch.Tensor:
-    """W' = W + W·P for W [n, out, in] against H, D [1 or n, in, in] (one per matrix, or one for all)."""
+                        alpha: float, correction: tuple | None = None) -> torch.Tensor:
+    """W' = W + W·P for W [n, out, in] against H, D [1 or n, in, in] (one per matrix, or one for all).
+
+    correction: `asymmetry_correction(H, D, cfg, alpha)`, when the caller corrects more matrices
+    against the same H and D in other calls (the chunks of a shared key)."""
+    dead, perm, P = correction if correction is not None else asymmetry_correction(H, D, cfg, alpha)
+    m = P.shape[0]
     with tf32(False):
         W = W.to(torch.float32, copy=True)
+        W.masked_fill_(dead[:, None, :], 0)  # dead inputs, as GPTQ treats them: a zero weight
+        if perm is not None:
+            W = W[:, :, perm[0]] if m == 1 else W.gather(2, perm[:, None, :].expand(W.shape))
+        corrected = W + W @ P
+        if perm is not None:
+            inv = torch.argsort(perm, dim=1)
+            corrected = (corrected[:, :, inv[0]] if m == 1
+                         else corrected.gather(2, inv[:, None, :].expand(corrected.shape)))
+        return corrected
+
+
+def asymmetry_correction(H: torch.Tensor, D: torch.Tensor, cfg: QuantConfig, alpha: float):
+    """What W' = W + W·P needs from H and D alone: (dead inputs [m, in], the solve order [m, in] or
+    None, P [m, in, in] in that order)."""
+    with tf32(False):
         H = H.to(torch.float32, copy=True)
         D = D.to(torch.float32, copy=True)
         m, cols = H.shape[0], H.shape[-1]
-        # dead inputs, as GPTQ treats them: a unit Hessian entry, a zero weight, no cross term
+        # dead inputs, as GPTQ treats them: a unit Hessian entry, no cross term
         dead = H.diagonal(dim1=1, dim2=2) == 0
         H.diagonal(dim1=1, dim2=2).masked_fill_(dead, 1)
         D.masked_fill_(dead[:, None, :], 0)
-        W.masked_fill_(dead[:, None, :], 0)
+        perm = None
         if cfg.act_order:  # P in the order the columns are solved (gptq.py sorts the same way)
             perm = torch.argsort(H.diagonal(dim1=1, dim2=2), dim=1, descending=True, stable=True)
             rows_of = perm[:, :, None].expand(m, cols, cols)
             cols_of = perm[:, None, :].expand(m, cols, cols)
             H = H.gather(1, rows_of).gather(2, cols_of)
             D = D.gather(1, rows_of).gather(2, cols_of)
-            W = W[:, :, perm[0]] if m == 1 else W.gather(2, perm[:, None, :].expand(W.shape))
         U, _ = batched_inverse_hessian_factor(H, cfg)
-        P = alpha * (D @ U.mT).triu_(1) @ U
-        corrected = W + W @ P
-        if cfg.act_order:
-            inv = torch.argsort(perm, dim=1)
-            corrected = (corrected[:, :, inv[0]] if m == 1
-                         else corrected.gather(2, inv[:, None, :].expand(corrected.shape)))
-        return corrected
+        return dead, perm, alpha * (D @ U.mT).triu_(1) @ U
 
 
 class GPTAQ(GPTQ):
@@ -97,8 +110,12 @@ class GPTAQ(GPTQ):
             raise MoedslError(f"solver `{self.name}` ({problem.where}): no cross statistics were collected "
                               "(the executor collects them for solvers whose `statistics` name `cross`)")
         if self.alpha:
-            weights = tuple(asymmetry_corrected(W, problem.hessian, problem.cross, problem.cfg, self.alpha)
-                            for W in problem.weights)
+            cache = problem.cache if problem.cache is not None else {}  # once per shared key, else per problem
+            if "gptaq.correction" not in cache:
+                cache["gptaq.correction"] = asymmetry_correction(problem.hessian, problem.cross, problem.cfg,
+                                                                 self.alpha)
+            weights = tuple(asymmetry_corrected(W, problem.hessian, problem.cross, problem.cfg, self.alpha,
+                                                cache["gptaq.correction"]) for W in problem.weights)
             problem = dataclasses.replace(problem, weights=weights)
         return super().solve(problem)
 
