@@ -119,6 +119,8 @@ def calibration(path: Path, seqs: int, seq_len: int, vocab: int, seed: int = 0) 
 
 def run_moedsl(model_dir: Path, out: Path, calib: Path, args) -> dict:
     profile = [str(ROOT / "bench" / "stacks.py"), "--out", str(args.stacks)] if args.stacks else []
+    if args.stacks and args.trace_layer is not None:
+        profile += ["--trace-layer", str(args.trace_layer)]
     cmd = [sys.executable, *profile, "-m", "moedsl", "quantize", "--model", str(model_dir), "--out", str(out),
            "--calib", str(calib), "--samples", str(args.seqs), "--seq-len", str(args.seq_len),
            "--batch-size", str(args.batch), "--policy", args.policy, "--bits", str(args.bits),
@@ -209,6 +211,8 @@ def main(argv=None) -> dict:
                    help="where models, calibration ids and outputs go (models are reused)")
     p.add_argument("--stacks", type=Path, default=None,
                    help="run moedsl under bench/stacks.py (the main thread's time by line) and write its JSON here")
+    p.add_argument("--trace-layer", type=int, default=None,
+                   help="with --stacks: torch-profile this decoder layer (table in STACKS.layerK.txt)")
     p.add_argument("--no-llmcompressor", action="store_true", help="skip llm-compressor even when it is installed")
     p.add_argument("--drop-model", action="store_true", help="delete the built model directory afterwards")
     args = p.parse_args(argv)

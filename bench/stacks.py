@@ -13,6 +13,10 @@ stacks and lines, and prints the top lines:
 Two views: `lines` (the innermost frame in --focus code, default moedsl/: which of our lines the
 time goes to, whatever library it ends in) and `leaves` (the innermost frame of all: which
 library call).
+
+`--trace-layer K` also runs decoder layer K's quantization (`LayerQuantizer.run`) under the torch
+profiler and writes its table (by device time) beside --out: what the layer costs inside a run,
+to set against `bench/moe_layer.py --profile` (the same layer alone).
 """
 
 from __future__ import annotations
@@ -50,17 +54,51 @@ def sample(main_ident: int, interval: float, stop: threading.Event, focus: str, 
     out.update(lines=lines, leaves=leaves, stacks=stacks)
 
 
+def trace_layer(index: int, path: str, rows: int = 40) -> None:
+    """Wrap LayerQuantizer.run so that decoder layer `index` runs under the torch profiler; the table goes to path."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from moedsl.execute.layer import LayerQuantizer
+
+    plain = LayerQuantizer.run
+
+    def run(self, *args, **kwargs):
+        if self.index != index:
+            return plain(self, *args, **kwargs)
+        cuda = torch.cuda.is_available()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            result = plain(self, *args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        with open(path, "w") as f:
+            f.write(f"decoder layer {index}: {wall:.3f} s wall inside the run\n")
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=rows))
+        return result
+
+    LayerQuantizer.run = run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file for the profile")
     p.add_argument("--interval", type=float, default=0.002, help="seconds between samples")
     p.add_argument("--focus", default="moedsl/", help="path part that marks our own code")
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--trace-layer", type=int, default=None, help="torch-profile this decoder layer's quantization")
     p.add_argument("-m", dest="module", help="run this module as `python -m` would")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the script (without -m) and its arguments")
     args = p.parse_args()
     target = args.module or args.rest.pop(0)
     sys.argv = [target, *args.rest]
+    if args.trace_layer is not None:
+        trace_layer(args.trace_layer, str(args.out) + f".layer{args.trace_layer}.txt")
     stop, found = threading.Event(), {}
     sampler = threading.Thread(target=sample, args=(threading.main_thread().ident, args.interval, stop, args.focus,
                                                     found), daemon=True)

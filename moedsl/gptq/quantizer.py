@@ -238,6 +238,8 @@ def group_grids(W: torch.Tensor, cfg: QuantConfig, grid=find_params) -> tuple[to
     grid: how one group's (scale, zero) is found; `find_params` (min/max) unless a solver says otherwise."""
     cols = W.shape[-1]
     width = cfg.group_width(cols)
+    if cols % width == 0:  # every group at once: the grid works on the last dim, whatever comes before
+        return grid(W.unflatten(-1, (cols // width, width)), cfg.bits, cfg.sym, cfg.torch_scale_dtype)
     grids = [grid(W[..., j : j + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype) for j in range(0, cols, width)]
     return torch.stack([s for s, _ in grids], dim=-1), torch.stack([z for _, z in grids], dim=-1)
 
