@@ -102,3 +102,30 @@ def test_stored_format_dequantization_on_cuda_equals_cpu():
     assert torch.equal(fp8_block_dequantize(q.cuda(), s.cuda(), (128, 128)).cpu(), cpu)
     b, sc = mxfp4_quantize(w[..., :512])
     assert torch.equal(mxfp4_dequantize(b.cuda(), sc.cuda()).cpu(), mxfp4_dequantize(b, sc))
+
+
+def test_overlap_serial_and_resume_write_the_same_bytes_on_cuda(tiny_model, tmp_path):
+    """On a GPU the resume state's activations leave the device on a copy stream of their own, into pinned
+    memory: an overlapped run, a step-by-step run and a run killed while a background write is in flight
+    and then resumed write the same checkpoint."""
+    import subprocess
+    import sys
+
+    import moedsl
+    from tests.test_pipeline import ARGS, RUN, assert_same_checkpoint
+
+    def cli(*args, env=None):  # a process of its own (the forked test server must not inherit a CUDA context)
+        return subprocess.run([sys.executable, "-m", "moedsl", *args], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})})
+
+    model = tiny_model("qwen3_moe", num_hidden_layers=3)
+    overlapped, serial, killed = tmp_path / "overlap", tmp_path / "serial", tmp_path / "killed"
+    moedsl.quantize(model=model, out=overlapped, pipeline="overlap", device="cuda", **RUN)
+    moedsl.quantize(model=model, out=serial, pipeline="serial", device="cuda", **RUN)
+    assert_same_checkpoint(serial, overlapped)
+    args = ["quantize", "--model", str(model), "--out", str(killed), "--device", "cuda", *ARGS]
+    r = cli(*args, env={"MOEDSL_KILL_IN_WRITE": "1:acts"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_checkpoint(killed, overlapped)

@@ -520,6 +520,11 @@ class LayerwiseLoader:
         api = _transformers_api()
         device = str(torch.device(device))
         tensors = tensors or {}
+        if torch.device(device).type == "cuda":
+            # on the device before transformers' conversion, so that merging experts into fused
+            # tensors (128 × 3 tensors for a Qwen3-30B-A3B layer) runs there and not on the host;
+            # from pinned memory these copies are asynchronous
+            tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
         load_config = api["LoadStateDictConfig"](
             pretrained_model_name_or_path=str(self.model_dir),
             device_map={"": device},

@@ -30,15 +30,18 @@ class Phases:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def __call__(self, name: str):
-        if self.sync:
+    def __call__(self, name: str, sync: bool = True):
+        """sync=False: no synchronization for this phase (a short one nested in another, `pack` in
+        `solve`): its GPU work is charged to the phase around it, and the device queue is not drained."""
+        sync = sync and self.sync
+        if sync:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         self._inner.append(0.0)
         try:
             yield
         finally:
-            if self.sync:
+            if sync:
                 torch.cuda.synchronize(self.device)
             elapsed = time.perf_counter() - t0
             self.add(name, elapsed - self._inner.pop())
@@ -63,7 +66,7 @@ class _NoPhases:
     """Timers that time nothing (a LayerQuantizer used on its own)."""
 
     @contextlib.contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, sync: bool = True):
         yield
 
     def add(self, name: str, seconds: float) -> None:

@@ -38,7 +38,7 @@ from moedsl.execute.phases import Phases
 from moedsl.execute.reader import LayerReader
 from moedsl.execute.stacker import ExpertStacker
 from moedsl.execute.report import Report, print_summary
-from moedsl.execute.writer import FinishedLayer, LayerWriter, copy_keys
+from moedsl.execute.writer import FinishedLayer, HostCopier, LayerWriter, copy_keys
 from moedsl.models import remote
 from moedsl.write.files import copy_atomic, stop_point, stop_requested
 from moedsl.plan.schema import HookPlan
@@ -279,10 +279,10 @@ class Runner:
             raise MoedslError(f"--model {model_dir}: no such directory")
         # before the output directory is touched: a model that needs its own code, a checkpoint the loader
         # cannot read, or a config that does not fit its checkpoint, is refused here
-        with phases("startup.skeleton"):
+        with phases("startup.skeleton", sync=False):
             loader, model, model_warnings = open_model(model_dir, opts, self.device)
         code = loader.remote_code
-        with phases("startup.plan"):
+        with phases("startup.plan", sync=False):
             definition = load(opts.definition) if opts.definition else for_model(model)
             tokens = opts.samples * opts.seq_len
             plan = compile_plan(definition, model, policy=self.policy, tokens=tokens)
@@ -294,7 +294,7 @@ class Runner:
         self.reader = reader = LayerReader(loader, plan.num_layers, pin=self.device.type == "cuda", overlap=overlap,
                                            phases=phases)
         reader.prefetch(_first_layer_guess(opts.out / RUN_DIR / STATE_NAME) if opts.resume else 0)
-        with phases("startup.embeddings"):
+        with phases("startup.embeddings", sync=False):
             loader.load_non_layer(model, self.device, skip=plan.towers)  # towers are copied, never run
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         cfg = opts.quant_config(required_scale_dtype(opts.format, dtype))
@@ -302,7 +302,7 @@ class Runner:
         engine_warnings = check_engine(opts, cfg, has_experts=any(kind.moe for kind in plan.kinds),
                                        family=definition.header.name)
         stacked = stacked_experts(opts.engine, definition.header.name, opts.format)
-        with phases("startup.calibration"):
+        with phases("startup.calibration", sync=False):
             calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed,
                                      trust_remote_code=code is not None)
         # only once every input has been checked
@@ -360,8 +360,9 @@ class Runner:
 
         packer = Packer(writer, dtype)
         layer_writer = LayerWriter(writer, loader, out.commit_layer, overlap=overlap, phases=phases)
+        to_host = HostCopier(act_device)
         if warm is not None:
-            with phases("startup.kernels"):
+            with phases("startup.kernels", sync=False):
                 warm.join()
         phases.add("startup", time.perf_counter() - launched)
         try:
@@ -386,7 +387,7 @@ class Runner:
                     stacker = ExpertStacker(stacked, [m.experts.path for m in kind.moe])
 
                     def pack(q, prefix=prefix, packed=packed, stacker=stacker):
-                        with phases("pack"):
+                        with phases("pack", sync=False):
                             for s in stacker.add(q):
                                 packed.append(packer.pack([prefix + c for c in s.q.ckpts], s.q.stack, s.q.expert,
                                                           s.join, s.omit))
@@ -420,14 +421,15 @@ class Runner:
                         acts |= {f"fp.carry.{name}.{b}": v for b, c in enumerate(fp_carried)
                                  for name, v in c.items() if torch.is_tensor(v)}
                     names = [n for p in packed for n in p.names]
+                    acts, acts_ready = to_host(acts)
                     done = FinishedLayer(i, f"layer-{i:05d}.safetensors", packed,
                                          self.layer_copies(loader, plan, i, kind, names), acts,
-                                         {"fingerprint": fingerprint, "layers": list(report.layers)})
-                    with phases("write_wait") if overlap else contextlib.nullcontext():
+                                         {"fingerprint": fingerprint, "layers": list(report.layers)}, acts_ready)
+                    with phases("write_wait", sync=False) if overlap else contextlib.nullcontext():
                         layer_writer.submit(done)
                     del packed, done, acts
                     bar.advance(i, seconds, tokens)
-                with phases("write_wait"):
+                with phases("write_wait", sync=False):
                     layer_writer.drain()
         finally:
             reader.close()

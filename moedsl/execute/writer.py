@@ -35,8 +35,39 @@ class FinishedLayer:
     shard: str  # file name of the layer's shard
     packed: list[Packed]  # its quantized modules, from the packer
     copies: list[str]  # its checkpoint keys stored unchanged (norms, routers, …)
-    acts: dict[str, torch.Tensor]  # the next layer's inputs (and carried state), on any device
+    acts: dict[str, torch.Tensor]  # the next layer's inputs (and carried state), on any device (see `acts_to_host`)
     state: dict = field(default_factory=dict)  # state.json once this layer is on disk (without `acts`)
+    acts_ready: torch.cuda.Event | None = None  # when `acts` are host copies still being filled
+
+
+class HostCopier:
+    """The next layer's inputs to the host for the resume state, without holding up the quantizer.
+
+    A plain `.cpu()` of a GPU tensor from the writer thread is a copy to pageable memory queued on
+    the compute stream: it waits for the next layer's queued kernels, and they wait for it (on a
+    Qwen3-30B-A3B layer, 0.4 s of every layer). Here the copies go to pinned host memory on a
+    stream of their own, ordered after the kernels that produced the tensors (and the allocator
+    told that stream uses them, so their memory is not reused before the copy ends); the writer
+    waits on the returned event. On a CPU the tensors are handed over as they are."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __call__(self, acts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        on_device = {k: v.detach().contiguous() for k, v in acts.items() if v.device.type == "cuda"}
+        if self.stream is None or not on_device:
+            return acts, None
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        host = dict(acts)
+        with torch.cuda.stream(self.stream):
+            for k, v in on_device.items():
+                host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                host[k].copy_(v, non_blocking=True)
+                v.record_stream(self.stream)
+        ready = torch.cuda.Event()
+        ready.record(self.stream)
+        return host, ready
 
 
 def copy_keys(writer: CheckpointWriter, loader, keys: list[str]) -> None:
@@ -91,6 +122,8 @@ class LayerWriter:
         t1 = time.perf_counter()
         self.phases.add("write", t1 - t0)
         _kill_point("shard", layer.index)
+        if layer.acts_ready is not None:
+            layer.acts_ready.synchronize()
         acts = {k: v.detach().contiguous().cpu() for k, v in layer.acts.items()}
         _kill_point("acts", layer.index)
         self.commit(layer.index + 1, acts, layer.state["fingerprint"], layer.state["layers"])
