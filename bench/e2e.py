@@ -147,6 +147,35 @@ def run_moedsl(model_dir: Path, out: Path, calib: Path, args) -> dict:
     }
 
 
+IMPORT_FLOOR = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import transformers
+from transformers import AutoConfig
+config = AutoConfig.from_pretrained(sys.argv[1])
+cls = getattr(transformers, config.architectures[0])
+t2 = time.perf_counter()
+if torch.cuda.is_available():
+    torch.ones(1, device="cuda")
+t3 = time.perf_counter()
+print(json.dumps({"torch_s": round(t1 - t0, 2), "transformers_s": round(t2 - t1, 2), "cuda_init_s": round(t3 - t2, 2)}))
+"""
+
+
+def import_floor(model_dir: Path) -> dict:
+    """What any transformers-based tool pays before its first layer, in a fresh process: importing
+    torch, transformers with the model's config and class, and starting CUDA; and the process's
+    whole life (start to exit) around that."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", IMPORT_FLOOR, str(model_dir)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_s": round(wall, 2)}
+
+
 LLMC_WORKER = r"""
 import json, sys, time
 import numpy as np, torch
@@ -213,6 +242,8 @@ def main(argv=None) -> dict:
                    help="run moedsl under bench/stacks.py (the main thread's time by line) and write its JSON here")
     p.add_argument("--trace-layer", type=int, default=None,
                    help="with --stacks: torch-profile this decoder layer (table in STACKS.layerK.txt)")
+    p.add_argument("--import-floor", action="store_true",
+                   help="also time importing torch + transformers (config and model class) + CUDA in a fresh process")
     p.add_argument("--no-llmcompressor", action="store_true", help="skip llm-compressor even when it is installed")
     p.add_argument("--drop-model", action="store_true", help="delete the built model directory afterwards")
     args = p.parse_args(argv)
@@ -243,6 +274,8 @@ def main(argv=None) -> dict:
            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "model_gib": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30, 2),
            "build_s": build_seconds}
+    if args.import_floor:
+        out["import_floor"] = import_floor(model_dir)
     try:
         out["moedsl"] = run_moedsl(model_dir, args.work / f"{name}-moedsl-out", calib, args)
         shutil.rmtree(args.work / f"{name}-moedsl-out", ignore_errors=True)
