@@ -194,7 +194,8 @@ def test_resume_after_kill_is_byte_identical(tmp_path, default_model, cli):
     fresh, out = tmp_path / "fresh", tmp_path / "resumed"
     r = cli("quantize", "--out", str(fresh), *RUN_ARGS)  # the same process kind as the runs below: same threads
     assert r.returncode == 0, r.stderr
-    r = cli("quantize", "--out", str(out), *RUN_ARGS, env={"MOEDSL_TEST_STOP": "layer:2:start"})  # SIGKILLs itself
+    r = cli("quantize", "--out", str(out), *RUN_ARGS, "--resume-interval", "0",
+            env={"MOEDSL_TEST_STOP": "layer:2:start"})  # SIGKILLs itself
     assert r.returncode == -9, r.stderr
     state = json.loads((out / ".moedsl-run" / "state.json").read_text())
     assert state["finished"] == 2

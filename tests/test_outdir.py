@@ -172,7 +172,8 @@ def test_out_below_a_regular_file(tmp_path, capsys, default_model):
 # ---- real processes: a tiny 4-layer model, few tokens, one thread -------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
-ARGS = ["--group-size", "32", "--samples", "4", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
+ARGS = ["--group-size", "32", "--samples", "4", "--seq-len", "16", "--batch-size", "2", "--no-progress",
+        "--resume-interval", "0"]  # a resume state after every layer
 _TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases"}
 MARKERS = ("config.json", "quantize_config.json", REPORT)  # what makes a directory look finished
 _HOW = {"out", "resume", "overwrite"}  # options that say where and how, not what

@@ -11,15 +11,15 @@ import pytest
 
 import moedsl
 
-RUN = dict(group_size=-1, samples=4, seq_len=32, progress=False)
-ARGS = ["--group-size", "-1", "--samples", "4", "--seq-len", "32", "--no-progress"]
+RUN = dict(group_size=-1, samples=4, seq_len=32, progress=False, resume_interval=0)  # a resume state per layer
+ARGS = ["--group-size", "-1", "--samples", "4", "--seq-len", "32", "--no-progress", "--resume-interval", "0"]
 REPORT = "moedsl-report.json"
 TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases"}
 
 
 def _strip(obj):
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in TIMING and k not in ("out", "pipeline")}
+        return {k: _strip(v) for k, v in obj.items() if k not in TIMING and k not in ("out", "pipeline", "resume_interval")}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj
@@ -79,3 +79,26 @@ def test_kill_during_background_write_resumes_byte_identical(model, overlapped, 
     r = cli("quantize", "--model", str(model), "--out", str(out), *ARGS)
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_checkpoint(out, overlapped)
+
+
+def test_resume_interval_records_no_state_between_and_a_kill_starts_over(model, overlapped, tmp_path, cli):
+    """--resume-interval longer than the run: every layer's shard is written, no resume state ever is
+    (no activations on disk); a run killed at layer 2 therefore starts over, and writes the same bytes."""
+    out = tmp_path / "sparse"
+    args = ["quantize", "--model", str(model), "--out", str(out), *ARGS, "--resume-interval", "3600"]
+    r = cli(*args, env={"MOEDSL_TEST_STOP": "layer:2:start"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert (out / "layer-00000.safetensors").is_file() and (out / "layer-00001.safetensors").is_file()
+    assert not (out / ".moedsl-run" / "state.json").exists()
+    assert not list((out / ".moedsl-run").glob("*acts-*"))
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" not in r.stderr
+    assert_same_checkpoint(out, overlapped)
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan"])
+def test_resume_interval_must_be_seconds(model, tmp_path, cli, bad):
+    r = cli("quantize", "--model", str(model), "--out", str(tmp_path / "o"), *ARGS, "--resume-interval", bad)
+    assert r.returncode == 2 and "--resume-interval" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -235,7 +235,8 @@ def _strip_timing(obj):
 
 def test_resume_after_kill_is_byte_identical(tmp_path, gptq_out, cli):
     out = tmp_path / "resumed"
-    r = cli("quantize", "--out", str(out), *RUN_ARGS, env={"MOEDSL_TEST_STOP": "layer:1:start"})  # SIGKILLs itself
+    r = cli("quantize", "--out", str(out), *RUN_ARGS, "--resume-interval", "0",
+            env={"MOEDSL_TEST_STOP": "layer:1:start"})  # SIGKILLs itself
     assert r.returncode == -9, r.stderr
     assert (out / ".moedsl-run" / "state.json").is_file()
     assert json.loads((out / ".moedsl-run" / "state.json").read_text())["finished"] == 1

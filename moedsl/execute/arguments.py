@@ -44,6 +44,10 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if a partial run is there")
+    p.add_argument("--resume-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="how often the run records where it is, so that a killed run resumes there: at most every "
+                        "SECONDS (default 60; 0: after every layer). A kill redoes the layers since the last record; "
+                        "fewer records spare the disk a layer's activations per layer")
     p.add_argument("--overwrite", action="store_true", help="replace a finished output directory")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--activations", default="auto", choices=["auto", "device", "cpu"],

@@ -46,6 +46,9 @@ def check_options(opts) -> None:
             raise
         raise MoedslError(f"{_QUANT_FLAGS[field]} {getattr(opts, field)}: "
                           f"{err.message.split(f'{field}: ', 1)[1]}") from None
+    if not opts.resume_interval >= 0:  # also refuses NaN
+        raise MoedslError(f"--resume-interval {opts.resume_interval}: a number of seconds, 0 or more "
+                          "(0: a resume state after every layer)")
     check_device_name(opts.device)
     try:
         policy = opts.moe_policy()

@@ -39,6 +39,8 @@ class QuantizeOptions(BaseModel):
     device: str = "auto"
     seed: int = 0
     resume: bool = True
+    # seconds between resume states (the next layer's inputs and state.json); 0: after every layer
+    resume_interval: float = 60.0
     overwrite: bool = False
     progress: bool = True
     quantize_lm_head: bool = False
@@ -70,5 +72,5 @@ class QuantizeOptions(BaseModel):
     def fingerprint(self) -> dict:
         """What must be equal for a resumed run to continue an interrupted one."""
         # none changes the result (the remote code's own files are fingerprinted by their sha256)
-        skip = {"resume", "overwrite", "progress", "out", "device", "activations", "trust_remote_code", "pipeline"}
+        skip = {"resume", "resume_interval", "overwrite", "progress", "out", "device", "activations", "trust_remote_code", "pipeline"}
         return {k: str(v) for k, v in self.model_dump().items() if k not in skip}

@@ -373,6 +373,7 @@ class Runner:
             with phases("startup.kernels", sync=False):
                 warm.join()
         phases.add("startup", time.perf_counter() - launched)
+        last_record = time.perf_counter()  # the last resume state (--resume-interval)
         try:
             with progress.layers(plan.num_layers, start_layer) as bar:
                 for i in range(start_layer, plan.num_layers):
@@ -421,15 +422,18 @@ class Runner:
                     for msg in starved_warnings(i, result.starved, self.policy):
                         progress.warn(msg)
                         report.warnings.append(msg)
-                    acts = {f"x.{b}": x for b, x in enumerate(hidden)}
-                    acts |= {f"carry.{name}.{b}": v for b, c in enumerate(carried)
-                             for name, v in c.items() if torch.is_tensor(v)}
-                    if self.cross:
-                        acts |= {f"fp.x.{b}": x for b, x in enumerate(fp_hidden)}
-                        acts |= {f"fp.carry.{name}.{b}": v for b, c in enumerate(fp_carried)
+                    acts = acts_ready = None  # no resume state after this layer
+                    if opts.resume_interval == 0 or time.perf_counter() - last_record >= opts.resume_interval:
+                        last_record = time.perf_counter()
+                        acts = {f"x.{b}": x for b, x in enumerate(hidden)}
+                        acts |= {f"carry.{name}.{b}": v for b, c in enumerate(carried)
                                  for name, v in c.items() if torch.is_tensor(v)}
+                        if self.cross:
+                            acts |= {f"fp.x.{b}": x for b, x in enumerate(fp_hidden)}
+                            acts |= {f"fp.carry.{name}.{b}": v for b, c in enumerate(fp_carried)
+                                     for name, v in c.items() if torch.is_tensor(v)}
+                        acts, acts_ready = to_host(acts)
                     names = [n for p in packed for n in p.names]
-                    acts, acts_ready = to_host(acts)
                     done = FinishedLayer(i, f"layer-{i:05d}.safetensors", packed,
                                          self.layer_copies(loader, plan, i, kind, names), acts,
                                          {"fingerprint": fingerprint, "layers": list(report.layers)}, acts_ready)

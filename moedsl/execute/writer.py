@@ -4,9 +4,12 @@ For each `FinishedLayer` (plain data from the run loop): the packed modules (wai
 copies from the device), the layer's unquantized tensors copied from the source shards, the
 layer's shard (`CheckpointWriter.flush_shard`: a hidden temporary, fsynced, renamed), and then
 the resume state (`OutputDir.commit_layer`): the next layer's inputs as `acts-NNNNN.safetensors`
-(temporary, renamed) and `state.json` naming them (temporary, renamed), written last. A run killed at any moment finds
-either the old state (the layer is redone and its shard rewritten byte for byte) or the new
-one, each pointing at inputs that were completely written.
+(temporary, renamed) and `state.json` naming them (temporary, renamed), written last — after
+every layer with `--resume-interval 0`, else after the first layer that ends at least that many
+seconds after the last record (a layer's activations are as large as its shard: writing them
+for every fast layer doubled the disk traffic). A run killed at any moment finds either the old
+state (the layers since are redone and their shards rewritten byte for byte) or the new one,
+each pointing at inputs that were completely written.
 
 Overlapping (`overlap=True`), a background thread writes layer i−1 while layer i is quantized;
 `submit` first waits for the previous layer, so at most one layer is being written and host
@@ -35,7 +38,9 @@ class FinishedLayer:
     shard: str  # file name of the layer's shard
     packed: list[Packed]  # its quantized modules, from the packer
     copies: list[str]  # its checkpoint keys stored unchanged (norms, routers, …)
-    acts: dict[str, torch.Tensor]  # the next layer's inputs (and carried state), on any device (see `acts_to_host`)
+    # the next layer's inputs (and carried state), on any device (see `HostCopier`), for the resume state;
+    # None: no resume state after this layer (--resume-interval)
+    acts: dict[str, torch.Tensor] | None
     state: dict = field(default_factory=dict)  # state.json once this layer is on disk (without `acts`)
     acts_ready: torch.cuda.Event | None = None  # when `acts` are host copies still being filled
 
@@ -122,6 +127,8 @@ class LayerWriter:
         t1 = time.perf_counter()
         self.phases.add("write", t1 - t0)
         _kill_point("shard", layer.index)
+        if layer.acts is None:
+            return
         if layer.acts_ready is not None:
             layer.acts_ready.synchronize()
         acts = {k: v.detach().contiguous().cpu() for k, v in layer.acts.items()}
