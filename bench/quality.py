@@ -62,7 +62,7 @@ FULL = dict(
 )
 # the solver comparison of issue 15 (--solver-sweep): the references (gptq, with and without act order), each
 # step that composes with them (GPTAQ's correction, the mse grids, the scale refit, coordinate descent, low damping),
-# and their combinations; noise: gptq and the combination of all, each on two more calibration draws
+# and their combinations; noise: gptq+act and gptaq-cd(alpha=0.5)+act, each on two more calibration draws
 SWEEP = dict(solvers="gptq,gptq+act,gptaq(alpha=0.5)+act,gptq-refit+act,gptq-cd+act,gptq(damp=0.001)+act,"
                      "mse-cd+act,gptaq-cd(alpha=0.5)+act,gptaq-mse-cd(alpha=0.5)+act,gptaq-cd(alpha=0.5,sweeps=4)+act",
              policies="routed", calib_sizes="256", noise_solvers="gptq+act,gptaq-cd(alpha=0.5)+act", noise_draws=2)
@@ -71,7 +71,7 @@ SMALL = dict(
                num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128),
     train_steps=60, batch=8, seq_len=64, lr=3e-3, log_every=10,
     eval_windows=8, calib_sizes="4,8", bits="4", policies="routed,all", group_size=32, solvers="gptq,gptaq",
-    noise_solvers="", noise_draws=2,
+    noise_solvers="gptq", noise_draws=1,
 )
 STARVED = 16  # an expert with fewer calibration tokens than this counts as starved
 
