@@ -24,7 +24,7 @@ the gptaq variants: the descent minimises the same objective the solve did).
 
 Cost over the solver it follows, per sweep and matrix: one [rows, in] × [in, in] product's
 arithmetic in lazy-batch products, about ten small kernels per column (every matrix of a chunk
-at once), and the refit's; memory: about five fp32 copies of a solve chunk's weights.
+at once), and the refit's; memory: about six fp32 copies of a solve chunk's weights.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ the output error of the weights as returned.
 
 Cost over the solver it follows, per matrix: G products [rows, width] × [width, in] (one
 [rows, in] × [in, in] product's arithmetic; twice for an asymmetric grid), two such products for
-the comparison, and a G × G solve per row; memory: about four fp32 copies of a solve chunk's
+the comparison, and a G × G solve per row; memory: about five fp32 copies of a solve chunk's
 weights.
 """
 
