@@ -204,7 +204,7 @@ def _read(out: Path, fmt: str, module: str) -> np.ndarray:
 
 
 ROUND_TRIPS = [(s, f) for s in ("rtn", "mse", "gptq+act", "gptaq", "gptaq-mse", "gptq-refit",
-                                 "gptaq-mse-cd(alpha=0.5)+act") for f in ("gptq", "compressed-tensors")]
+                                 "gptq-cd(sweeps=1)+act") for f in ("gptq", "compressed-tensors")]
 ROUND_TRIPS.append(("gptq-refit+asym", "gptq"))  # refitted zero-points (compressed-tensors refuses asymmetric experts)
 
 

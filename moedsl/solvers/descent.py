@@ -36,7 +36,7 @@ from moedsl.precision import tf32
 from moedsl.solvers import Problem
 from moedsl.solvers.gptaq import ALPHA, GPTAQ, GPTAQMSE
 from moedsl.solvers.mse import MSE
-from moedsl.solvers.refit import Objective, Refit, dequantize_stack
+from moedsl.solvers.refit import Objective, Refit, by_member, dequantize_stack
 
 SWEEPS = 2
 
@@ -50,14 +50,13 @@ class Descent(Refit):
         self.configure(damp=damp, sweeps=sweeps)
 
     def polish(self, problem: Problem, results: list[list[QuantResult]]) -> list[list[QuantResult]]:
-        out = []
-        for W, rs in zip(problem.weights, results):
-            objective = Objective(W, problem.hessian, [r.damp for r in rs])
-            current = rs
+        def sweeps(objective: Objective, start: list[QuantResult]) -> list[QuantResult]:
+            current = start
             for _ in range(self.sweeps):
                 current = objective.refit(descend(objective, current, problem.cfg), problem.cfg)
-            out.append(objective.keep_better(rs, current))
-        return out
+            return objective.keep_better(start, current)
+
+        return by_member(problem, results, sweeps)
 
 
 class MSEDescent(MSE, Descent):

@@ -36,13 +36,15 @@ weights.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, round_scale
 from moedsl.precision import tf32
 from moedsl.solvers import Problem
 from moedsl.solvers.gptaq import GPTAQ, GPTAQMSE
-from moedsl.solvers.gptq import GPTQ
+from moedsl.solvers.gptq import GPTQ, split_rows
 from moedsl.solvers.mse import MSE
 
 
@@ -52,11 +54,7 @@ class Refit(GPTQ):
     base_name = "gptq-refit"
 
     def polish(self, problem: Problem, results: list[list[QuantResult]]) -> list[list[QuantResult]]:
-        out = []
-        for W, rs in zip(problem.weights, results):
-            objective = Objective(W, problem.hessian, [r.damp for r in rs])
-            out.append(objective.keep_better(rs, objective.refit(rs, problem.cfg)))
-        return out
+        return by_member(problem, results, lambda objective, rs: objective.keep_better(rs, objective.refit(rs, problem.cfg)))
 
 
 class MSERefit(MSE, Refit):
@@ -69,6 +67,21 @@ class GPTAQRefit(GPTAQ, Refit):
 
 class GPTAQMSERefit(GPTAQMSE, Refit):
     base_name = "gptaq-mse-refit"
+
+
+def by_member(problem: Problem, results: list[list[QuantResult]], polish) -> list[list[QuantResult]]:
+    """polish(Objective, results [n]) once for every target of the problem: the targets share each
+    matrix's Hessian (q/k/v, an expert's gate and up), so their rows are stacked, as GPTQ's batched
+    solve stacks them, and cut back apart afterwards (each result keeping its target's loss)."""
+    sizes = [W.shape[1] for W in problem.weights]
+    W = problem.weights[0] if len(sizes) == 1 else torch.cat(problem.weights, dim=1)
+    joined = [results[0][i] if len(sizes) == 1 else QuantResult(
+        weight=torch.cat([rs[i].weight for rs in results]), codes=torch.cat([rs[i].codes for rs in results]),
+        scales=torch.cat([rs[i].scales for rs in results]), zeros=torch.cat([rs[i].zeros for rs in results]),
+        g_idx=results[0][i].g_idx, loss=0.0, damp=results[0][i].damp) for i in range(problem.n)]
+    polished = polish(Objective(W, problem.hessian, [r.damp for r in joined]), joined)
+    return [[dataclasses.replace(r, loss=old.loss) for r, old in zip(rs, olds)]
+            for rs, olds in zip(split_rows(polished, sizes), results)]
 
 
 class Objective:
