@@ -14,10 +14,11 @@ grid point: each step can only lower f. After column j moves by δ, every other 
     v_k −= δ · H_jk / H_kk        (k ≠ j; v_j itself does not change),
 
 which inside a block of columns is applied column by column and to the rest of the row in one
-product per block (GPTQ's lazy batch). A sweep visits every column once, starting from GPTQ's
-codes on GPTQ's grids; after each sweep the grids are refitted to the new codes (refit.py), so
-`sweeps=N` alternates N code sweeps with N scale refits. Each row keeps the result only where
-its output error on the undamped H is not larger than GPTQ's.
+product per block (GPTQ's lazy batch; inside a block a move reaches the columns still to visit
+at once, and the block's visited columns at its end). A sweep visits every column once, starting
+from GPTQ's codes on GPTQ's grids; after each sweep the grids are refitted to the new codes
+(refit.py), so `sweeps=N` alternates N code sweeps with N scale refits. Each row keeps the result
+only where its output error on the undamped H is not larger than GPTQ's.
 
 H is damped as GPTQ damped it. w is the weight GPTQ was run on (GPTAQ's corrected weight for
 the gptaq variants: the descent minimises the same objective the solve did).
@@ -103,8 +104,11 @@ def descend(objective: Objective, results: list[QuantResult], cfg: QuantConfig) 
                 q = S[:, :, i] * (code - Z[:, :, i])
                 moved[:, :, i] = q - Q[:, :, j]
                 Q[:, :, j], codes[:, :, j] = q, code
-                V[:, :, i1:i2] -= moved[:, :, i, None] * N[:, None, j, i1:i2]
-            V[:, :, :i1] -= moved @ N[:, i1:i2, :i1]  # the block's moves, on every column outside it
+                V[:, :, j + 1:i2] -= moved[:, :, i, None] * N[:, None, j, j + 1:i2]  # the block's columns still to visit
+            # the block's moves on every other column: those before it, those after it, and its own columns
+            # already visited (what a later column of the block moved), all for the next visit
+            V[:, :, :i1] -= moved @ N[:, i1:i2, :i1]
             V[:, :, i2:] -= moved @ N[:, i1:i2, i2:]
+            V[:, :, i1:i2] -= moved @ N[:, i1:i2, i1:i2].tril(-1)
         return [QuantResult(weight=Q[i], codes=codes[i].to(torch.uint8), scales=r.scales, zeros=r.zeros,
                             g_idx=r.g_idx, loss=r.loss, damp=r.damp) for i, r in enumerate(results)]
