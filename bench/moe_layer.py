@@ -14,7 +14,7 @@ paths' quantized weights on a small fp32 layer. Prints one JSON line.
     python bench/moe_layer.py                      # on CUDA
     python bench/moe_layer.py --shape glm45_air
     python bench/moe_layer.py --small --device cpu # a few seconds, for tests
-    python bench/moe_layer.py --solver gptaq       # another solver (gptq, rtn, mse, gptaq, gptaq-mse, …)
+    python bench/moe_layer.py --solver gptaq       # another solver (gptq, rtn, mse, gptaq, gptq-refit, gptq-cd, …)
 
 `--solver` picks the solver as `moedsl quantize --solver` does; `--act-order` adds activation
 order with static groups. A solver that asks for cross statistics (gptaq) also gets the
@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", action="store_true",
                    help="run the layer once more under torch.profiler and print its top kernels (stderr)")
     p.add_argument("--solver", default="gptq", help="gptq (default), rtn, mse, gptaq, gptaq-mse, gptaq(alpha=A), "
-                                                    "file.py:Name")
+                                                    "gptq-refit, gptaq-mse-cd(alpha=A,sweeps=N), file.py:Name "
+                                                    "(docs/solvers.md)")
     p.add_argument("--act-order", action="store_true", help="activation order with static groups")
     args = p.parse_args(argv)
     solve = dict(solver=args.solver, act_order=args.act_order)

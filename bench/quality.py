@@ -13,16 +13,21 @@ Random weights cannot show quantization quality, and there is no hub here, so th
 3. reports per-expert calibration token counts under `routed` (from moedsl-report.json) and plots
    expert coverage and per-stage GPTQ/RTN error (matplotlib, skipped with a message if missing);
 4. prints a table and the checks, and writes results.json; `--repeat N` redoes everything with the
-   same seed to show run-to-run spread.
+   same seed to show run-to-run spread, and `--noise-solvers A,B --noise-draws K` quantizes those
+   solvers again on K other calibration draws (windows of the training files drawn with other
+   seeds) in the same run: the spread of one solver's perplexity over its draws is the noise the
+   checks hold every comparison at that bit width to.
 
     python bench/quality.py                                # one H100: a few minutes
     python bench/quality.py --repeat 2                     # + run-to-run spread
     python bench/quality.py --small --device cpu           # ~1 minute on 2 cores (tests)
-    python bench/quality.py --solver-sweep                 # every solver at 4 and 3 bits, routed, 256 seqs
+    python bench/quality.py --solver-sweep                 # the solvers at 4 and 3 bits, routed, 256 seqs,
+                                                           # with calibration-draw noise on two of them
 
 A solver on the --solvers axis is a `--solver` value (gptq, rtn, mse, gptaq, gptaq-mse,
-`gptaq(alpha=0.5)`, a file.py:Name), optionally followed by `+act`: activation order with
-static groups (`--act-order --static-groups`, the form vLLM's MoE kernels load).
+`gptaq(alpha=0.5)`, gptq-refit, `gptaq-mse-cd(alpha=0.5)`, `gptq(damp=0.001)`, a file.py:Name;
+docs/solvers.md), optionally followed by `+act`: activation order with static groups
+(`--act-order --static-groups`, the form vLLM's MoE kernels load).
 """
 
 from __future__ import annotations
@@ -53,14 +58,20 @@ FULL = dict(
                num_attention_heads=8, num_key_value_heads=4, head_dim=64, intermediate_size=1024),
     train_steps=1500, batch=32, seq_len=512, lr=1e-3, log_every=50,
     eval_windows=64, calib_sizes="16,256", bits="4,3", policies="routed,all,auto", group_size=128, solvers="gptq",
+    noise_solvers="", noise_draws=2,
 )
-# the solver comparison of issue 15 (--solver-sweep): every built-in, and act order on the strongest
-SWEEP = dict(solvers="gptq,mse,gptaq,gptaq(alpha=0.5),gptaq-mse,gptq+act,gptaq-mse+act", policies="routed", calib_sizes="256")
+# the solver comparison of issue 15 (--solver-sweep): the references (gptq, with and without act order), each
+# step that composes with them (GPTAQ's correction, the mse grids, the scale refit, coordinate descent, low damping),
+# and their combinations; noise: gptq+act and gptaq-cd(alpha=0.5)+act, each on two more calibration draws
+SWEEP = dict(solvers="gptq,gptq+act,gptaq(alpha=0.5)+act,gptq-refit+act,gptq-cd+act,gptq(damp=0.001)+act,"
+                     "mse-cd+act,gptaq-cd(alpha=0.5)+act,gptaq-mse-cd(alpha=0.5)+act,gptaq-cd(alpha=0.5,sweeps=4)+act",
+             policies="routed", calib_sizes="256", noise_solvers="gptq+act,gptaq-cd(alpha=0.5)+act", noise_draws=2)
 SMALL = dict(
     model=dict(num_hidden_layers=2, hidden_size=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128),
     train_steps=60, batch=8, seq_len=64, lr=3e-3, log_every=10,
     eval_windows=8, calib_sizes="4,8", bits="4", policies="routed,all", group_size=32, solvers="gptq,gptaq",
+    noise_solvers="gptq", noise_draws=1,
 )
 STARVED = 16  # an expert with fewer calibration tokens than this counts as starved
 
@@ -375,6 +386,18 @@ def plot(results: dict, work: Path) -> list[str]:
 # one whole run
 # ----------------------------------------------------------------------------------------------
 
+def split_solvers(text: str) -> list[str]:
+    """`gptq,gptaq-cd(alpha=0.5,sweeps=4)+act` -> its entries: commas inside an option list do not split."""
+    out, depth, start = [], 0, 0
+    for i, c in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            if text[start:i].strip():
+                out.append(text[start:i].strip())
+            start = i + 1
+    return out
+
+
 def solver_options(entry: str) -> tuple[str, bool]:
     """`NAME` or `NAME+act` -> (the --solver value, whether to use act order with static groups)."""
     name, plus, extra = entry.partition("+")
@@ -415,24 +438,36 @@ def one_run(args, corpus: dict, run_dir: Path, device: torch.device) -> dict:
         evaluate(f"rtn w{bits} g{args.group_size}", method="rtn", bits=bits)
     for n in args.calib_sizes:
         np.save(run_dir / f"calib-{n}.npy", calib[:n])  # the first n windows: the sets are nested
+
+    def quantized(solver, bits, policy, n, calib_file, draw=0):
+        name, act = solver_options(solver)
+        tag = f"{solver}-w{bits}-{policy.split('(')[0]}-c{n}" + (f"-draw{draw}" if draw else "")
+        out = run_dir / "".join(c if c.isalnum() or c in "-." else "_" for c in tag)
+        t0 = time.perf_counter()
+        moedsl.quantize(model=model_dir, out=out, bits=bits, group_size=args.group_size, policy=policy,
+                        samples=n, seq_len=args.seq_len, calib=calib_file, solver=name,
+                        act_order=act, static_groups=act, device=str(device), seed=args.seed,
+                        progress=False, overwrite=True, resume=False,
+                        engine="none")  # read back here, not served: 3 bits too, without warnings
+        seconds = time.perf_counter() - t0
+        report = json.loads((out / "moedsl-report.json").read_text())
+        evaluate(f"{solver} w{bits} {policy} c{n}" + (f" draw{draw}" if draw else ""), method="gptq", solver=solver,
+                 bits=bits, policy=policy, calib=n, draw=draw, ckpt=out, quantize_seconds=seconds,
+                 coverage=coverage(report), stage_errors=stage_errors(report))
+
     for bits in args.bits:
         for solver in args.solvers:
-            name, act = solver_options(solver)
             for policy in args.policies:
                 for n in args.calib_sizes:
-                    out = run_dir / "".join(c if c.isalnum() or c in "-." else "_"
-                                            for c in f"{solver}-w{bits}-{policy.split('(')[0]}-c{n}")
-                    t0 = time.perf_counter()
-                    moedsl.quantize(model=model_dir, out=out, bits=bits, group_size=args.group_size, policy=policy,
-                                    samples=n, seq_len=args.seq_len, calib=run_dir / f"calib-{n}.npy", solver=name,
-                                    act_order=act, static_groups=act, device=str(device), seed=args.seed,
-                                    progress=False, overwrite=True, resume=False,
-                                    engine="none")  # read back here, not served: 3 bits too, without warnings
-                    seconds = time.perf_counter() - t0
-                    report = json.loads((out / "moedsl-report.json").read_text())
-                    evaluate(f"{solver} w{bits} {policy} c{n}", method="gptq", solver=solver, bits=bits, policy=policy,
-                             calib=n, ckpt=out, quantize_seconds=seconds, coverage=coverage(report),
-                             stage_errors=stage_errors(report))
+                    quantized(solver, bits, policy, n, run_dir / f"calib-{n}.npy")
+    # calibration-draw noise: the same solver on other windows of the same files, at the largest size
+    n = max(args.calib_sizes)
+    for draw in range(1, args.noise_draws + 1) if args.noise_solvers else ():
+        other = random_windows(corpus["train"], n, args.seq_len, torch.Generator().manual_seed(args.seed + 1 + draw))
+        np.save(run_dir / f"calib-{n}-draw{draw}.npy", other.numpy())
+        for bits in args.bits:
+            for solver in args.noise_solvers:
+                quantized(solver, bits, args.policies[0], n, run_dir / f"calib-{n}-draw{draw}.npy", draw)
     if args.llmcompressor:  # the peer, side by side: same trained model, same calibration windows
         import importlib.util
 
@@ -471,16 +506,40 @@ def summarize(results: dict) -> list[str]:
             cells = "  ".join(f"L{c['layer']}: {c['zero']}/{c[f'below_{STARVED}']}" for c in r["coverage"])
             print(f"  w{r['bits']} c{r['calib']:<5d} {cells}")
 
-    # run-to-run spread
+    # run-to-run noise, measured in this run: the same-seed spread of --repeat, and for each bit width the largest
+    # spread of one --noise-solvers solver over its calibration draws; unmeasured, 0.1 % of the baseline ppl
     spread = None
     if len(runs) > 1:
         spread = max(abs(x["ppl"] - y["ppl"]) for run in runs[1:] for x, y in zip(runs[0]["rows"], run["rows"]))
-    noise = max(spread or 0.0, 0.001 * base)
+    settings = results["settings"]
+    draws: dict[tuple[str, int], list[float]] = {}
+    for r in runs[0]["rows"]:
+        if (r["method"] == "gptq" and r["solver"] in settings["noise_solvers"] and r["policy"] == settings["policies"][0]
+                and r["calib"] == max(settings["calib_sizes"])):
+            draws.setdefault((r["solver"], r["bits"]), []).append(r["ppl"])
+    draw_spread = {}
+    if draws:
+        print(f"\ncalibration-draw noise ({settings['policies'][0]}, {max(settings['calib_sizes'])} seqs; "
+              "draw 0 is the windows every other row uses):")
+        for (solver, b), ppls in draws.items():
+            ppls_t = torch.tensor(ppls, dtype=torch.float64)
+            width = float(ppls_t.max() - ppls_t.min())
+            draw_spread[b] = max(draw_spread.get(b, 0.0), width)
+            print(f"  w{b} {solver:36s} " + "  ".join(f"{x:.4f}" for x in ppls) +
+                  f"   spread {width:.4f}  std {float(ppls_t.std()):.4f}")
+
+    def noise_at(b: int) -> float:
+        measured = [x for x in (spread, draw_spread.get(b)) if x is not None]
+        return max(measured) if measured else 0.001 * base
+
+    def main_rows():  # the rows every comparison is made on: the shared calibration windows (draw 0)
+        return (r for r in runs[0]["rows"] if r.get("draw", 0) == 0)
+
     checks = []
     print("\nchecks:")
     bits = 4 if 4 in results["settings"]["bits"] else results["settings"]["bits"][0]
     rtn = first[f"rtn w{bits} g{results['settings']['group_size']}"]["ppl"]
-    for r in runs[0]["rows"]:
+    for r in main_rows():
         if r["method"] == "gptq" and r["bits"] == bits:
             ok = (rtn - r["ppl"]) >= 0.5 * (rtn - base) if rtn > base else None
             verdict = {True: "PASS", False: "FAIL", None: "N/A (RTN is not worse than the baseline)"}[ok]
@@ -493,15 +552,17 @@ def summarize(results: dict) -> list[str]:
     for b in results["settings"]["bits"]:
         a, rt = first.get(f"gptq w{b} all c{n}"), first.get(f"gptq w{b} routed c{n}")
         if a and rt:
+            noise = noise_at(b)
             ok = a["ppl"] <= rt["ppl"] + noise
             checks.append({"check": f"all_le_routed w{b} c{n}", "ok": ok})
             print(f"  {'PASS' if ok else 'FAIL'}  {b}-bit, {n} calibration seqs: all {a['ppl']:.4f} <= routed "
                   f"{rt['ppl']:.4f} + noise {noise:.4f}")
     # solvers: none worse than gptq at the same settings; the best at the lowest bit width vs RTN's gap
-    for r in runs[0]["rows"]:
+    for r in main_rows():
         if r.get("solver", "gptq") != "gptq" and r["method"] == "gptq":
             ref = first.get(f"gptq w{r['bits']} {r['policy']} c{r['calib']}")
             if ref:
+                noise = noise_at(r["bits"])
                 ok = r["ppl"] <= ref["ppl"] + noise
                 checks.append({"check": f"solver_not_worse w{r['bits']} {r['solver']} {r['policy']} c{r['calib']}",
                                "ok": ok})
@@ -509,7 +570,7 @@ def summarize(results: dict) -> list[str]:
                       f"{r['ppl']:.4f} <= gptq {ref['ppl']:.4f} + noise {noise:.4f}")
     low = min(results["settings"]["bits"])
     rtn_low = first.get(f"rtn w{low} g{results['settings']['group_size']}")
-    solved = [r for r in runs[0]["rows"] if r["method"] == "gptq" and r["bits"] == low]
+    solved = [r for r in main_rows() if r["method"] == "gptq" and r["bits"] == low]
     if rtn_low and solved and rtn_low["ppl"] > base:
         best = min(solved, key=lambda r: r["ppl"])
         closed = (rtn_low["ppl"] - best["ppl"]) / (rtn_low["ppl"] - base)
@@ -517,19 +578,24 @@ def summarize(results: dict) -> list[str]:
         print(f"  {'PASS' if closed >= 0.8 else 'FAIL'}  {low}-bit: the best ({best['name']}) closes {closed:.0%} "
               f"of RTN's gap (>= 80%)")
     for peer in (r for r in runs[0]["rows"] if r["method"] == "llmcompressor"):
-        ours = [r for r in runs[0]["rows"] if r["method"] == "gptq" and r["bits"] == peer["bits"]]
+        ours = [r for r in main_rows() if r["method"] == "gptq" and r["bits"] == peer["bits"]]
         if ours:
             best = min(ours, key=lambda r: r["ppl"])
+            noise = noise_at(peer["bits"])
             ok = best["ppl"] < peer["ppl"] - noise
             checks.append({"check": f"beats_llmcompressor w{peer['bits']}", "ok": ok, "best": best["name"]})
             print(f"  {'PASS' if ok else 'FAIL'}  {peer['bits']}-bit: best {best['name']} {best['ppl']:.4f} < "
                   f"{peer['name']} {peer['ppl']:.4f} − noise {noise:.4f}")
-    if spread is None:
-        print("  run-to-run spread: not measured (pass --repeat 2); noise taken as 0.1% of the baseline ppl")
-    else:
+    if spread is None and not draw_spread:
+        print("  run-to-run noise: not measured (pass --repeat 2 or --noise-solvers); taken as 0.1% of the "
+              f"baseline ppl, {0.001 * base:.4f}")
+    if spread is not None:
         print(f"  run-to-run spread over {len(runs)} runs (same seed): max |Δppl| = {spread:.4f}")
+    for b, width in draw_spread.items():
+        print(f"  {b}-bit calibration-draw spread: max over {', '.join(settings['noise_solvers'])} = {width:.4f}")
     results["spread"] = spread
-    results["noise"] = noise
+    results["draw_spread"] = draw_spread
+    results["noise"] = {b: noise_at(b) for b in settings["bits"]}
     results["checks"] = checks
     return checks
 
@@ -559,6 +625,10 @@ def parse_args(argv=None):
                    help="skip llm-compressor's GPTQ even when it is installed")
     p.add_argument("--solvers", help="comma-separated moedsl solvers to compare (default gptq; e.g. gptq,mse,gptaq,"
                                      "gptaq-mse+act; +act: activation order with static groups)")
+    p.add_argument("--noise-solvers", help="comma-separated --solvers entries to quantize again on --noise-draws other "
+                                           "calibration draws (first policy, largest size): the spread is the noise "
+                                           "the checks use")
+    p.add_argument("--noise-draws", type=int, help="extra calibration draws per noise solver (default 2)")
     p.add_argument("--solver-sweep", action="store_true",
                    help=f"compare the solvers: {SWEEP['solvers']} under {SWEEP['policies']} with {SWEEP['calib_sizes']} "
                         "calibration sequences (explicit --solvers/--policies/--calib-sizes win)")
@@ -572,7 +642,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     args.calib_sizes = [int(x) for x in str(args.calib_sizes).split(",")]
     args.bits = [int(x) for x in str(args.bits).split(",")]
-    args.solvers = [x.strip() for x in str(args.solvers).split(",")]
+    args.solvers = split_solvers(args.solvers)
+    args.noise_solvers = split_solvers(args.noise_solvers)
     min_tokens = args.auto_min_tokens or args.shape["hidden_size"]
     args.policies = [f"auto(min_tokens={min_tokens})" if x.strip() == "auto" else x.strip()
                      for x in str(args.policies).split(",")]

@@ -34,7 +34,10 @@ def test_results_have_every_row(small_run):
     names = [r["name"] for r in results["runs"][0]["rows"]]
     expected = ["baseline (bf16)", "rtn w4 g32"] + [f"{s} w4 {p} c{n}" for s in ("gptq", "gptaq")
                                                     for p in ("routed", "all") for n in (4, 8)]
-    assert names == expected
+    assert names == expected + ["gptq w4 routed c8 draw1"]  # the calibration-draw noise row
+    ppl = {r["name"]: r["ppl"] for r in results["runs"][0]["rows"]}
+    assert results["draw_spread"]["4"] == pytest.approx(abs(ppl["gptq w4 routed c8 draw1"] - ppl["gptq w4 routed c8"]))
+    assert results["noise"]["4"] == results["draw_spread"]["4"]  # the checks use the measured noise
     for row in results["runs"][0]["rows"]:
         assert math.isfinite(row["ppl"]) and row["ppl"] > 1.0, row
     base = results["runs"][0]["rows"][0]["ppl"]

@@ -203,17 +203,24 @@ def _read(out: Path, fmt: str, module: str) -> np.ndarray:
     return dequantize_ct(tensors, module, config["quantization_config"])["weight"]
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
-@pytest.mark.parametrize("solver", ["rtn", "mse", "gptq-act-order", "gptaq", "gptaq-mse"])
+ROUND_TRIPS = [(s, f) for s in ("rtn", "mse", "gptq+act", "gptaq", "gptaq-mse", "gptq-refit",
+                                 "gptq-cd(sweeps=1)+act") for f in ("gptq", "compressed-tensors")]
+ROUND_TRIPS.append(("gptq-refit+asym", "gptq"))  # refitted zero-points (compressed-tensors refuses asymmetric experts)
+
+
+@pytest.mark.parametrize("solver, fmt", ROUND_TRIPS)
 def test_every_solver_round_trips(solver, fmt, tmp_path, default_model):
-    """What each solver returned is what the independent unpacker reads from the checkpoint."""
+    """What each solver returned is what the independent unpacker reads from the checkpoint
+    (`+act`: act order with static groups; `+asym`: asymmetric grids)."""
     import importlib
+    import re
 
     path = _load_outside(tmp_path)
-    spec = importlib.util.spec_from_file_location(f"outside_{solver}_{fmt}".replace("-", "_"), path)
+    spec = importlib.util.spec_from_file_location(re.sub(r"\W", "_", f"outside_{solver}_{fmt}"), path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    inner = resolve_solver("gptq" if solver == "gptq-act-order" else solver)
+    name, *suffixes = solver.split("+")
+    inner = resolve_solver(name)
 
     class Recording(mod.RecordingGPTQ):
         name = f"recording-{solver}"
@@ -226,7 +233,9 @@ def test_every_solver_round_trips(solver, fmt, tmp_path, default_model):
                     mod.RECORDED[(problem.layer, t.ckpt if e is None else t.ckpt.format(e=e))] = r.dequantize()
             return results
 
-    extra = dict(act_order=True, static_groups=True) if solver == "gptq-act-order" else {}
+    extra = dict(act_order=True, static_groups=True) if "act" in suffixes else {}
+    if "asym" in suffixes:
+        extra["sym"] = False
     out = tmp_path / "out"
     report = moedsl.quantize(out=out, format=fmt, solver=Recording(), **RUN_KW, **extra)
     assert report.solver == report.options["solver"] == f"recording-{solver}"

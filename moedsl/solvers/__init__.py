@@ -20,6 +20,11 @@ Built-in solvers (each a short module beside this one, selected by `--solver NAM
     mse    GPTQ whose group grids minimise the grid's own rounding error (a clipping search)
     gptaq  GPTAQ: GPTQ fitted to the full-precision model's outputs (asymmetric calibration);
            gptaq-mse on the mse grids; `gptaq(alpha=0.5)` sets its α
+    X-refit   X (gptq, mse, gptaq, gptaq-mse), then each group's scale (and zero) refitted to
+           the codes in closed form
+    X-cd   X, then coordinate descent on the codes alternated with that refit (QuantEase);
+           `gptq-cd(sweeps=3)` sets the rounds
+    Every GPTQ-family solver takes `damp=` (its own damp_percent): `gptq(damp=0.001)`.
 
 A solver outside the package is named `path/to/file.py:Name` or `package.module:Name`; Name is
 a class (instantiated with no arguments) or an object with `name` and `solve`.
@@ -101,15 +106,20 @@ class Solver(Protocol):
 
 
 def _builtin() -> dict[str, type]:
+    from moedsl.solvers.descent import Descent, GPTAQDescent, GPTAQMSEDescent, MSEDescent
     from moedsl.solvers.gptaq import GPTAQ, GPTAQMSE
     from moedsl.solvers.gptq import GPTQ
     from moedsl.solvers.mse import MSE
+    from moedsl.solvers.refit import GPTAQMSERefit, GPTAQRefit, MSERefit, Refit
     from moedsl.solvers.rtn import RTN
 
-    return {"gptq": GPTQ, "rtn": RTN, "mse": MSE, "gptaq": GPTAQ, "gptaq-mse": GPTAQMSE}
+    return {"gptq": GPTQ, "rtn": RTN, "mse": MSE, "gptaq": GPTAQ, "gptaq-mse": GPTAQMSE,
+            "gptq-refit": Refit, "mse-refit": MSERefit, "gptaq-refit": GPTAQRefit, "gptaq-mse-refit": GPTAQMSERefit,
+            "gptq-cd": Descent, "mse-cd": MSEDescent, "gptaq-cd": GPTAQDescent, "gptaq-mse-cd": GPTAQMSEDescent}
 
 
-BUILTIN = ("gptq", "rtn", "mse", "gptaq", "gptaq-mse")
+BUILTIN = ("gptq", "rtn", "mse", "gptaq", "gptaq-mse", "gptq-refit", "mse-refit", "gptaq-refit", "gptaq-mse-refit",
+           "gptq-cd", "mse-cd", "gptaq-cd", "gptaq-mse-cd")
 _WITH_OPTIONS = re.compile(r"^([a-z][a-z0-9-]*)\((.*)\)$")
 
 

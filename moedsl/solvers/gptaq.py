@@ -94,30 +94,25 @@ def asymmetry_correction(H: torch.Tensor, D: torch.Tensor, cfg: QuantConfig, alp
 class GPTAQ(GPTQ):
     """GPTQ on asymmetry-corrected weights; needs the cross statistic (`statistics`)."""
 
+    base_name = "gptaq"
     statistics = ("hessian", "cross")  # the executor then carries the full-precision model's activations too
 
-    def __init__(self, alpha: float = ALPHA):
-        if not (0.0 <= float(alpha) <= 1.0):
-            raise MoedslError(f"gptaq: alpha must be in [0, 1], got {alpha}")
-        self.alpha = float(alpha)
-        base = type(self).base_name
-        self.name = base if self.alpha == ALPHA else f"{base}(alpha={self.alpha:g})"
+    def __init__(self, alpha: float = ALPHA, damp: float | None = None):
+        self.configure(alpha=alpha, damp=damp)
 
-    base_name = "gptaq"
-
-    def solve(self, problem: Problem) -> list[list[QuantResult]]:
+    def prepare(self, problem: Problem) -> Problem:
+        problem = super().prepare(problem)  # the damping first: P is formed with GPTQ's factor of H⁻¹
         if problem.cross is None:
             raise MoedslError(f"solver `{self.name}` ({problem.where}): no cross statistics were collected "
                               "(the executor collects them for solvers whose `statistics` name `cross`)")
-        if self.alpha:
-            cache = problem.cache if problem.cache is not None else {}  # once per shared key, else per problem
-            if "gptaq.correction" not in cache:
-                cache["gptaq.correction"] = asymmetry_correction(problem.hessian, problem.cross, problem.cfg,
-                                                                 self.alpha)
-            weights = tuple(asymmetry_corrected(W, problem.hessian, problem.cross, problem.cfg, self.alpha,
-                                                cache["gptaq.correction"]) for W in problem.weights)
-            problem = dataclasses.replace(problem, weights=weights)
-        return super().solve(problem)
+        if not self.alpha:
+            return problem
+        cache = problem.cache if problem.cache is not None else {}  # once per shared key, else per problem
+        if "gptaq.correction" not in cache:
+            cache["gptaq.correction"] = asymmetry_correction(problem.hessian, problem.cross, problem.cfg, self.alpha)
+        weights = tuple(asymmetry_corrected(W, problem.hessian, problem.cross, problem.cfg, self.alpha,
+                                            cache["gptaq.correction"]) for W in problem.weights)
+        return dataclasses.replace(problem, weights=weights)
 
 
 class GPTAQMSE(GPTAQ):

@@ -9,23 +9,72 @@ up rows stacked because they share that member's Hessian.
 With `act_order` the columns are solved in order of decreasing Hessian diagonal, on both paths;
 with `static_groups` as well, the grids are fixed on the original contiguous groups, so g_idx
 stays trivial and vLLM's MoE kernels load the result (docs/formats.md).
+
+The solvers beside this one are GPTQ with one of its three steps changed, which is why they
+compose (`gptaq-mse-cd(alpha=0.5)` is all three):
+
+    prepare   the problem GPTQ is run on: the damping (`damp=`, every GPTQ-family solver);
+              gptaq.py: the asymmetry-corrected weights
+    grid      how a group's (scale, zero) is chosen: min/max here; mse.py: a clipping search
+    polish    what follows the solve, given the weights GPTQ was run on: nothing here;
+              refit.py: each group's scale (and zero) refitted to the codes;
+              descent.py: coordinate descent on the codes, alternated with the refit
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from moedsl.errors import MoedslError
 from moedsl.gptq.batched import gptq_quantize_batched, gptq_quantize_shared
 from moedsl.gptq.gptq import prepare_hessian
 from moedsl.gptq.quantizer import QuantResult, find_params
 from moedsl.solvers import Problem
 
+# a solver's options, as `name(option=value, ...)` spells them, and their defaults: an option at its
+# default is left out of the name, so `gptaq(alpha=0.25)` is `gptaq`
+DEFAULTS = {"alpha": 0.25, "damp": None, "sweeps": 2}
+
 
 class GPTQ:
-    name = "gptq"
+    base_name = "gptq"
     grid = staticmethod(find_params)  # how a group's (scale, zero) is chosen; solvers/mse.py changes it
 
+    def __init__(self, damp: float | None = None):
+        self.configure(damp=damp)
+
+    def configure(self, **options) -> None:
+        """Check and keep the options; the name records those that differ from their defaults."""
+        for key, value in options.items():
+            if value is None:
+                continue
+            value = float(value)
+            if key in ("alpha", "damp") and not 0.0 <= value <= 1.0:
+                raise MoedslError(f"{self.base_name}: {key} must be in [0, 1], got {value:g}")
+            if key == "sweeps" and (value != int(value) or not 1 <= value <= 100):
+                raise MoedslError(f"{self.base_name}: sweeps must be a whole number from 1 to 100, got {value:g}")
+            options[key] = int(value) if key == "sweeps" else value
+        vars(self).update(options)
+        shown = [f"{k}={v:g}" for k, v in options.items() if v != DEFAULTS[k]]
+        self.name = f"{self.base_name}({','.join(shown)})" if shown else self.base_name
+
     def solve(self, problem: Problem) -> list[list[QuantResult]]:
+        problem = self.prepare(problem)
+        return self.polish(problem, self.quantize(problem))
+
+    def prepare(self, problem: Problem) -> Problem:
+        """The problem GPTQ solves: here, the run's with this solver's damping, if it sets one."""
+        if self.damp is None or self.damp == problem.cfg.damp_percent:
+            return problem
+        return dataclasses.replace(problem, cfg=problem.cfg.model_copy(update={"damp_percent": self.damp}))
+
+    def polish(self, problem: Problem, results: list[list[QuantResult]]) -> list[list[QuantResult]]:
+        """What follows the solve; `problem.weights` are the weights GPTQ was run on."""
+        return results
+
+    def quantize(self, problem: Problem) -> list[list[QuantResult]]:
         n, cfg = problem.n, problem.cfg
         if problem.shared:
             prepared = None

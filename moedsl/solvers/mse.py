@@ -43,5 +43,5 @@ def _error(w, scale, zero, bits, norm):
 
 
 class MSE(GPTQ):
-    name = "mse"
+    base_name = "mse"
     grid = staticmethod(find_params_mse)
