@@ -195,3 +195,71 @@ def test_stacker_pairs_gate_and_up_per_expert_chunk():
     other.g_idx.zero_()
     with pytest.raises(MoedslError, match="g_idx differ"):  # the gate still waiting, an up of other groups
         stacker.add(Quantized(names("up"), other, True))
+
+
+def test_ct_ignore_names_unquantized_linears_as_the_runtime_model_names_them(tiny_model, tmp_path):
+    """transformers + compressed-tensors (and vLLM's Transformers backend) apply the scheme to every runtime
+    nn.Linear that `ignore` does not name. phimoe's checkpoint router `block_sparse_moe.gate` is the runtime
+    nn.Linear subclass `mlp.router`: named only by its checkpoint name, it was taken for a quantized Linear
+    ("'PhimoeTopKRouter' object has no attribute 'weight'"; vLLM: "Output size (8) not supported")."""
+    from torch import nn
+
+    from moedsl.execute.run import quantize
+    from moedsl.models.tiny import build_model, tiny_config
+
+    src = tiny_model("phimoe")
+    out = tmp_path / "out"
+    quantize(model=src, out=out, format="compressed-tensors", group_size=32, samples=2, seq_len=16, policy="all",
+             progress=False, device="cpu")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    quantized = {k.removesuffix(".weight_packed") for k in index if k.endswith(".weight_packed")}
+    runtime = build_model(tiny_config("phimoe"), device="meta")
+    linears = [n for n, m in runtime.named_modules() if isinstance(m, nn.Linear)]
+    assert "model.layers.0.mlp.router" in linears
+    loose = [n for n in linears if n not in quantized and n not in qc["ignore"]]
+    assert loose == [], f"runtime Linears neither quantized nor ignored: {loose}"
+    assert "model.layers.0.block_sparse_moe.gate" in qc["ignore"]  # vLLM's own phimoe class: checkpoint names
+    assert not set(qc["ignore"]) & quantized
+
+
+def test_config_gets_the_fields_vllm_reads(tiny_model, tmp_path):
+    """vLLM reads some fields straight from config.json that transformers' config classes drop: written for
+    vLLM, where absent, with the values transformers' modeling uses; left alone under --engine none."""
+    from moedsl.models.tiny import build_model, tiny_config
+    from moedsl.write.engines import engine_config
+
+    glm = tiny_config("glm4_moe").to_dict()
+    assert "head_dim" not in glm  # as transformers saves it: vLLM's glm4_moe fails on `config.head_dim`
+    written, added = engine_config("vllm", glm)
+    attention = build_model(tiny_config("glm4_moe"), device="meta").model.layers[0].self_attn
+    assert written["head_dim"] == attention.head_dim and added == [f"head_dim = {attention.head_dim}"]
+    assert engine_config("none", glm) == (glm, [])
+
+    ds = tiny_config("deepseek_v3").to_dict()
+    assert "topk_method" not in ds  # vLLM then builds no `gate.e_score_correction_bias` (KeyError) and softmax
+    written, _ = engine_config("auto", ds)
+    assert (written["topk_method"], written["scoring_func"]) == ("noaux_tc", "sigmoid")
+    assert engine_config("vllm", {**ds, "topk_method": "greedy"})[0]["topk_method"] == "greedy"  # never overridden
+
+    # transformers' class name is not vLLM's; renamed only where vLLM's class (biases hard-coded) fits
+    phi = tiny_config("phimoe").to_dict()
+    assert phi["architectures"] is None or phi["architectures"] == ["PhimoeForCausalLM"]
+    phi["architectures"] = ["PhimoeForCausalLM"]
+    assert engine_config("vllm", phi)[0]["architectures"] == ["PhimoeForCausalLM"]  # no biases: Transformers backend
+    released = {**phi, "attention_bias": True, "lm_head_bias": True}
+    assert engine_config("vllm", released)[0]["architectures"] == ["PhiMoEForCausalLM"]
+
+    src = tiny_model("deepseek_v3")
+    out = tmp_path / "out"
+    report = quantize_small(src, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["topk_method"] == "noaux_tc" and any("topk_method" in a for a in report.config_added)
+    assert json.loads((out / "moedsl-report.json").read_text())["config_added"] == report.config_added
+
+
+def quantize_small(src, out):
+    from moedsl.execute.run import quantize
+
+    return quantize(model=src, out=out, format="gptq", group_size=16, samples=2, seq_len=16, progress=False,
+                    device="cpu")

@@ -38,7 +38,7 @@ from moedsl.execute.phases import Phases
 from moedsl.execute.reader import LayerReader
 from moedsl.execute.stacker import ExpertStacker
 from moedsl.execute.report import Report, print_summary
-from moedsl.execute.writer import FinishedLayer, HostCopier, LayerWriter, copy_keys
+from moedsl.execute.writer import FinishedLayer, HostCopier, LayerWriter, copy_keys, runtime_names
 from moedsl.models import remote
 from moedsl.write.files import copy_atomic, stop_point, stop_requested
 from moedsl.plan.schema import HookPlan
@@ -270,7 +270,7 @@ class Runner:
         from moedsl.models.default import default_model_dir
         from moedsl.plan.compiler import compile_plan
         from moedsl.write.checkpoint import CheckpointWriter, required_scale_dtype
-        from moedsl.write.engines import gptq_checkpoint_format, stacked_experts
+        from moedsl.write.engines import engine_config, gptq_checkpoint_format, stacked_experts
 
         opts = self.opts
         t_start = time.perf_counter()
@@ -310,6 +310,9 @@ class Runner:
         engine_warnings = check_engine(opts, cfg, has_experts=any(kind.moe for kind in plan.kinds),
                                        family=definition.header.name)
         stacked = stacked_experts(opts.engine, definition.header.name, opts.format)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        config.pop("quantization_config", None)  # the source's storage (FP8, MXFP4) was dequantized away
+        config, config_added = engine_config(opts.engine, config)
         with phases("startup.calibration", sync=False):
             calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed,
                                      trust_remote_code=code is not None)
@@ -325,12 +328,15 @@ class Runner:
                               str(self.device), warnings)
         report.remote_code = code.record() if code is not None else None
         report.solver = self.solver.name
+        report.config_added = config_added
         progress = Progress(enabled=opts.progress)
         if loader.stored_format.method:
             progress.note(f"source weights stored as {loader.stored_format.describe()}: each layer is dequantized "
                           "on the device as it loads")
         for w in warnings:
             progress.warn(w)
+        if config_added:
+            progress.note("config.json gets what vLLM reads and the source's lacks: " + "; ".join(config_added))
         for note in out.notes:
             progress.note(note)
 
@@ -453,8 +459,8 @@ class Runner:
                 head_key = self.quantize_head(model, plan, hidden, cfg, writer, dtype, report, fp_hidden)
         with phases("rest"):
             self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        config.pop("quantization_config", None)  # the source's storage (FP8, MXFP4) was dequantized away
+        if opts.format == "compressed-tensors":
+            writer.ignore(runtime_names(loader, writer.ignored()))
         report.finish(time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         if code is not None:  # beside the weights, before config.json (which marks the checkpoint finished)
             code.copy_to(opts.out)

@@ -82,6 +82,22 @@ def copy_keys(writer: CheckpointWriter, loader, keys: list[str]) -> None:
         writer.add_tensor(k, t)
 
 
+def runtime_names(loader, modules: list[str]) -> list[str]:
+    """The runtime module names of checkpoint modules (`X` for the tensor `X.weight`) where transformers'
+    conversion renames them. transformers + compressed-tensors, and vLLM's generic Transformers backend,
+    match the `ignore` list against the modules of the model they build (phimoe's checkpoint router
+    `block_sparse_moe.gate` is the runtime nn.Linear `mlp.router`): without its runtime name, a router is
+    taken for a quantized Linear."""
+    keys = set(loader.checkpoint_keys()) - set(loader.unexpected_keys)  # unexpected: no runtime module
+    out = []
+    for module in modules:
+        if f"{module}.weight" in keys:
+            runtime = loader.runtime_name(f"{module}.weight").removesuffix(".weight")
+            if runtime != module:
+                out.append(runtime)
+    return out
+
+
 def _kill_point(where: str, layer: int) -> None:
     """Tests: MOEDSL_KILL_IN_WRITE=<layer>:<where> SIGKILLs the run at that point of a write."""
     if os.environ.get("MOEDSL_KILL_IN_WRITE") == f"{layer}:{where}":

@@ -218,6 +218,16 @@ class CheckpointWriter:
         keys = list(self._weight_map) + list(self._pending)
         return sorted(k.removesuffix(marker)[:-1] for k in keys if k.endswith(marker) and k[-len(marker) - 1] in "._")
 
+    def ignored(self) -> list[str]:
+        """The modules compressed-tensors' `ignore` names so far (every module stored unquantized)."""
+        return sorted(self._ignore)
+
+    def ignore(self, names: list[str]) -> None:
+        """Name more modules in compressed-tensors' `ignore`: the runtime names of unquantized modules,
+        which loaders that match `ignore` on the model they build see instead of checkpoint names."""
+        self._check_open()
+        self._ignore.update(names)
+
     def quantization_config(self) -> dict:
         """The format's config. Module names serving engines need to match are derived from the
         tensors written (moedsl/write/engines.py says why each is there)."""

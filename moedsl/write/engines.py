@@ -33,7 +33,7 @@ engine names such a limit when it loads the checkpoint (the serving check prints
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 
@@ -116,6 +116,68 @@ def targets_for(quantized: list[str]) -> list[str]:
     `ParallelLMHead` (which "Linear" does not match)."""
     heads = sorted(n for n in set(quantized) if n.rpartition(".")[2] == "lm_head")
     return ["Linear", *heads]
+
+
+# ---- config.json fields vLLM reads ------------------------------------------------------------
+# The output's config.json is the source's. Released checkpoints carry what vLLM reads; a config that
+# transformers 5.x saved may not: its config classes drop fields that its modeling code hard-codes or
+# derives, and its class names are not always the ones vLLM registers. Written where absent, for vLLM:
+
+class Architecture(NamedTuple):
+    name: str  # the class name vLLM's registry has
+    fits: Callable[[dict], bool]  # whether that class can hold this config's model
+
+
+# transformers' class name -> the one vLLM 0.32's registry (`_TEXT_GENERATION_MODELS`) has for the family:
+# the released checkpoint's. Under transformers' name vLLM serves it with its generic Transformers backend
+# (which loads it too, more slowly); renamed only where vLLM's own class can hold the model.
+VLLM_ARCHITECTURES: dict[str, Architecture] = {
+    # Phi-3.5-MoE's config.json; vllm/.../models/phimoe.py builds qkv_proj, o_proj and lm_head with
+    # bias=True whatever the config says, as the release has them: without those biases, vLLM's class would
+    # leave its own at random ("model.layers.0.self_attn.qkv_proj.bias" not loaded)
+    "PhimoeForCausalLM": Architecture("PhiMoEForCausalLM",
+                                      lambda c: bool(c.get("attention_bias") and c.get("lm_head_bias"))),
+}
+
+# model_type -> field -> its value from the config, as transformers' modeling uses it
+VLLM_CONFIG_FIELDS: dict[str, dict[str, Callable[[dict], Any]]] = {
+    # vllm/.../models/glm4_moe.py passes `config.head_dim` (no default: "'Glm4MoeConfig' object has no
+    # attribute 'head_dim'"); Glm4MoeConfig has none, its attention takes hidden_size // num_attention_heads
+    "glm4_moe": {"head_dim": lambda c: c["hidden_size"] // c["num_attention_heads"]},
+    # vllm/.../models/deepseek_v2.py builds `gate.e_score_correction_bias` only for topk_method "noaux_tc"
+    # (else "KeyError: 'layers.1.mlp.gate.e_score_correction_bias'") and scores with softmax unless
+    # scoring_func says otherwise; transformers' DeepseekV3 router is always that: sigmoid scores plus the
+    # correction bias. DeepSeek-V3's own config.json has both fields
+    "deepseek_v3": {"topk_method": lambda c: "noaux_tc", "scoring_func": lambda c: "sigmoid"},
+}
+
+
+def _missing_fields(config: dict) -> dict:
+    fields = VLLM_CONFIG_FIELDS.get(config.get("model_type"), {})
+    return {k: f(config) for k, f in fields.items() if config.get(k) is None}
+
+
+def engine_config(engine: str, config: dict) -> tuple[dict, list[str]]:
+    """`config` (a config.json) with what `engine` reads and it lacks; and what was added, in words.
+    A composite's `text_config` is completed by its own model_type."""
+    if engine == "none":
+        return config, []
+    out = dict(config)
+    added = []
+    archs = out.get("architectures") or []
+    renamed = [VLLM_ARCHITECTURES[a].name if a in VLLM_ARCHITECTURES and VLLM_ARCHITECTURES[a].fits(out) else a
+               for a in archs]
+    if renamed != archs:
+        out["architectures"] = renamed
+        added.append(f"architectures {archs} -> {out['architectures']} (the name vLLM {VLLM_VERSION} registers)")
+    missing = _missing_fields(out)
+    out.update(missing)
+    added += [f"{k} = {v!r}" for k, v in missing.items()]
+    text = out.get("text_config")
+    if isinstance(text, dict) and (missing := _missing_fields(text)):
+        out["text_config"] = {**text, **missing}
+        added += [f"text_config.{k} = {v!r}" for k, v in missing.items()]
+    return out, added
 
 
 # ---- per-family expert names and layouts ------------------------------------------------------
