@@ -54,6 +54,9 @@ DENSE = {"intermediate_size": 128, "ffn_hidden_size": 128, "dense_intermediate_s
 EXPERT = {"moe_intermediate_size": 64, "expert_ffn_hidden_size": 64}
 LATENT = {"q_lora_rank": 128, "kv_lora_rank": 64}  # MLA low-rank inputs (deepseek): whole groups of 64, and
 # different widths, since moedsl groups same-stage siblings of equal width under one statistics key
+# config fields as the family's released checkpoints set them, where transformers' defaults differ and vLLM's
+# own class follows the release (without them vLLM serves the family through its Transformers backend)
+RELEASED = {"phimoe": {"attention_bias": True, "lm_head_bias": True}}  # Phi-3.5-MoE
 
 
 def serving_overrides(model_type: str) -> dict:
@@ -81,6 +84,7 @@ def serving_overrides(model_type: str) -> dict:
             out["head_dim"] = 32
         if "qk_head_dim" in base:
             out["qk_head_dim"] = base["qk_nope_head_dim"] + 32
+    out.update(RELEASED.get(model_type, {}))
     out["initializer_range"] = 0.08  # larger weights than the default init, so wrong ones show in log-probs
     return out
 
