@@ -223,38 +223,70 @@ def test_ct_ignore_names_unquantized_linears_as_the_runtime_model_names_them(tin
     assert not set(qc["ignore"]) & quantized
 
 
-def test_config_gets_the_fields_vllm_reads(tiny_model, tmp_path):
-    """vLLM reads some fields straight from config.json that transformers' config classes drop: written for
-    vLLM, where absent, with the values transformers' modeling uses; left alone under --engine none."""
+def _first_moe_layer(model) -> int:
+    return next(i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts"))
+
+
+def _router_bias(model) -> bool:
+    mlp = model.model.layers[_first_moe_layer(model)].mlp
+    return any(n.endswith("e_score_correction_bias") or n.endswith("expert_bias") for n, _ in mlp.named_buffers())
+
+
+# family -> (field, value) pairs vLLM reads, checked against the runtime model transformers builds
+VLLM_FIELD_FACTS = {
+    "glm4_moe": lambda m: {"head_dim": m.model.layers[0].self_attn.head_dim},
+    "deepseek_v3": lambda m: {"topk_method": "noaux_tc" if _router_bias(m) else None, "scoring_func": "sigmoid"},
+    "glm4_moe_lite": lambda m: {"first_k_dense_replace": _first_moe_layer(m)},
+    "hy_v3": lambda m: {"first_k_dense_replace": _first_moe_layer(m),
+                        "expert_hidden_dim": m.model.layers[_first_moe_layer(m)].mlp.experts.down_proj.shape[-1],
+                        "qk_norm": hasattr(m.model.layers[0].self_attn, "q_norm"), "route_norm": True},
+    "afmoe": lambda m: {"score_func": "sigmoid", "route_norm": True, "n_group": 1, "topk_group": 1},
+    "minimax_m2": lambda m: {"rotary_dim": 2 * m.model.rotary_emb.inv_freq.numel(), "use_routing_bias": _router_bias(m),
+                             "scoring_func": "sigmoid"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(VLLM_FIELD_FACTS))
+def test_config_gets_the_fields_vllm_reads(family):
+    """vLLM's model classes read some fields straight from config.json that transformers' config classes
+    drop (e.g. "'Glm4MoeConfig' object has no attribute 'head_dim'"; deepseek_v3 without topk_method:
+    "KeyError: 'layers.1.mlp.gate.e_score_correction_bias'"): written for vLLM where absent, with the values
+    transformers' runtime model has; left alone under --engine none."""
     from moedsl.models.tiny import build_model, tiny_config
+    from moedsl.write.engines import VLLM_CONFIG_FIELDS, engine_config
+
+    config = tiny_config(family).to_dict()
+    want = VLLM_FIELD_FACTS[family](build_model(tiny_config(family), device="cpu"))
+    assert set(want) == set(VLLM_CONFIG_FIELDS[family])
+    assert not any(config.get(k) is not None for k in want), "transformers now saves them: drop the entry"
+    written, added = engine_config("vllm", config)
+    assert {k: written[k] for k in want} == want
+    assert len(added) == len(want)
+    assert engine_config("none", config) == (config, [])
+    assert engine_config("auto", {**config, **{k: "set" for k in want}})[0] == {**config, **{k: "set" for k in want}}
+
+
+def test_architecture_renamed_where_vllms_class_fits():
+    """transformers saves phimoe as `PhimoeForCausalLM`, which vLLM 0.32 does not register (it falls back to
+    its Transformers backend); its `PhiMoEForCausalLM` hard-codes the released model's biases."""
+    from moedsl.models.tiny import tiny_config
     from moedsl.write.engines import engine_config
 
-    glm = tiny_config("glm4_moe").to_dict()
-    assert "head_dim" not in glm  # as transformers saves it: vLLM's glm4_moe fails on `config.head_dim`
-    written, added = engine_config("vllm", glm)
-    attention = build_model(tiny_config("glm4_moe"), device="meta").model.layers[0].self_attn
-    assert written["head_dim"] == attention.head_dim and added == [f"head_dim = {attention.head_dim}"]
-    assert engine_config("none", glm) == (glm, [])
-
-    ds = tiny_config("deepseek_v3").to_dict()
-    assert "topk_method" not in ds  # vLLM then builds no `gate.e_score_correction_bias` (KeyError) and softmax
-    written, _ = engine_config("auto", ds)
-    assert (written["topk_method"], written["scoring_func"]) == ("noaux_tc", "sigmoid")
-    assert engine_config("vllm", {**ds, "topk_method": "greedy"})[0]["topk_method"] == "greedy"  # never overridden
-
-    # transformers' class name is not vLLM's; renamed only where vLLM's class (biases hard-coded) fits
-    phi = tiny_config("phimoe").to_dict()
-    assert phi["architectures"] is None or phi["architectures"] == ["PhimoeForCausalLM"]
-    phi["architectures"] = ["PhimoeForCausalLM"]
-    assert engine_config("vllm", phi)[0]["architectures"] == ["PhimoeForCausalLM"]  # no biases: Transformers backend
+    phi = {**tiny_config("phimoe").to_dict(), "architectures": ["PhimoeForCausalLM"]}
+    assert engine_config("vllm", phi)[0]["architectures"] == ["PhimoeForCausalLM"]  # no biases: kept
     released = {**phi, "attention_bias": True, "lm_head_bias": True}
-    assert engine_config("vllm", released)[0]["architectures"] == ["PhiMoEForCausalLM"]
+    written, added = engine_config("vllm", released)
+    assert written["architectures"] == ["PhiMoEForCausalLM"] and "PhiMoEForCausalLM" in added[0]
+    assert engine_config("none", released)[0]["architectures"] == ["PhimoeForCausalLM"]
 
+
+def test_run_writes_the_config_fields(tiny_model, tmp_path):
     src = tiny_model("deepseek_v3")
     out = tmp_path / "out"
     report = quantize_small(src, out)
     config = json.loads((out / "config.json").read_text())
-    assert config["topk_method"] == "noaux_tc" and any("topk_method" in a for a in report.config_added)
+    assert (config["topk_method"], config["scoring_func"]) == ("noaux_tc", "sigmoid")
+    assert any("topk_method" in a for a in report.config_added)
     assert json.loads((out / "moedsl-report.json").read_text())["config_added"] == report.config_added
 
 

@@ -149,12 +149,46 @@ VLLM_CONFIG_FIELDS: dict[str, dict[str, Callable[[dict], Any]]] = {
     # scoring_func says otherwise; transformers' DeepseekV3 router is always that: sigmoid scores plus the
     # correction bias. DeepSeek-V3's own config.json has both fields
     "deepseek_v3": {"topk_method": lambda c: "noaux_tc", "scoring_func": lambda c: "sigmoid"},
+    # vllm/.../models/glm4_moe_lite.py: dense below `config.first_k_dense_replace`, MoE above
+    # ("'Glm4MoeLiteConfig' object has no attribute 'first_k_dense_replace'"); transformers says it per
+    # layer (`mlp_layer_types`)
+    "glm4_moe_lite": {"first_k_dense_replace": lambda c: _leading_dense(c)},
+    # vllm/.../models/hy_v3.py: `first_k_dense_replace`, `expert_hidden_dim` (transformers'
+    # moe_intermediate_size) and `route_norm` without defaults, `qk_norm` defaulting to False; transformers'
+    # HYV3 always normalizes the top-k sigmoid weights and always has q_norm/k_norm
+    "hy_v3": {"first_k_dense_replace": lambda c: _leading_dense(c),
+              "expert_hidden_dim": lambda c: c.get("moe_intermediate_size"),
+              "route_norm": lambda c: True, "qk_norm": lambda c: True},
+    # vllm/.../models/afmoe.py reads score_func, route_norm, n_group and topk_group without defaults;
+    # transformers' Afmoe router: sigmoid scores, top-k over all experts (one group), renormalized
+    "afmoe": {"score_func": lambda c: "sigmoid", "route_norm": lambda c: True, "n_group": lambda c: 1,
+              "topk_group": lambda c: 1},
+    # vllm/.../models/minimax_m2.py reads scoring_func and rotary_dim without defaults and builds
+    # `e_score_correction_bias` only for use_routing_bias; transformers' MiniMaxM2 router: sigmoid plus the
+    # correction bias, rotary width head_dim · partial_rotary_factor (MiniMax-M2's config.json has all three)
+    "minimax_m2": {"scoring_func": lambda c: "sigmoid", "use_routing_bias": lambda c: True,
+                   "rotary_dim": lambda c: _rotary_dim(c)},
 }
+
+
+def _leading_dense(config: dict) -> int | None:
+    """`mlp_layer_types` as one count of leading dense layers (None where it is not that shape)."""
+    types = config.get("mlp_layer_types")
+    if not types:
+        return None
+    k = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+    return k if all(t == "sparse" for t in types[k:]) else None
+
+
+def _rotary_dim(config: dict) -> int:
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return int(head_dim * (config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
 
 
 def _missing_fields(config: dict) -> dict:
     fields = VLLM_CONFIG_FIELDS.get(config.get("model_type"), {})
-    return {k: f(config) for k, f in fields.items() if config.get(k) is None}
+    values = {k: f(config) for k, f in fields.items() if config.get(k) is None}
+    return {k: v for k, v in values.items() if v is not None}  # None: not derivable, vLLM says what it lacks
 
 
 def engine_config(engine: str, config: dict) -> tuple[dict, list[str]]:

@@ -246,12 +246,21 @@ def verdict(report: dict, ref_lp: list[float], tolerance: float, expert_problem:
     return {"ok": True, "cell": f"✓ Δ{delta:.3f}", "why": None, "delta": delta}
 
 
+def definition_name(model_type: str) -> str:
+    """The library definition a model of `model_type` binds to (the name engines.py keys limits by):
+    `qwen3_5_moe_text` is `qwen3_5_moe`, `llama4_text` is itself."""
+    from moedsl.lang.library import for_model
+    from moedsl.models.tiny import tiny_config
+
+    return for_model(tiny_config(model_type)).header.name
+
+
 def fused_checkpoint(family: str) -> bool:
     """The family's checkpoints store fused experts (`ckpt fused`): transformers has no conversion
     from per-expert quantized tensors into its fused experts."""
     from moedsl.lang.library import load
 
-    source = load(family).source_file
+    source = load(definition_name(family)).source_file
     return source is not None and "ckpt fused" in Path(source).read_text()
 
 
@@ -270,6 +279,7 @@ def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, forma
     from moedsl.write.engines import VLLM_FAMILY_LIMITS
 
     src = save_tiny(family, work / family / "src", seed=0, **serving_overrides(family))
+    name = definition_name(family)
     portable_config(src)
     source_lp = logprobs(load_model(src), PROMPT)
     row: dict = {}
@@ -279,7 +289,7 @@ def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, forma
         try:
             # written for vLLM (its names and layouts), unless moedsl knows vLLM cannot load it: then as the
             # format stores it, so that vLLM's own error shows
-            engine = "none" if (family, fmt) in VLLM_FAMILY_LIMITS else "vllm"
+            engine = "none" if (name, fmt) in VLLM_FAMILY_LIMITS else "vllm"
             state = quantize_with_reference(src, out, fmt, engine)
         except Exception as exc:
             row[f"{fmt}·vLLM"] = {"ok": False, "cell": "✗", "why": f"moedsl: {type(exc).__name__}: {exc}"}
@@ -300,7 +310,7 @@ def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, forma
         cell["mode"] = v.get("mode")
         cell["tensors"] = v.get("tensors")
         cell["quant_shift"] = quant_shift
-        row[f"{fmt}·vLLM"] = expect_limit(cell, VLLM_FAMILY_LIMITS.get((family, fmt)))
+        row[f"{fmt}·vLLM"] = expect_limit(cell, VLLM_FAMILY_LIMITS.get((name, fmt)))
         if fmt == "compressed-tensors" and hf_py:
             h = run_probe(hf_py, "hf_probe.py", out, work / family / f"{fmt}-hf", "hf.json")
             limit = ("transformers converts per-expert checkpoint tensors into fused experts only for families "
