@@ -50,7 +50,8 @@ EXPERT_TOLERANCE = 1e-2  # max |Δw| / max |w|: scales reach vLLM's kernels in b
 WIDE = {"hidden_size": 128, "d_model": 128}
 DENSE = {"intermediate_size": 128, "ffn_hidden_size": 128, "dense_intermediate_size": 128,
          "intermediate_size_mlp": 128, "shared_expert_intermediate_size": 128,
-         "shared_experts_intermediate_size": 128, "moe_shared_expert_intermediate_size": 128}
+         "shared_experts_intermediate_size": 128, "moe_shared_expert_intermediate_size": 128,
+         "shared_intermediate_size": 128}
 EXPERT = {"moe_intermediate_size": 64, "expert_ffn_hidden_size": 64}
 LATENT = {"q_lora_rank": 128, "kv_lora_rank": 64}  # MLA low-rank inputs (deepseek): whole groups of 64, and
 # different widths, since moedsl groups same-stage siblings of equal width under one statistics key
@@ -255,13 +256,16 @@ def definition_name(model_type: str) -> str:
     return for_model(tiny_config(model_type)).header.name
 
 
-def fused_checkpoint(family: str) -> bool:
-    """The family's checkpoints store fused experts (`ckpt fused`): transformers has no conversion
-    from per-expert quantized tensors into its fused experts."""
-    from moedsl.lang.library import load
+def fused_checkpoint(model) -> bool:
+    """The family's checkpoints store fused experts (`ckpt fused`, inherited too: granitemoeshared's
+    from granitemoe): transformers has no conversion from per-expert quantized tensors into its fused
+    experts."""
+    from moedsl.lang.library import for_model
+    from moedsl.plan.compiler import compile_plan
+    from moedsl.plan.schema import Policy
 
-    source = load(definition_name(family)).source_file
-    return source is not None and "ckpt fused" in Path(source).read_text()
+    plan = compile_plan(for_model(model), model, policy=Policy.parse("all"), tokens=64)
+    return any(moe.experts.ckpt_fused for kind in plan.kinds for moe in kind.moe)
 
 
 def expect_limit(cell: dict, limit: str | None) -> dict:
@@ -314,7 +318,7 @@ def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, forma
         if fmt == "compressed-tensors" and hf_py:
             h = run_probe(hf_py, "hf_probe.py", out, work / family / f"{fmt}-hf", "hf.json")
             limit = ("transformers converts per-expert checkpoint tensors into fused experts only for families "
-                     "whose checkpoints are per-expert" if fused_checkpoint(family) else None)
+                     "whose checkpoints are per-expert" if fused_checkpoint(ref) else None)
             row[f"{fmt}·transformers"] = expect_limit(verdict(h, ref_lp, HF_TOLERANCE), limit)
         print(f"  {family} {fmt}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     return row
