@@ -58,6 +58,10 @@ LATENT = {"q_lora_rank": 128, "kv_lora_rank": 64}  # MLA low-rank inputs (deepse
 # config fields as the family's released checkpoints set them, where transformers' defaults differ and vLLM's
 # own class follows the release (without them vLLM serves the family through its Transformers backend)
 RELEASED = {"phimoe": {"attention_bias": True, "lm_head_bias": True}}  # Phi-3.5-MoE
+# mamba widths at hidden 128: heads · head_dim = expand · hidden (transformers checks it), and in_proj's
+# 2·d_inner + 2·groups·d_state + heads rows a multiple of 32 (vLLM's CPU linear kernel)
+MAMBA = {"granitemoehybrid": {"mamba_n_heads": 16, "mamba_d_head": 16},  # 512 + 16 + 16
+         "nemotron_h": {"mamba_num_heads": 32, "mamba_head_dim": 8}}  # 512 + 128 + 32
 
 
 def serving_overrides(model_type: str) -> dict:
@@ -86,6 +90,7 @@ def serving_overrides(model_type: str) -> dict:
         if "qk_head_dim" in base:
             out["qk_head_dim"] = base["qk_nope_head_dim"] + 32
     out.update(RELEASED.get(model_type, {}))
+    out.update(MAMBA.get(model_type, {}))
     out["initializer_range"] = 0.08  # larger weights than the default init, so wrong ones show in log-probs
     return out
 
@@ -282,11 +287,15 @@ def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, forma
     from moedsl.models.tiny import save_tiny
     from moedsl.write.engines import VLLM_FAMILY_LIMITS
 
-    src = save_tiny(family, work / family / "src", seed=0, **serving_overrides(family))
-    name = definition_name(family)
-    portable_config(src)
-    source_lp = logprobs(load_model(src), PROMPT)
     row: dict = {}
+    try:
+        src = save_tiny(family, work / family / "src", seed=0, **serving_overrides(family))
+        name = definition_name(family)
+        portable_config(src)
+        source_lp = logprobs(load_model(src), PROMPT)
+    except Exception as exc:  # the fixture itself: every cell says why
+        why = f"fixture: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return {f"{fmt}·vLLM": {"ok": False, "cell": "✗", "why": why} for fmt in formats}
     for fmt in formats:
         out = work / family / fmt
         t0 = time.perf_counter()
