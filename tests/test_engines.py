@@ -295,3 +295,20 @@ def quantize_small(src, out):
 
     return quantize(model=src, out=out, format="gptq", group_size=16, samples=2, seq_len=16, progress=False,
                     device="cpu")
+
+
+def test_gptq_module_list_matches_vllms_prefixes(tiny_model, tmp_path):
+    """vLLM matches `modules_in_block_to_quantize` against the prefix it builds each Linear with (a substring
+    test). granitemoehybrid's mixer is `mamba` in the checkpoint and `….mixer` in vLLM's prefixes
+    (vllm/.../models/granitemoehybrid.py): named only as `mamba.in_proj`, vLLM built in_proj unquantized and
+    failed with "KeyError: 'layers.0.mamba.in_proj.qweight'"."""
+    src = tiny_model("granitemoehybrid")
+    out = tmp_path / "out"
+    quantize_small(src, out)
+    (listed,) = json.loads((out / "quantize_config.json").read_text())["modules_in_block_to_quantize"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    mixers = sorted(k.removesuffix(".qweight") for k in index if ".mamba." in k and k.endswith(".qweight"))
+    assert mixers and "model.layers.0.mamba.in_proj" in mixers
+    for name in mixers:  # as vLLM's prefix spells it, and still as the checkpoint does
+        assert any(m in name.replace(".mamba.", ".mixer.") for m in listed), name
+        assert name in listed

@@ -270,7 +270,7 @@ class Runner:
         from moedsl.models.default import default_model_dir
         from moedsl.plan.compiler import compile_plan
         from moedsl.write.checkpoint import CheckpointWriter, required_scale_dtype
-        from moedsl.write.engines import engine_config, gptq_checkpoint_format, stacked_experts
+        from moedsl.write.engines import engine_config, gptq_checkpoint_format, gptq_prefixes, stacked_experts
 
         opts = self.opts
         t_start = time.perf_counter()
@@ -321,6 +321,7 @@ class Runner:
         resuming = out.state is not None
         head_options = dict(ignore=(), extra_quantization_config={"lm_head": True} if opts.format == "gptq" else None)
         writer = CheckpointWriter(opts.out, opts.format, cfg, gptq_checkpoint_format=gptq_checkpoint_format(cfg),
+                                  gptq_prefixes=gptq_prefixes(opts.engine, definition.header.name),
                                   **(head_options if opts.quantize_lm_head else {}))
         ids, warnings = (calib.input_ids, list(calib.warnings)) if hasattr(calib, "input_ids") else (calib, [])
         warnings = model_warnings + engine_warnings + warnings  # the report lists every warning, not only stderr

@@ -61,6 +61,7 @@ class CheckpointWriter:
         gptq_checkpoint_format: CheckpointFormat = "gptq",
         extra_quantization_config: Mapping[str, Any] | None = None,
         quantizer: str = "moedsl",
+        gptq_prefixes: Mapping[str, str] | None = None,
     ):
         """fmt: "gptq" or "compressed-tensors".
 
@@ -70,6 +71,8 @@ class CheckpointWriter:
             or "gptq_v2" (zero stored as is).
         extra_quantization_config: merged last into the quantization config (e.g. GPTQ's
             `dynamic` per-module overrides).
+        gptq_prefixes: GPTQ only: name pieces an engine's module prefixes spell otherwise
+            (`engines.gptq_prefixes`), listed that way too in `modules_in_block_to_quantize`.
         """
         if fmt not in FORMATS:
             raise MoedslError(f"unknown checkpoint format `{fmt}`", expected=list(FORMATS), code="write")
@@ -83,6 +86,7 @@ class CheckpointWriter:
         self.gptq_checkpoint_format = gptq_checkpoint_format
         self.extra_quantization_config = dict(extra_quantization_config or {})
         self.quantizer = quantizer
+        self.gptq_prefixes = dict(gptq_prefixes or {})
         self._ignore = set(ignore)
         self._pending: dict[str, torch.Tensor] = {}
         self._weight_map: dict[str, str] = {}  # key -> shard file name, for flushed tensors
@@ -235,7 +239,7 @@ class CheckpointWriter:
         if self.fmt == "gptq":
             qc = gptq_quantize_config(self.cfg, self.gptq_checkpoint_format, self.quantizer)
             # one list of names: the `list[list[str]]` transformers' GPTQConfig documents; vLLM flattens it
-            qc["modules_in_block_to_quantize"] = [gptq_module_list(quantized)]
+            qc["modules_in_block_to_quantize"] = [gptq_module_list(quantized, self.gptq_prefixes)]
         else:
             qc = ct_quantization_config(self.cfg, sorted(self._ignore - set(quantized)), targets_for(quantized))
         qc.update(self.extra_quantization_config)

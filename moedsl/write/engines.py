@@ -96,9 +96,25 @@ def gptq_checkpoint_format(cfg: QuantConfig) -> str:
     return "gptq" if cfg.sym else "gptq_v2"
 
 
-def gptq_module_list(quantized: list[str]) -> list[str]:
+# family -> {piece of a checkpoint module name: the piece vLLM's prefix for that module has instead}. vLLM
+# matches `modules_in_block_to_quantize` against the prefix it builds each Linear with, which is not always
+# the name the checkpoint (and its loader) use
+VLLM_GPTQ_PREFIXES: dict[str, dict[str, str]] = {
+    # vllm/.../models/granitemoehybrid.py keeps the mamba mixer as the attribute `mamba` but builds it with
+    # prefix `….mixer`: matched under `mamba` only, in_proj came up unquantized and loading failed with
+    # "KeyError: 'layers.0.mamba.in_proj.qweight'"
+    "granitemoehybrid": {".mamba.": ".mixer."},
+}
+
+
+def gptq_prefixes(engine: str, family: str | None) -> dict[str, str]:
+    return {} if engine == "none" or family is None else VLLM_GPTQ_PREFIXES.get(family, {})
+
+
+def gptq_module_list(quantized: list[str], prefixes: dict[str, str] | None = None) -> list[str]:
     """`modules_in_block_to_quantize` for vLLM: every quantized module by its full checkpoint name, plus
-    the fused runtime name of each group of siblings vLLM fuses when all of them are quantized."""
+    the fused runtime name of each group of siblings vLLM fuses when all of them are quantized, plus
+    each name as vLLM's prefix spells it where that differs (`prefixes`, from `gptq_prefixes`)."""
     names = set(quantized)
     by_parent: dict[str, set[str]] = {}
     for n in names:
@@ -108,6 +124,8 @@ def gptq_module_list(quantized: list[str]) -> list[str]:
         for fused, parts in VLLM_FUSED_LINEARS.items():
             if set(parts) <= leaves:
                 names.add(f"{parent}.{fused}" if parent else fused)
+    for piece, vllm_piece in (prefixes or {}).items():
+        names |= {n.replace(piece, vllm_piece) for n in names if piece in n}
     return sorted(names)
 
 
