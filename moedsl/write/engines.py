@@ -264,6 +264,14 @@ VLLM_FAMILY_LIMITS: dict[tuple[str, str], str] = {
     ("dbrx", "compressed-tensors"): "vLLM's DbrxExperts.weight_loader copies only unquantized or FP8 expert weights; "
                                     "it has no mapping for int4 experts (loading fails with KeyError on the first "
                                     "expert tensor)",
+    # vllm/.../layers/mamba/mamba_mixer.py (jamba's mixer) builds in_proj, x_proj, dt_proj and out_proj with no
+    # quant_config; and JambaForCausalLM keeps no `quant_config`, so its loader does not drop GPTQ's g_idx
+    ("jamba", "gptq"): "vLLM's jamba mamba mixer builds its projections unquantized (no quant_config), so quantized "
+                       "mamba.in_proj/out_proj cannot load; and its loader, which keeps no quant_config, does not drop "
+                       "GPTQ's g_idx (loading fails on the first one)",
+    ("jamba", "compressed-tensors"): "vLLM's jamba mamba mixer builds its projections unquantized (no quant_config), so "
+                                     "quantized mamba.in_proj/out_proj cannot load (loading fails on the first "
+                                     "weight_packed)",
 }
 
 

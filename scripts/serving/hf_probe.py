@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 import torch
 
@@ -39,6 +40,7 @@ def main() -> None:
         lp = torch.log_softmax(logits, -1)
         report["logprobs"] = [float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1)]
     except Exception as exc:  # the library's own error is the finding
+        traceback.print_exc()  # into the probe's log, beside the one-line finding
         report["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
     with open(os.path.join(out_dir, "hf.json"), "w") as f:
         json.dump(report, f, indent=1)

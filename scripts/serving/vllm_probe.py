@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, where we can see it
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -134,6 +135,7 @@ def run(ckpt: str, out_dir: str, ids: list[int], mode: str) -> dict:
     except Stop:
         return report
     except Exception as exc:  # the engine's own error is the finding
+        traceback.print_exc()  # into the probe's log, beside the one-line finding
         report["error"] = f"{type(exc).__name__}: {engine_message(exc)}"
         return report
     finally:
