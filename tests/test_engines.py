@@ -105,12 +105,20 @@ def test_quantized_lm_head_is_a_compressed_tensors_target(cli, tmp_path):
     assert "lm_head" not in qc["ignore"]
 
 
-def test_gpt_oss_gptq_refused_for_vllm(cli, tiny_model, tmp_path):
-    src = tiny_model("gpt_oss")
+@pytest.mark.parametrize("family, fmt, words", [
+    ("gpt_oss", "gptq", ("--format compressed-tensors",)),
+    ("jamba", "compressed-tensors", ("mamba mixer", "no quant_config")),  # vllm/.../layers/mamba/mamba_mixer.py
+])
+def test_family_limits_refused_for_vllm(cli, tiny_model, tmp_path, family, fmt, words):
+    src = tiny_model(family)
     r = cli("quantize", "--model", str(src), "--out", str(tmp_path / "out"), "--no-progress", "--samples", "2",
-            "--seq-len", "16", "--group-size", "32", "--engine", "vllm")
+            "--seq-len", "16", "--group-size", "32", "--engine", "vllm", "--format", fmt)
     assert r.returncode == 2, r.stderr
-    assert "gpt_oss" in r.stderr and "--format compressed-tensors" in r.stderr and "Traceback" not in r.stderr
+    flat = " ".join(r.stderr.split())
+    assert family in flat and "Traceback" not in flat
+    for w in words:
+        assert w in flat, flat
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpt_oss_compressed_tensors_experts_stacked_as_vllm_maps_them(tiny_model, tmp_path):

@@ -272,6 +272,17 @@ VLLM_FAMILY_LIMITS: dict[tuple[str, str], str] = {
     ("jamba", "compressed-tensors"): "vLLM's jamba mamba mixer builds its projections unquantized (no quant_config), so "
                                      "quantized mamba.in_proj/out_proj cannot load (loading fails on the first "
                                      "weight_packed)",
+    # vllm/.../models/laguna.py: its comment says the checkpoint's `mlp.experts.e_score_correction_bias` (the released
+    # name, the one transformers saves) is picked up by the MoE runner, but the parameter sits at
+    # `mlp.experts.routed_experts.e_score_correction_bias`: the tensor is never read, the bias stays at its zero init
+    # (bf16 checkpoints too), and routing differs from the model's
+    ("laguna", "gptq"): "vLLM's laguna loader leaves the router's e_score_correction_bias unloaded (the checkpoint's "
+                        "`mlp.experts.e_score_correction_bias` is never read; `mlp.experts.routed_experts."
+                        "e_score_correction_bias` stays zero), for any checkpoint, so routing differs from the model's",
+    ("laguna", "compressed-tensors"): "vLLM's laguna loader leaves the router's e_score_correction_bias unloaded (the "
+                                      "checkpoint's `mlp.experts.e_score_correction_bias` is never read; "
+                                      "`mlp.experts.routed_experts.e_score_correction_bias` stays zero), for any "
+                                      "checkpoint, so routing differs from the model's",
 }
 
 
