@@ -264,13 +264,21 @@ def definition_name(model_type: str) -> str:
 def fused_checkpoint(model) -> bool:
     """The family's checkpoints store fused experts (`ckpt fused`, inherited too: granitemoeshared's
     from granitemoe): transformers has no conversion from per-expert quantized tensors into its fused
-    experts."""
+    experts, unless it swaps them for per-expert modules when the checkpoint is quantized (llama4's
+    experts become `SequentialLlama4TextExperts`, transformers/quantizers/base.py)."""
     from moedsl.lang.library import for_model
     from moedsl.plan.compiler import compile_plan
     from moedsl.plan.schema import Policy
 
+    try:  # experts transformers rebuilds per expert for quantized checkpoints (Llama4TextExperts)
+        from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION as patched
+    except ImportError:
+        patched = {}
+    per_expert = {cls for cls, how in patched.items()
+                  if "compressed-tensors" in {getattr(m, "value", m) for m in how["quantization_methods"]}}
     plan = compile_plan(for_model(model), model, policy=Policy.parse("all"), tokens=64)
-    return any(moe.experts.ckpt_fused for kind in plan.kinds for moe in kind.moe)
+    return any(moe.experts.ckpt_fused and moe.experts.module_class not in per_expert
+               for kind in plan.kinds for moe in kind.moe)
 
 
 def expect_limit(cell: dict, limit: str | None) -> dict:
