@@ -27,6 +27,7 @@ class Report:
     remote_code: dict | None = None  # the model directory's own code that ran: its files and their sha256
     phases: dict = field(default_factory=dict)  # seconds per phase of the run (moedsl/execute/phases.py)
     solver: str = "gptq"  # the name the solver gives itself (options.solver is how it was asked for)
+    ranks: dict | None = None  # several ranks: how many, and each one's peak memory (moedsl/execute/distributed.py)
 
     @staticmethod
     def start(opts, plan, model: str, definition: str, device: str, warnings: list[str]) -> "Report":
@@ -54,7 +55,8 @@ class Report:
         return {"model": self.model, "definition": self.definition, "arch": self.arch, "device": self.device,
                 "policy": self.policy, "options": self.options, "warnings": self.warnings, "layers": self.layers,
                 "seconds": self.seconds, "host_peak_bytes": self.host_peak_bytes, "lm_head": self.head,
-                "remote_code": self.remote_code, "phases": self.phases, "solver": self.solver}
+                "remote_code": self.remote_code, "phases": self.phases, "solver": self.solver,
+                "ranks": self.ranks}
 
     def stage_rows(self) -> list[tuple[str, int, float, float, float]]:
         """(kind, stage, seconds, GPTQ error, RTN error) summed over the layers of each kind."""
