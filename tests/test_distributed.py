@@ -1,22 +1,28 @@
-"""Several ranks on one model (torchrun, gloo on the CPU): the same bytes as one process, whatever the number
-of ranks; a killed or failing rank ends the whole run, and the run resumes.
+"""Several ranks on one model (gloo on the CPU): the same bytes as one process, whatever the number of ranks;
+a killed or failing rank ends the whole run, and the run resumes.
 
-Every test starts real `python -m torch.distributed.run` processes (`--standalone`: a free port each) on a
-tiny Qwen3-MoE checkpoint (8 experts in the default 8 blocks, so 2 and 3 ranks own unequal slices).
+Every test starts real rank processes on a tiny Qwen3-MoE checkpoint (8 experts in the default 8 blocks, so 2
+and 3 ranks own unequal slices): one under `python -m torch.distributed.run` itself, the others as torchrun
+starts them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set for each `moedsl quantize`), forked from the
+tests' preloaded server (tests/cli_process.py), so that they do not pay for Python's imports each time; no
+torchrun then ends the other ranks for them, so a failure is seen by moedsl's own collectives alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import assert_same_checkpoint
+from tests import cli_process
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT = "moedsl-report.json"
@@ -31,13 +37,42 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def _quantize(ranks: int, model: Path, out: Path, *extra: str, env: dict | None = None,
-              timeout: float = 240) -> subprocess.CompletedProcess:
-    """`moedsl quantize` as one process (ranks=0) or under torchrun with `ranks` ranks."""
-    launch = [sys.executable, "-m", "moedsl"] if ranks == 0 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "moedsl"]
-    return subprocess.run([*launch, "quantize", "--model", str(model), "--out", str(out), *ARGS, *extra], cwd=REPO,
-                          env=env or _env(), capture_output=True, text=True, timeout=timeout)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _quantize(ranks: int, model: Path, out: Path, *extra: str, env: dict | None = None, timeout: float = 240,
+              torchrun: bool = False) -> cli_process.Completed:
+    """`moedsl quantize` as one process (ranks=0), or as `ranks` rank processes: started by torchrun itself, or
+    with the environment it gives them. stdout and stderr: every rank's, in rank order; the exit status: the
+    first rank's that failed (0 when every one succeeded)."""
+    argv = ["quantize", "--model", str(model), "--out", str(out), *ARGS, *extra]
+    env = env or _env()
+    if ranks == 0:
+        return cli_process.run(argv, REPO, env, timeout)
+    t0 = time.perf_counter()
+    if torchrun:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                            str(ranks), "-m", "moedsl", *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=timeout)
+        return cli_process.Completed(r.returncode, r.stdout, r.stderr, time.perf_counter() - t0)
+    port = str(_free_port())
+    with tempfile.TemporaryDirectory(prefix="moedsl-ranks-") as tmp:
+        files = [(Path(tmp) / f"{r}.out", Path(tmp) / f"{r}.err") for r in range(ranks)]
+        procs = [cli_process.Process(argv, REPO, {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
+                                                  "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
+                                                  "MASTER_PORT": port}, *files[r]) for r in range(ranks)]
+        try:
+            codes = [p.wait(max(1.0, timeout - (time.perf_counter() - t0))) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        read = lambda f: f.read_text(errors="replace") if f.exists() else ""  # noqa: E731
+        return cli_process.Completed(next((c for c in codes if c), 0), "".join(read(o) for o, _ in files),
+                                     "".join(read(e) for _, e in files), time.perf_counter() - t0)
 
 
 def _assert_same_checkpoint(out: Path, ref: Path) -> None:
@@ -67,9 +102,9 @@ def single(tiny, tmp_path_factory):
 
 
 # `routed` on 2 ranks: the killed run and its resumption below (each layer made by 2 ranks) write these bytes.
-# gptaq: the full-precision stream and the cross statistics, split by batch and by expert block like the rest
-@pytest.mark.parametrize("policy,ranks,solver", [("all", 2, "gptq"), ("all", 3, "gptq"), ("routed", 3, "gptq"),
-                                                 ("routed", 2, "gptaq")])
+# gptaq: the full-precision stream and the cross statistics (under `all`, one shared Hessian and its cross term
+# for every block), split by batch and by expert block like the rest.
+@pytest.mark.parametrize("policy,ranks,solver", [("all", 2, "gptaq"), ("all", 3, "gptq"), ("routed", 3, "gptq")])
 def test_ranks_write_the_bytes_one_process_writes(tiny, single, tmp_path, policy, ranks, solver):
     out = tmp_path / "out"
     r = _quantize(ranks, tiny, out, "--policy", policy, "--solver", solver)
@@ -95,7 +130,7 @@ def test_a_killed_rank_ends_the_run_and_it_resumes(tiny, single, tmp_path):
     assert r.returncode != 0
     assert ended - float(struck.read_text()) < 60
     text = r.stdout + r.stderr
-    assert "Signal 9" in text or "SIGKILL" in text or "lost contact with the other ranks" in text, text[-3000:]
+    assert "moedsl rank 0: " in text and "lost contact with the other ranks while" in text, text[-3000:]
     state = json.loads((out / ".moedsl-run" / "state.json").read_text())
     assert state["finished"] == 1
     assert not (out / "config.json").exists()  # visibly unfinished
@@ -117,10 +152,11 @@ def test_a_rank_that_raises_ends_every_rank(tiny, tmp_path):
 
 
 def test_rank_0_refusing_the_output_directory_refuses_on_every_rank(tiny, tmp_path):
+    """Under torchrun itself (its environment, its rendezvous, its exit status)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("not a moedsl run")
-    r = _quantize(2, tiny, out, timeout=120)
+    r = _quantize(2, tiny, out, timeout=120, torchrun=True)
     assert r.returncode != 0
     assert r.stderr.count("is not empty and holds no moedsl run to resume") == 2, r.stderr[-3000:]
     assert "lost contact" not in r.stderr
@@ -185,3 +221,56 @@ def test_grouped_containers_are_refused_on_several_ranks(tiny_model):
     with pytest.raises(MoedslError, match=r"holds its experts in grouped containers \(`:grouped`\), which moedsl "
                                           r"quantizes in one process only: 2 ranks were started"):
         check_plan(Ranks(rank=1, world=2), plan)
+
+
+@pytest.fixture(scope="module")
+def busy_model():
+    """A tiny Qwen3-MoE (8 experts, top-4) and 2048 calibration tokens: ~1000 rows an expert, enough that the
+    CPU's products split their sums."""
+    import torch
+
+    from moedsl.models.tiny import build_model, tiny_config
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config("qwen3_moe", num_experts_per_tok=4), device="cpu").eval()
+    return model, torch.randint(0, model.config.vocab_size, (4, 512))
+
+
+@pytest.mark.parametrize("policy", ["routed", "all"])
+def test_expert_blocks_compute_the_statistics_of_all_experts_at_once(busy_model, policy):
+    """Each block's Hessians are the very bytes the whole layer's experts get in one block (`--expert-blocks 1`,
+    as before blocks existed): a block's routed rows are padded as all the experts' are, and the products see
+    the same lengths."""
+    import copy
+
+    import torch
+
+    from moedsl.bind.binder import get_path
+    from moedsl.execute.layer import LayerQuantizer
+    from moedsl.execute.run import capture_layer_inputs
+    from moedsl.execute.stats import BlockedHessian
+    from moedsl.gptq.quantizer import QuantConfig
+    from moedsl.lang.library import for_model
+    from moedsl.plan.compiler import compile_plan
+
+    model, ids = busy_model
+    plan = compile_plan(for_model(model), model, policy=policy, tokens=ids.numel())
+    cpu = torch.device("cpu")
+    hidden, kwargs = capture_layer_inputs(model, plan, list(ids.split(2)), cpu, cpu)
+    i = next(n for n, k in enumerate(plan.kind_of_layer) if plan.kind(k).moe)
+    kind = plan.kind_for_layer(i)
+    stats = []
+    for blocks in (1, 4):
+        layer = copy.deepcopy(get_path(model, plan.layers_path)[i])
+        q = LayerQuantizer(kind, layer, QuantConfig(bits=4, group_size=-1), plan.policy, cpu, expert_blocks=blocks)
+        got = {}
+        for stage in kind.stages:
+            for name, h in q.collect(stage, hidden, kwargs[i]).items():
+                parts = [h.parts[k] for k in sorted(h.parts)] if isinstance(h, BlockedHessian) else [h]
+                got[name] = [torch.cat([p.sum.reshape(-1) for p in parts]),
+                             torch.cat([p.count.reshape(-1) for p in parts])]
+        stats.append(got)
+    assert stats[0].keys() == stats[1].keys() and any("{e}" in k for k in stats[0])
+    for name in stats[0]:
+        assert torch.equal(stats[0][name][1], stats[1][name][1]), name  # tokens per expert
+        assert torch.equal(stats[0][name][0], stats[1][name][0]), name  # the Hessians, bit for bit
