@@ -27,7 +27,7 @@ from tests import cli_process
 REPO = Path(__file__).resolve().parent.parent
 REPORT = "moedsl-report.json"
 ARGS = ["--group-size", "32", "--samples", "3", "--seq-len", "8", "--batch-size", "1", "--no-progress"]
-_NOT_RESULTS = {"ranks", "out", "resume", "overwrite", "pipeline"}  # beyond timing: how, not what
+_NOT_RESULTS = {"ranks", "out", "resume", "resume_interval", "overwrite", "pipeline"}  # beyond timing: how, not what
 
 
 def _env(**extra: str) -> dict:
@@ -123,7 +123,7 @@ def test_a_killed_rank_ends_the_run_and_it_resumes(tiny, single, tmp_path):
     run ends within 60 s of the kill, and the same command on 2 ranks resumes to one process's bytes."""
     out = tmp_path / "out"
     struck = tmp_path / "struck"
-    r = _quantize(2, tiny, out, "--policy", "routed", "--pipeline", "serial",
+    r = _quantize(2, tiny, out, "--policy", "routed", "--pipeline", "serial", "--resume-interval", "0",
                   env=_env(MOEDSL_TEST_RANK_FAULT="1:layer:1:start:kill", MOEDSL_TEST_RANK_FAULT_FILE=str(struck)),
                   timeout=180)
     ended = time.time()
