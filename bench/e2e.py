@@ -12,6 +12,10 @@
 4. If llm-compressor is importable, runs its `oneshot` (GPTQ W4A16, same group size, same
    tokens) on the same directory in a subprocess, for comparison.
 
+`--nproc 1,2,4,8` runs moedsl once per rank count (`torchrun --standalone --nproc-per-node N -m moedsl
+quantize`, one GPU per rank), side by side: wall time, speed-up over the first count, peak GPU and host
+memory of each rank, and whether every run wrote the same bytes as the first (docs/distributed.md).
+
 Prints ONE JSON line. Shapes:
   qwen3_30b    qwen3_moe:   H=2048, I=768,  128 experts, top-8 (Qwen3-30B-A3B)
   glm45_air    glm4_moe:    H=4096, I=1408, 128 routed + 1 shared, top-8 (GLM-4.5-Air)
@@ -21,11 +25,13 @@ Prints ONE JSON line. Shapes:
     python bench/e2e.py --shape qwen3_30b --layers 8
     python bench/e2e.py --shape deepseek_v3 --layers 2 --dense 0 --vocab 32000
     python bench/e2e.py --small --device cpu
+    python bench/e2e.py --shape glm45_air --layers 4 --nproc 1,2,4,8 --no-llmcompressor
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -117,16 +123,21 @@ def calibration(path: Path, seqs: int, seq_len: int, vocab: int, seed: int = 0) 
     return path
 
 
-def run_moedsl(model_dir: Path, out: Path, calib: Path, args) -> dict:
-    profile = [str(ROOT / "bench" / "stacks.py"), "--out", str(args.stacks)] if args.stacks else []
-    if args.stacks and args.trace_layer is not None:
+def run_moedsl(model_dir: Path, out: Path, calib: Path, args, nproc: int = 0) -> dict:
+    """One moedsl run; nproc > 0: under torchrun with that many ranks (0: a plain process)."""
+    profile = [str(ROOT / "bench" / "stacks.py"), "--out", str(args.stacks)] if args.stacks and not nproc else []
+    if profile and args.trace_layer is not None:
         profile += ["--trace-layer", str(args.trace_layer)]
-    cmd = [sys.executable, *profile, "-m", "moedsl", "quantize", "--model", str(model_dir), "--out", str(out),
+    launch = [sys.executable, *profile, "-m", "moedsl"] if nproc == 0 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "moedsl"]
+    cmd = [*launch, "quantize", "--model", str(model_dir), "--out", str(out),
            "--calib", str(calib), "--samples", str(args.seqs), "--seq-len", str(args.seq_len),
            "--batch-size", str(args.batch), "--policy", args.policy, "--bits", str(args.bits),
            "--group-size", str(args.group_size), "--device", args.device, "--pipeline", args.pipeline,
            "--no-progress", "--no-resume", "--overwrite"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if nproc:  # torchrun gives each of several ranks one thread: the same for every count (CPU bytes depend on it)
+        env.setdefault("OMP_NUM_THREADS", "1")
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
@@ -137,7 +148,19 @@ def run_moedsl(model_dir: Path, out: Path, calib: Path, args) -> dict:
     report = json.loads((out / "moedsl-report.json").read_text())
     peaks = [l["peak_gpu_bytes"] for l in report["layers"] if l["peak_gpu_bytes"] is not None]
     out_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    ranks = report.get("ranks") or {}
+    per_rank = {}
+    if ranks:
+        per_rank = {"peak_gpu_gib_per_rank": [round(b / 2**30, 2) if b is not None else None
+                                              for b in ranks.get("peak_gpu_bytes", [])],
+                    "host_peak_gib_per_rank": [round(b / 2**30, 2) for b in ranks.get("host_peak_bytes", [])]}
+    digest = hashlib.sha256()
+    for p in sorted(out.iterdir()):
+        if p.is_file() and p.name != "moedsl-report.json":
+            digest.update(p.name.encode() + p.read_bytes())
     return {
+        **per_rank,
+        "checkpoint_sha256": digest.hexdigest(),
         "wall_s": round(wall, 2),
         "phases_s": report["phases"],
         "layer_s": [round(l["seconds"], 3) for l in report["layers"]],
@@ -246,7 +269,11 @@ def main(argv=None) -> dict:
                    help="also time importing torch + transformers (config and model class) + CUDA in a fresh process")
     p.add_argument("--no-llmcompressor", action="store_true", help="skip llm-compressor even when it is installed")
     p.add_argument("--drop-model", action="store_true", help="delete the built model directory afterwards")
+    p.add_argument("--nproc", default=None,
+                   help="rank counts to compare, e.g. 1,2,4,8: each runs under torchrun with one GPU per rank")
     args = p.parse_args(argv)
+    if args.stacks and args.nproc:
+        p.error("--stacks profiles one process: leave out --nproc")
 
     import torch
 
@@ -277,7 +304,20 @@ def main(argv=None) -> dict:
     if args.import_floor:
         out["import_floor"] = import_floor(model_dir)
     try:
-        out["moedsl"] = run_moedsl(model_dir, args.work / f"{name}-moedsl-out", calib, args)
+        if args.nproc:
+            counts = [int(n) for n in args.nproc.split(",")]
+            runs = {}
+            for n in counts:
+                runs[n] = run_moedsl(model_dir, args.work / f"{name}-moedsl-out", calib, args, nproc=n)
+                shutil.rmtree(args.work / f"{name}-moedsl-out", ignore_errors=True)
+            base = runs[counts[0]]
+            for n, r in runs.items():
+                r["speedup"] = round(base["wall_s"] / r["wall_s"], 2)
+                r["same_bytes_as_first"] = r["checkpoint_sha256"] == base["checkpoint_sha256"]
+            out["moedsl_by_ranks"] = {str(n): r for n, r in runs.items()}
+            out["moedsl"] = base
+        else:
+            out["moedsl"] = run_moedsl(model_dir, args.work / f"{name}-moedsl-out", calib, args)
         shutil.rmtree(args.work / f"{name}-moedsl-out", ignore_errors=True)
         if not args.no_llmcompressor:
             out["llmcompressor"] = run_llmcompressor(model_dir, args.work / f"{name}-llmc-out", calib, args)

@@ -4,6 +4,7 @@ per model_type, and a helper that runs the real CLI as a process of its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -81,3 +82,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+REPORT_NAME = "moedsl-report.json"
+TIMING = frozenset({"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases"})  # report keys that vary run to run
+
+
+def report_results(out: Path, skip: frozenset | set = frozenset()) -> dict:
+    """A run's report without its timing and memory figures, nor the keys in `skip`, at any depth."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in TIMING and k not in skip}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    return strip(json.loads((out / REPORT_NAME).read_text()))
+
+
+def assert_same_checkpoint(out: Path, ref: Path, skip: frozenset | set = frozenset()) -> None:
+    """The same files, byte for byte, and the same report but for timing and the keys in `skip`."""
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for p in sorted(ref.iterdir()):
+        if p.name != REPORT_NAME:
+            assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    assert report_results(out, skip) == report_results(ref, skip)

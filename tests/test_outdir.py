@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_same_checkpoint, report_results
 from moedsl.cli import main as cli_main
 from tests import cli_process
 
@@ -174,7 +175,6 @@ def test_out_below_a_regular_file(tmp_path, capsys, default_model):
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--group-size", "32", "--samples", "4", "--seq-len", "16", "--batch-size", "2", "--no-progress",
         "--resume-interval", "0"]  # a resume state after every layer
-_TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases"}
 MARKERS = ("config.json", "quantize_config.json", REPORT)  # what makes a directory look finished
 _HOW = {"out", "resume", "overwrite"}  # options that say where and how, not what
 
@@ -223,22 +223,11 @@ def _kill(p: cli_process.Process) -> None:
 
 
 def _report_without_timing(out: Path) -> dict:
-    def strip(obj):
-        if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if k not in _TIMING and k not in _HOW}
-        if isinstance(obj, list):
-            return [strip(v) for v in obj]
-        return obj
-
-    return strip(json.loads((out / REPORT).read_text()))
+    return report_results(out, _HOW)
 
 
 def _assert_same_checkpoint(out: Path, ref: Path) -> None:
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
-    for p in sorted(ref.iterdir()):
-        if p.name != REPORT:
-            assert (out / p.name).read_bytes() == p.read_bytes(), p.name
-    assert _report_without_timing(out) == _report_without_timing(ref)
+    assert_same_checkpoint(out, ref, _HOW)
 
 
 def _assert_complete_or_visibly_not(out: Path, ref: Path) -> None:

@@ -11,6 +11,12 @@ A solver that asks for cross statistics (GPTAQ) gets a second activation stream:
 full-precision model's inputs to the layer (`fp_inputs`). A copy of the layer with its weights
 as loaded runs on them: in each stage's statistics pass (the cross term, statistics.py) and
 after the stages, to produce the full-precision model's inputs to the next layer.
+
+The work of a layer comes in units fixed by the plan (moedsl/execute/units.py): one per linear
+statistics key, one per fixed block of a MoE module's experts for each expert key. Under several ranks
+(moedsl/execute/distributed.py) each unit is solved by its owner, its weights are broadcast to every
+rank after its stage, and its packed tensors and reports go to rank 0 in unit order; one rank owns them
+all and does the same work.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import torch
 from torch import nn
 
 from moedsl.bind.binder import get_path
+from moedsl.execute import distributed
 from moedsl.execute.phases import NO_PHASES
 from moedsl.execute.statistics import LayerStatistics, StopForward, _expert_bound
-from moedsl.execute.stats import Hessian
+from moedsl.execute.units import gather_reports, plan_units, share_weights
 from moedsl.experts import weights as expert_weights
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack, rtn_quantize
 from moedsl.lang.ckpt_name import expand
@@ -44,6 +51,7 @@ class Quantized:
     ckpts: list[str]  # checkpoint names relative to the layer, one per matrix of the stack
     stack: QuantStack
     expert: bool
+    unit: int = 0  # the work unit that made it (moedsl/execute/units.py): the checkpoint keeps unit order
 
 
 @dataclass
@@ -82,9 +90,14 @@ class LayerResult:
 class LayerQuantizer(LayerStatistics):
     def __init__(self, kind: KindPlan, layer: nn.Module, cfg: QuantConfig, policy: Policy, device: torch.device,
                  chunk_bytes: int | None = None, batched: bool = True, measure_error: bool = True,
-                 solver: Solver | None = None, index: int | None = None):
+                 solver: Solver | None = None, index: int | None = None,
+                 ranks: distributed.Ranks = distributed.SINGLE, expert_blocks: int = 8):
         """batched=False is the reference path: one expert at a time, one solve per matrix.
-        solver: what quantizes each target (moedsl/solvers; GPTQ by default); index: the layer, for messages."""
+        solver: what quantizes each target (moedsl/solvers; GPTQ by default); index: the layer, for messages.
+        ranks: this process among the run's ranks; expert_blocks: the fixed blocks of each MoE module's experts
+        (the unit of ownership; the result depends on it, never on the number of ranks).
+        chunk_bytes (default: from the whole layer, `default_chunk_bytes`) bounds every solve and statistics
+        chunk inside an expert block: the same on every rank, whatever their number."""
         from moedsl.solvers.gptq import GPTQ
 
         self.solver = solver if solver is not None else GPTQ()
@@ -104,6 +117,23 @@ class LayerQuantizer(LayerStatistics):
         self.sink = None  # called with each Quantized as soon as it exists (the packer); else kept in the result
         self.phases = NO_PHASES  # phase timers of the run (moedsl/execute/phases.py)
         self.fp_layer: nn.Module | None = None  # the layer as loaded, while a cross-statistics run needs it
+        self.ranks = ranks
+        self.units = plan_units(kind, ranks, expert_blocks)
+        self._blocks: dict[str, dict[int, tuple[int, int]]] = {}  # experts path -> owned blocks
+        for u in self.units:
+            if u.block is not None and u.owner == ranks.rank:
+                self._blocks.setdefault(u.path, {})[u.block_index] = u.block
+        self.unit_reports: dict[int, list[TargetReport]] = {}
+        self._unit = 0  # the unit being solved (its Quantized are tagged with it)
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def owns_key(self, stage: Stage, key: str) -> bool:
+        return any(u.stage == stage.index and u.key == key and u.owner == self.ranks.rank for u in self.units)
+
+    def owned_blocks(self, path: str) -> dict[int, tuple[int, int]]:
+        """The expert blocks of experts module (or grouped container) `path` this rank owns: index -> (start, stop)."""
+        return self._blocks.get(path, {})
 
     # -- the whole layer ---------------------------------------------------------------------
 
@@ -111,7 +141,7 @@ class LayerQuantizer(LayerStatistics):
             fp_kwargs: list[dict] | None = None) -> LayerResult:
         """fp_inputs/fp_kwargs: the full-precision stream (cross statistics), or None."""
         quantized: list[Quantized] = []
-        stages = []
+        seconds: dict[int, float] = {}
         if fp_inputs is not None:
             self.fp_layer = copy.deepcopy(self.layer)  # before any stage writes quantized weights back
         try:
@@ -120,10 +150,13 @@ class LayerQuantizer(LayerStatistics):
                 with self.phases("statistics"):
                     hessians = self.collect(stage, inputs, kwargs, fp_inputs)
                 with self.phases("solve"):
-                    reports = self.solve(stage, hessians, quantized)
-                seconds = time.perf_counter() - t0
-                stages.append(StageReport(stage.index, seconds, sum(r.error for r in reports),
-                                          sum(r.rtn_error for r in reports), reports))
+                    self.solve(stage, hessians, quantized)
+                del hessians
+                distributed.test_fault(self.ranks.rank, f"layer:{self.index}:solved")
+                if self.ranks.distributed:
+                    with self.phases("share_weights"):
+                        share_weights(self, stage)
+                seconds[stage.index] = time.perf_counter() - t0
             with self.phases("replay"):
                 outputs, carried = self.replay(inputs, kwargs)
                 fp_outputs = fp_carried = None
@@ -131,9 +164,11 @@ class LayerQuantizer(LayerStatistics):
                     fp_outputs, fp_carried = self.replay(fp_inputs, fp_kwargs or kwargs, self.fp_layer)
         finally:
             self.fp_layer = None
-        return LayerResult(quantized, stages, outputs, carried, self.starved, fp_outputs, fp_carried)
+        stages, starved = gather_reports(self, seconds)
+        return LayerResult(quantized, stages, outputs, carried, starved, fp_outputs, fp_carried)
 
     def emit(self, q: Quantized, out: list[Quantized]) -> None:
+        q.unit = self._unit
         if self.sink is None:
             out.append(q)
         else:
@@ -142,37 +177,55 @@ class LayerQuantizer(LayerStatistics):
     @torch.no_grad()
     def replay(self, inputs: list[torch.Tensor], kwargs: list[dict],
                layer: nn.Module | None = None) -> tuple[list[torch.Tensor], list[tuple]]:
-        """The quantized layer (or `layer`) with native routing: next layer's inputs, and any extra outputs it carries."""
+        """The quantized layer (or `layer`) with native routing: next layer's inputs, and any extra outputs it
+        carries. Under several ranks batch b is replayed by rank b mod N and broadcast to every rank."""
         layer = self.layer if layer is None else layer
-        outs, carried = [], []
-        for x, kw in zip(inputs, kwargs):
+        outs: list = [None] * len(inputs)
+        carried: list = [()] * len(inputs)
+        for b, (x, kw) in enumerate(zip(inputs, kwargs)):
+            if self.ranks.owner(b) != self.ranks.rank:
+                continue
             y = layer(x.to(self.device), **kw)
-            outs.append((y[0] if isinstance(y, tuple) else y).to(self.out_device))
-            carried.append(tuple(y[1:]) if isinstance(y, tuple) else ())
+            outs[b] = (y[0] if isinstance(y, tuple) else y).to(self.out_device)
+            carried[b] = tuple(y[1:]) if isinstance(y, tuple) else ()
+        if self.ranks.distributed:
+            distributed.share_batches(self.ranks, outs, carried, self.out_device, self.device,
+                                      f"sharing layer {self.index}'s outputs")
         return outs, carried
 
     # -- solving -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def solve(self, stage: Stage, hessians: dict[str, Hessian], out: list[Quantized]) -> list[TargetReport]:
-        reports: list[TargetReport] = []
-        groups: dict[str, list[Target]] = {}
-        for t in stage.targets:
-            groups.setdefault(t.stats, []).append(t)
+    def solve(self, stage: Stage, hessians: dict, out: list[Quantized]) -> None:
+        """The stage's units this rank owns, in unit order; their reports go to `unit_reports`."""
         by_key = {k.key: k for k in stage.stats}
-        for key_name, targets in groups.items():
+        # a key that every block of its experts shares: finalized once, and what the solver derives from it
+        # (`Problem.cache`) kept across the blocks, as across the chunks of one block
+        shared: dict[str, tuple] = {}
+        for u in self.units:
+            if u.stage != stage.index or u.owner != self.ranks.rank:
+                continue
             t0 = time.perf_counter()
-            key = by_key[key_name]
-            hess = hessians[key_name]
-            H, D = hess.finalize(), hess.finalize_cross()
-            if targets[0].kind == "linear":
-                reports += self.solve_linears(stage, targets, H, int(hess.count), out, D)
+            targets = [t for t in stage.targets if t.stats == u.key]
+            key = by_key[u.key]
+            hess = hessians[u.key]
+            self._unit = u.index
+            if u.block is None:
+                H, D = hess.finalize(), hess.finalize_cross()
+                reports = self.solve_linears(stage, targets, H, int(hess.count), out, D)
+            elif key.per_expert:
+                part = hess.parts[u.block_index]
+                reports = self.solve_experts(stage, targets, key, part.finalize(), part.count, out,
+                                             part.finalize_cross(), u.block)
             else:
-                reports += self.solve_experts(stage, targets, key, H, hess.count, out, D)
+                if u.key not in shared:
+                    shared[u.key] = (hess.finalize(), hess.finalize_cross(), {})
+                H, D, cache = shared[u.key]
+                reports = self.solve_experts(stage, targets, key, H, hess.count, out, D, u.block, cache)
             spent = time.perf_counter() - t0
-            for r in reports[-len(targets):]:
+            for r in reports:
                 r.seconds = spent / len(targets)
-        return reports
+            self.unit_reports[u.index] = reports
 
     def solve_linears(self, stage: Stage, targets: list[Target], H: torch.Tensor, tokens: int,
                       out: list[Quantized], D: torch.Tensor | None = None) -> list[TargetReport]:
@@ -192,15 +245,17 @@ class LayerQuantizer(LayerStatistics):
         return reports
 
     def solve_experts(self, stage: Stage, targets: list[Target], key: StatsKey, H: torch.Tensor, counts: torch.Tensor,
-                      out: list[Quantized], D: torch.Tensor | None = None) -> list[TargetReport]:
-        """One role per target (or one `:grouped` container), all experts. Experts are taken in chunks (fp32 copies of all of them at
-        once would be the peak of the layer): under `all` a chunk's gate and up rows are one tall matrix
-        against the one shared Hessian; otherwise each expert has its Hessian and the chunk is one
-        batched solve. The unbatched reference path solves one matrix at a time."""
+                      out: list[Quantized], D: torch.Tensor | None, block: tuple[int, int],
+                      cache: dict | None = None) -> list[TargetReport]:
+        """One role per target (or one `:grouped` container), the experts of one block [start, stop) (H, D,
+        counts: the block's, or the one shared Hessian; cache: what the solver derived from that one).
+        Experts are taken in chunks (fp32 copies of all of them at once would be the peak of the layer):
+        under `all` a chunk's gate and up rows are one tall matrix against the one shared Hessian;
+        otherwise each expert has its Hessian and the chunk is one batched solve. The unbatched reference
+        path solves one matrix at a time."""
         first = targets[0]
         if first.kind == "grouped":  # one container, its [E, out, in] weight: no roles, no bias
             owner, container = first.path, get_path(self.layer, first.path)
-            E = first.experts
             w, b = {None: container.weight}, {}
 
             def write(t: Target, Q: torch.Tensor, experts: slice) -> None:
@@ -208,16 +263,16 @@ class LayerQuantizer(LayerStatistics):
         else:
             ex = _expert_bound(self.kind, first.path if first.kind == "fused" else _experts_path(first)).experts
             owner, module = ex.path, get_path(self.layer, ex.path)
-            E = ex.num_experts
             w, b = expert_weights.read(ex, module)
 
             def write(t: Target, Q: torch.Tensor, experts: slice) -> None:
                 expert_weights.write(ex, module, t.role, Q, experts)
-        cols = w[first.role].shape[2]
+        start, stop = block
+        E, cols = stop - start, w[first.role].shape[2]
         no_tokens: list[int] = []
         if key.per_expert:
             starved = counts == 0
-            no_tokens = starved.nonzero().flatten().tolist()
+            no_tokens = [start + e for e in starved.nonzero().flatten().tolist()]
             if no_tokens:
                 # an expert that saw no token has no statistics: an identity Hessian makes GPTQ round to nearest
                 H = torch.where(starved[:, None, None], torch.eye(cols, device=H.device), H)
@@ -230,13 +285,14 @@ class LayerQuantizer(LayerStatistics):
                       torch.zeros((), dtype=torch.float64, device=self.device)]
                for t in targets}  # loss, error, RTN error (the errors summed on the device: no sync per chunk)
         # what the solver derives from the one Hessian every chunk reads (per-expert Hessians differ by chunk)
-        cache = None if key.per_expert else {}
-        for e0 in range(0, E, step):
-            e1 = min(E, e0 + step)
+        cache = None if key.per_expert else ({} if cache is None else cache)
+        for c0 in range(0, E, step):
+            c1 = min(E, c0 + step)
+            e0, e1 = start + c0, start + c1  # the chunk's experts
             Wc = [w[t.role][e0:e1].detach().to(self.device, torch.float32, copy=True) for t in targets]
-            Hc = H[e0:e1] if key.per_expert else H[None]
-            Dc = None if D is None else D[e0:e1] if key.per_expert else D[None]
-            tokens = tuple(counts[e0:e1].tolist()) if key.per_expert else (int(counts),)
+            Hc = H[c0:c1] if key.per_expert else H[None]
+            Dc = None if D is None else D[c0:c1] if key.per_expert else D[None]
+            tokens = tuple(counts[c0:c1].tolist()) if key.per_expert else (int(counts),)
             results = self.solve_chunk(Problem(tuple(Wc), Hc, tuple(targets), tuple(range(e0, e1)), tokens, self.cfg,
                                                self.index, self._where(targets), cross=Dc,
                                                cache=cache))  # [target][expert in chunk]

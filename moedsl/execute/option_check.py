@@ -26,7 +26,7 @@ def _positive(opts, field: str) -> None:
 
 def check_options(opts) -> None:
     """Refuse option values no run can use, before anything is loaded."""
-    for field in ("samples", "seq_len", "batch_size"):
+    for field in ("samples", "seq_len", "batch_size", "expert_blocks"):
         _positive(opts, field)
         if getattr(opts, field) > MAX_TOKENS:
             raise MoedslError(f"{_flag(field)} {getattr(opts, field)}: more than any run can hold ({MAX_TOKENS:.3g})")

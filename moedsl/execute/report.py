@@ -28,6 +28,7 @@ class Report:
     phases: dict = field(default_factory=dict)  # seconds per phase of the run (moedsl/execute/phases.py)
     solver: str = "gptq"  # the name the solver gives itself (options.solver is how it was asked for)
     config_added: list[str] = field(default_factory=list)  # config.json fields written for the engine
+    ranks: dict | None = None  # several ranks: how many, and each one's peak memory (moedsl/execute/distributed.py)
 
     @staticmethod
     def start(opts, plan, model: str, definition: str, device: str, warnings: list[str]) -> "Report":
@@ -56,7 +57,7 @@ class Report:
                 "policy": self.policy, "options": self.options, "warnings": self.warnings, "layers": self.layers,
                 "seconds": self.seconds, "host_peak_bytes": self.host_peak_bytes, "lm_head": self.head,
                 "remote_code": self.remote_code, "phases": self.phases, "solver": self.solver,
-                "config_added": self.config_added}
+                "config_added": self.config_added, "ranks": self.ranks}
 
     def stage_rows(self) -> list[tuple[str, int, float, float, float]]:
         """(kind, stage, seconds, GPTQ error, RTN error) summed over the layers of each kind."""

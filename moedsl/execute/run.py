@@ -13,6 +13,8 @@
    and, last, config.json (which marks the checkpoint complete).
 
 The output directory (kept apart from the source, locked, resumed or cleared) is `outdir.py`'s.
+Under torchrun every rank runs this same sequence; rank 0 alone holds the output directory and writes
+(`distributed.py` says what the ranks share and split).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from moedsl.errors import MoedslError
+from moedsl.execute import distributed
 from moedsl.execute.layer import LayerQuantizer, StopForward
 from moedsl.execute.options import QuantizeOptions
 from moedsl.execute.fingerprint import TOKENIZER_FILES, source_fingerprint
@@ -240,7 +243,8 @@ class Runner:
     def __init__(self, opts: QuantizeOptions, launched: float | None = None):
         self.launched = launched
         self.opts = opts
-        self.device = pick_device(opts.device)
+        self.ranks = distributed.init(opts.device)  # one rank unless torchrun started this process
+        self.device = self.ranks.comm_device if self.ranks.distributed else pick_device(opts.device)
         self.policy = opts.moe_policy()
         # bad bits, group size or damping, or a combination the chosen engine cannot load, fail here,
         # before any model is loaded
@@ -294,6 +298,7 @@ class Runner:
             definition = load(opts.definition) if opts.definition else for_model(model)
             tokens = opts.samples * opts.seq_len
             plan = compile_plan(definition, model, policy=self.policy, tokens=tokens)
+            distributed.check_plan(self.ranks, plan)
             loader.use_layers(model, plan.layers_path)
         # the first layer is read (and the GPU kernels compiled) while the run starts up: from here on,
         # beside the embeddings, the calibration data and its capture. A resumed run starts further on
@@ -316,9 +321,14 @@ class Runner:
         with phases("startup.calibration", sync=False):
             calib = load_calibration(opts.calib, model_dir, opts.samples, opts.seq_len, opts.seed,
                                      trust_remote_code=code is not None)
-        # only once every input has been checked
-        self.out = out = hold(opts.out, resume=opts.resume, overwrite=opts.overwrite)
-        resuming = out.state is not None
+        # only once every input has been checked; rank 0 alone holds the directory
+        def take_hold():
+            self.out = hold(opts.out, resume=opts.resume, overwrite=opts.overwrite)
+            return self.out.state is not None, self.out.notes
+
+        ranks = self.ranks
+        resuming, notes = ranks.agree(take_hold, "taking hold of the output directory")
+        out = self.out  # None on the other ranks
         head_options = dict(ignore=(), extra_quantization_config={"lm_head": True} if opts.format == "gptq" else None)
         writer = CheckpointWriter(opts.out, opts.format, cfg, gptq_checkpoint_format=gptq_checkpoint_format(cfg),
                                   gptq_prefixes=gptq_prefixes(opts.engine, definition.header.name),
@@ -330,15 +340,15 @@ class Runner:
         report.remote_code = code.record() if code is not None else None
         report.solver = self.solver.name
         report.config_added = config_added
-        progress = Progress(enabled=opts.progress)
+        progress = Progress(enabled=opts.progress and ranks.main)
         if loader.stored_format.method:
             progress.note(f"source weights stored as {loader.stored_format.describe()}: each layer is dequantized "
                           "on the device as it loads")
-        for w in warnings:
+        for w in warnings if ranks.main else ():  # rank 0 speaks for every rank
             progress.warn(w)
-        if config_added:
+        if config_added and ranks.main:
             progress.note("config.json gets what vLLM reads and the source's lacks: " + "; ".join(config_added))
-        for note in out.notes:
+        for note in notes:
             progress.note(note)
 
         batches = list(ids.split(opts.batch_size))
@@ -355,26 +365,35 @@ class Runner:
                                                     ids, plan)}
         if code is not None:  # other code would give other results
             fingerprint["source"]["remote_code"] = code.digests()
-        out.begin()  # every input is checked: now clear what this run replaces
+        def begin():  # every input is checked: now clear what this run replaces, or read what it resumes
+            out.begin()
+            return out.resume(fingerprint)["finished"] if resuming else 0
+
+        start_layer = ranks.agree(begin, "starting the output directory")
         if resuming:
-            state = out.resume(fingerprint)
-            start_layer = state["finished"]
-            acts = out.load_acts(act_device)
-            hidden = [acts[f"x.{b}"] for b in range(len(batches))]
-            carried = [{name: acts.get(f"carry.{name}.{b}") for name in plan.carry} for b in range(len(batches))]
-            if self.cross:
-                fp_hidden = [acts[f"fp.x.{b}"] for b in range(len(batches))]
-                fp_carried = [{name: acts.get(f"fp.carry.{name}.{b}") for name in plan.carry}
-                              for b in range(len(batches))]
-            for i in range(start_layer):
-                writer.adopt_shard(f"layer-{i:05d}.safetensors")
-            report.layers = state["layers"]
-            for done in report.layers:  # the interrupted run's warnings about its finished layers
-                report.warnings += starved_warnings(done["layer"], done["starved_experts"], self.policy)
+            if ranks.main:
+                state = out.state
+                acts = out.load_acts(act_device)
+                hidden = [acts[f"x.{b}"] for b in range(len(batches))]
+                carried = [{name: acts.get(f"carry.{name}.{b}") for name in plan.carry} for b in range(len(batches))]
+                if self.cross:
+                    fp_hidden = [acts[f"fp.x.{b}"] for b in range(len(batches))]
+                    fp_carried = [{name: acts.get(f"fp.carry.{name}.{b}") for name in plan.carry}
+                                  for b in range(len(batches))]
+                for i in range(start_layer):
+                    writer.adopt_shard(f"layer-{i:05d}.safetensors")
+                report.layers = state["layers"]
+                for done in report.layers:  # the interrupted run's warnings about its finished layers
+                    report.warnings += starved_warnings(done["layer"], done["starved_experts"], self.policy)
+            if ranks.distributed:  # the interrupted run's layer inputs (both streams), from rank 0 to every rank
+                hidden, carried = distributed.share_resumed(ranks, hidden, carried, act_device)
+                if self.cross:
+                    fp_hidden, fp_carried = distributed.share_resumed(ranks, fp_hidden, fp_carried, act_device)
             progress.note(f"resuming after layer {start_layer - 1}")
 
         packer = Packer(writer, dtype)
-        layer_writer = LayerWriter(writer, loader, out.commit_layer, overlap=overlap, phases=phases)
+        layer_writer = LayerWriter(writer, loader, out.commit_layer, overlap=overlap, phases=phases) if ranks.main \
+            else distributed.NO_WRITER
         to_host = HostCopier(act_device)
         if warm is not None:
             with phases("startup.kernels", sync=False):
@@ -387,6 +406,7 @@ class Runner:
                     if stop_requested(f"layer:{i}:start"):  # tests: the layers before are on disk, as in serial mode
                         layer_writer.drain()
                     stop_point(f"layer:{i}:start")
+                    distributed.test_fault(ranks.rank, f"layer:{i}:start")
                     kind = plan.kind_for_layer(i)
                     if self.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(self.device)
@@ -395,7 +415,8 @@ class Runner:
                         layer = loader.load_layer(model, i, self.device, tensors=reader.get(i))
                     check_finite_layer(layer, kind, i, plan.layers_path)
                     kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], carried)]
-                    quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device, solver=self.solver, index=i)
+                    quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device, solver=self.solver, index=i,
+                                               ranks=ranks, expert_blocks=opts.expert_blocks)
                     quantizer.out_device = act_device
                     quantizer.phases = phases
                     prefix = checkpoint_prefix(loader, plan, i)
@@ -405,8 +426,8 @@ class Runner:
                     def pack(q, prefix=prefix, packed=packed, stacker=stacker):
                         with phases("pack", sync=False):
                             for s in stacker.add(q):
-                                packed.append(packer.pack([prefix + c for c in s.q.ckpts], s.q.stack, s.q.expert,
-                                                          s.join, s.omit))
+                                packed.append((s.q.unit, packer.pack([prefix + c for c in s.q.ckpts], s.q.stack,
+                                                                     s.q.expert, s.join, s.omit)))
 
                     quantizer.sink = pack
                     fp_kwargs = None
@@ -415,6 +436,8 @@ class Runner:
                     with remote.running(code, f"running decoder layer {i}", only_in_code=True):
                         result = quantizer.run(hidden, kwargs, fp_hidden, fp_kwargs)
                     stacker.finish()
+                    packed = distributed.gather_packed(ranks, quantizer.units, packed, f"gathering layer {i}'s "
+                                                       "quantized tensors")
                     hidden = [y.to(act_device) for y in result.outputs]
                     carried = [dict(zip(plan.carry, extra)) for extra in result.carried]
                     if self.cross:
@@ -425,6 +448,10 @@ class Runner:
                         torch.cuda.empty_cache()
                     seconds = time.perf_counter() - t0
                     peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+                    peak = distributed.record_peaks(ranks, report, peak, f"layer {i}'s memory figures")
+                    if not ranks.main:  # rank 0 reports and writes the layer
+                        bar.advance(i, seconds, tokens)
+                        continue
                     report.add_layer(i, kind.name, seconds, peak, result, tokens)
                     for msg in starved_warnings(i, result.starved, self.policy):
                         progress.warn(msg)
@@ -454,6 +481,10 @@ class Runner:
             reader.close()
             layer_writer.close()
 
+        distributed.record_host_peaks(ranks, report)
+        if not ranks.main:  # the others wait for rank 0 to finish the checkpoint, and end with it
+            ranks.agree(lambda: None, "waiting for rank 0 to finish the checkpoint")
+            return report
         head_key = None
         if opts.quantize_lm_head:
             with phases("head"):
@@ -469,6 +500,7 @@ class Runner:
         self.copy_tokenizer(Path(model_dir), opts.out)
         writer.finalize(config, {REPORT_NAME: report.to_json()})  # config.json last: the directory is complete
         out.finish()
+        ranks.agree(lambda: None, "finishing the checkpoint")
         if opts.progress:
             print_summary(report)
         return report

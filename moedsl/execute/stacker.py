@@ -46,7 +46,8 @@ class ExpertStacker:
         role, experts = roles.pop(), tuple(int(m.group(1)) for m in parsed)
         layout = self.layout
         if role == "down":
-            return [Stacked(Quantized([layout.w2.format(e=e) for e in experts], q.stack, True), "_", layout.omit)]
+            return [Stacked(Quantized([layout.w2.format(e=e) for e in experts], q.stack, True, q.unit), "_",
+                            layout.omit)]
         first = self.waiting.pop(experts, None)
         if first is None:
             self.waiting[experts] = (role, q)
@@ -56,7 +57,8 @@ class ExpertStacker:
                               code="write")
         gate, up = (first[1], q) if role == "up" else (q, first[1])
         stack = stack_gate_up(gate.stack, up.stack, layout.order)
-        return [Stacked(Quantized([layout.w13.format(e=e) for e in experts], stack, True), "_", layout.omit)]
+        return [Stacked(Quantized([layout.w13.format(e=e) for e in experts], stack, True, q.unit), "_",
+                        layout.omit)]
 
     def finish(self) -> None:
         """A gate without its up (or the reverse) left at the end of a layer is a definition this cannot stack."""

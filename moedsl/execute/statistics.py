@@ -13,6 +13,14 @@ model's inputs and records what reaches the same capture points; each quantized-
 paired with the full-precision row of the same token. An expert's rows are the tokens the
 *quantized* model routes to it (or every token, under `all`): its Hessian and its cross term
 see the same tokens, and the full-precision routing is not used.
+
+Hooks only record what they see; the statistics are applied from that record after each batch's
+forward, in batch order. Under several ranks batch b's forward (and its full-precision one) runs on
+rank b mod N alone and its record is broadcast, so the forward is split by batch while every owner
+applies every batch to the very same tensors. Per-expert statistics are kept, and computed, by fixed
+expert block (`distributed.expert_blocks`): a rank applies only the blocks it owns and a linear key
+only when it owns it, so a block's statistics are the same bytes whichever rank, and however many
+ranks, compute them. Grouped containers (`:grouped`) are applied as their hooks fire (one process only).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from torch import nn
 from moedsl.bind.binder import get_path
 from moedsl.bind.bound import BoundExperts, BoundMoe
 from moedsl.errors import MoedslError
-from moedsl.execute.stats import Hessian
+from moedsl.execute import distributed
+from moedsl.execute.stats import BlockedHessian, Hessian
 from moedsl.experts import fn as expert_fn
 from moedsl.experts import weights as expert_weights
 from moedsl.plan.schema import KindPlan, Stage, StatsKey
@@ -83,6 +92,17 @@ def _experts_slice(weights: tuple[dict, dict], e0: int, e1: int) -> tuple[dict, 
     return {r: v[e0:e1] for r, v in w.items()}, {r: (v[e0:e1] if v is not None else None) for r, v in b.items()}
 
 
+def _block_view(ex: BoundExperts, index: torch.Tensor | None, e0: int, e1: int
+                ) -> tuple[BoundExperts, torch.Tensor | None]:
+    """Experts [e0, e1) as experts of their own: the choices of other experts become the dropped index E'."""
+    n = e1 - e0
+    sub = ex.model_copy(update={"num_experts": n})
+    if index is None:
+        return sub, None
+    inside = (index >= e0) & (index < e1)
+    return sub, torch.where(inside, index - e0, torch.full_like(index, n))
+
+
 def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token ids sorted by expert, tokens per expert, the expert of each sorted row). Choices of the
     weightless slots after the E experts (`extra`: index ≥ E) are dropped: they have no statistics."""
@@ -98,21 +118,52 @@ def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.
 
 class LayerStatistics:
     """The statistics half of `LayerQuantizer` (moedsl/execute/layer.py), which sets the attributes
-    used here: layer, kind, policy, device, chunk_bytes, batched, stop_early, routed_counts, fp_layer."""
+    used here: layer, kind, policy, device, chunk_bytes, batched, stop_early, routed_counts, fp_layer,
+    ranks, and the ownership of work units (`owns_key`, `owned_blocks`)."""
 
     @torch.no_grad()
     def collect(self, stage: Stage, inputs: list[torch.Tensor], kwargs: list[dict],
-                fp_inputs: list[torch.Tensor] | None = None) -> dict[str, Hessian]:
-        """fp_inputs: the full-precision model's inputs to this layer, per batch, when the cross term is wanted."""
+                fp_inputs: list[torch.Tensor] | None = None) -> dict[str, Hessian | BlockedHessian]:
+        """fp_inputs: the full-precision model's inputs to this layer, per batch, when the cross term is wanted.
+        Returns the statistics of the keys (and expert blocks) this rank owns."""
         cross = fp_inputs is not None
-        hessians: dict[str, Hessian] = {}
+        hessians: dict[str, Hessian | BlockedHessian] = {}
         for key in stage.stats:
-            hessians[key.key] = Hessian(key.features, self.device, key.experts if key.per_expert else None, cross)
+            if key.capture.kind == "linear_input":
+                if self.owns_key(stage, key.key):
+                    hessians[key.key] = Hessian(key.features, self.device, cross=cross)
+                continue
+            blocks = self.owned_blocks(key.capture.path)
+            if key.per_expert:
+                hessians[key.key] = BlockedHessian(key.features, self.device, blocks, cross)
+            elif blocks:
+                hessians[key.key] = Hessian(key.features, self.device, cross=cross)
         fp_now: dict[str, torch.Tensor] = {}  # capture path -> the full-precision input there, this batch
         handles = []
         needed: set[str] = set()
         fired: set[str] = set()
         reference: dict[str, torch.Tensor] = {}
+        # Hooks record what they see (`record`) and the statistics are applied after each batch's forward, from
+        # the record (`appliers`): under several ranks batch b's forward runs on rank b mod N alone and its record
+        # goes to every rank, so every owner applies every batch, in batch order, to the very same tensors.
+        appliers: list = []
+        calls: list[tuple[int, tuple[int | None, ...]]] = []  # (applier, payload indices) in the order seen
+        payloads: list[torch.Tensor] = []
+        payloads_keep: list[torch.Tensor] = []  # keeps each recorded tensor's id unique while its forward runs
+        seen: dict[int, int] = {}  # id of a tensor already recorded in this forward -> its payload index
+
+        def record(applier: int, *tensors: torch.Tensor | None) -> None:
+            idx = []
+            for t in tensors:
+                if t is None:
+                    idx.append(None)
+                    continue
+                if id(t) not in seen:
+                    seen[id(t)] = len(payloads)
+                    payloads.append(t.detach().clone(memory_format=torch.contiguous_format))
+                    payloads_keep.append(t)
+                idx.append(seen[id(t)])
+            calls.append((applier, tuple(idx)))
 
         def done(path: str) -> None:
             fired.add(path)
@@ -128,10 +179,10 @@ class LayerStatistics:
                 module = get_path(self.layer, path)
                 needed.add(path)
 
-                def hook(mod, args, kwargs_, path=path, key=key):
-                    x = args[0] if args else kwargs_["input"]
+                def apply_linear(x, x_fp, path=path, key=key):
                     if path == key.capture.path:
-                        hessians[key.key].add(x, fp_now.get(path))
+                        if key.key in hessians:  # else another rank's
+                            hessians[key.key].add(x, x_fp)
                         reference[key.key] = x
                     else:
                         ref = reference.get(key.key)
@@ -140,10 +191,14 @@ class LayerStatistics:
                                 f"plan error: `{path}` and `{key.capture.path}` share statistics `{key.key}` but read "
                                 f"different inputs in {self.kind.layer_class}", notes=[
                                     "give them different stage numbers in the definition"])
+
+                def hook(mod, args, kwargs_, path=path, i=len(appliers)):
+                    record(i, args[0] if args else kwargs_["input"], fp_now.get(path))
                     done(path)
 
+                appliers.append(apply_linear)
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        # `:grouped` containers: the rows of each call, split by expert
+        # `:grouped` containers: the rows of each call, split by expert (applied as the hook fires: one process)
         for key in stage.stats:
             if key.capture.kind != "grouped_input":
                 continue
@@ -151,9 +206,10 @@ class LayerStatistics:
 
             def grouped_hook(mod, args, kwargs_, key=key):
                 rows, sizes = _grouped_call(args, kwargs_, key.experts, key.capture.path)
+                h = hessians[key.key].parts[0]  # one block: every expert (`plan_units`)
                 for e, part in enumerate(rows.split(sizes)):
                     if part.shape[0]:
-                        hessians[key.key].add_expert(e, part)
+                        h.add_expert(e, part)
                 done(key.capture.path)
 
             handles.append(get_path(self.layer, key.capture.path).register_forward_pre_hook(grouped_hook,
@@ -186,14 +242,17 @@ class LayerStatistics:
                     raise MoedslError(f"`{path}` takes a stacked, router-scaled input: the definition must name the "
                                       f"router of `{moe.path}` (`:router`)")
 
-                def block_hook(mod, args, kwargs_, path=path):
+                def block_hook(mod, args, kwargs_, i=len(appliers)):
                     x = args[0] if args else kwargs_["hidden_states"]
-                    block_in[path] = x.reshape(-1, x.shape[-1])
+                    record(i, x.reshape(-1, x.shape[-1]))
 
-                def scores_hook(mod, args, output, path=path, E=ex.num_experts):
+                appliers.append(lambda x, path=path: block_in.__setitem__(path, x))
+
+                def scores_hook(mod, args, output, i=len(appliers), E=ex.num_experts):
                     outs = output if isinstance(output, tuple) else (output,)
-                    router_out[path] = next(o for o in outs if torch.is_tensor(o) and o.shape[-1] == E).reshape(-1, E)
+                    record(i, next(o for o in outs if torch.is_tensor(o) and o.shape[-1] == E).reshape(-1, E))
 
+                appliers.append(lambda scores, path=path: router_out.__setitem__(path, scores))
                 handles.append(get_path(self.layer, moe.path).register_forward_pre_hook(block_hook, with_kwargs=True))
                 handles.append(get_path(self.layer, moe.router).register_forward_hook(scores_hook))
             if self.policy.kind == "topk":
@@ -202,14 +261,20 @@ class LayerStatistics:
                                       "not name (`:router`)")
                 router = get_path(self.layer, moe.router)
 
-                def router_hook(mod, args, output, path=path, E=ex.num_experts, slots=ex.num_experts + len(ex.slots)):
+                def router_hook(mod, args, output, path=path, i=len(appliers), E=ex.num_experts,
+                                slots=ex.num_experts + len(ex.slots), grouped=ex.grouped):
                     outs = output if isinstance(output, tuple) else (output,)
                     scores = next((o for o in outs if torch.is_tensor(o) and o.dim() >= 2 and o.shape[-1] == slots
                                    and o.is_floating_point()), None)
                     if scores is None:
                         raise MoedslError(f"policy {self.policy}: the router of `{path}` returned no [T, {slots}] scores")
-                    router_out[path] = scores.reshape(-1, slots)[:, :E]  # top-k among the experts with weights
+                    scores = scores.reshape(-1, slots)[:, :E]  # top-k among the experts with weights
+                    if grouped:  # its experts' statistics are applied during the forward
+                        router_out[path] = scores
+                    else:
+                        record(i, scores)
 
+                appliers.append(lambda scores, path=path: router_out.__setitem__(path, scores))
                 handles.append(router.register_forward_hook(router_hook))
 
             if ex.grouped:
@@ -221,12 +286,11 @@ class LayerStatistics:
 
                 handles.append(module.register_forward_pre_hook(block_input_hook, with_kwargs=True))
 
-            def grouped_experts(args, kwargs_, path, keys, ex, mod):
+            def grouped_experts(args, kwargs_, path, keys, ex):
                 if cross:
                     raise MoedslError(f"solver `{self.solver.name}` needs cross statistics, which moedsl does not "
                                       f"collect for grouped expert containers (`{path}`, `:grouped`): use gptq, "
                                       "mse or rtn for this model")
-                block = get_path(self.layer, path)
                 x_all = block_in[path]
                 if self.policy.kind in ("all", "topk"):
                     x = x_all
@@ -237,51 +301,89 @@ class LayerStatistics:
                     x = rows
                     index = torch.repeat_interleave(torch.arange(ex.num_experts, device=rows.device),
                                                     torch.tensor(sizes, device=rows.device))[:, None]
-                    if all_tokens.get(path) is not None:
-                        all_tokens[path].add(x_all)
-                for key in keys:
-                    if key.capture.kind == "experts_input":
-                        self.add_experts_input(hessians[key.key], key, x, index, ex, None)
-                    else:
-                        self.add_experts_hidden(hessians[key.key], key, x, index, ex, block, x_all=x_all)
+                apply_experts(x, index, None, x_all, path=path, keys=keys, ex=ex)
 
-            def experts_hook(mod, args, kwargs_, path=path, keys=keys, ex=ex):
-                if ex.grouped:
-                    grouped_experts(args, kwargs_, path, keys, ex, mod)
-                    done(path)
+            def apply_experts(x, index, x_fp, x_all=None, path=path, keys=keys, ex=ex, module=module):
+                """One batch's tokens at experts module `path` (index: the routing; x_fp: the full-precision
+                tokens; x_all: every token, when x holds routed rows only), applied to the owned blocks."""
+                blocks = self.owned_blocks(path)
+                if not blocks:  # every expert of this module is another rank's
                     return
                 if _stacked(ex):
-                    self.add_stacked(hessians, keys, ex, mod, args[0], router_out[path], block_in[path])
-                    done(path)
+                    self.add_stacked(hessians, keys, ex, module, x, router_out[path], block_in[path])
                     return
-                x, index = _routing(ex, args, kwargs_)
-                if self.policy.kind == "topk":
+                if self.policy.kind == "topk" and not ex.grouped:
                     index = router_out[path].topk(min(self.policy.top_k, ex.num_experts), dim=-1).indices
-                x_fp = fp_now.get(path)
+                if path in all_tokens:
+                    all_tokens[path].add(x if x_all is None else x_all, x_fp)
+                weights = fp_weights = None
+                if any(key.capture.kind == "experts_hidden" for key in keys):
+                    weights = expert_weights.read(ex, module)
+                    if x_fp is not None:
+                        fp_weights = expert_weights.read(ex, get_path(self.fp_layer, ex.path))
                 for key in keys:
-                    if key.capture.kind == "experts_input":
-                        self.add_experts_input(hessians[key.key], key, x, index, ex, all_tokens.get(path), x_fp)
-                    else:
-                        self.add_experts_hidden(hessians[key.key], key, x, index, ex, mod, x_fp)
+                    h = hessians[key.key]
+                    if not key.per_expert:
+                        if key.capture.kind != "experts_input":  # pragma: no cover (the compiler never plans it)
+                            raise MoedslError(f"plan error: `{key.key}` reads expert outputs but is not per expert")
+                        h.add(x, x_fp)
+                        continue
+                    for k, (e0, e1) in blocks.items():
+                        sub, sub_index = _block_view(ex, index, e0, e1)
+                        whole = None if index is None else (index, ex.num_experts)
+                        if key.capture.kind == "experts_input":
+                            self.add_experts_input(h.parts[k], key, x, sub_index, sub, x_fp, whole)
+                        else:
+                            fp_part = None if fp_weights is None else _experts_slice(fp_weights, e0, e1)
+                            self.add_experts_hidden(h.parts[k], key, x, sub_index, sub,
+                                                    _experts_slice(weights, e0, e1), self.low_experts(path, k),
+                                                    x_fp, fp_part, x_all, whole)
+
+            def experts_hook(mod, args, kwargs_, path=path, keys=keys, ex=ex, i=len(appliers)):
+                if ex.grouped:
+                    grouped_experts(args, kwargs_, path, keys, ex)
+                elif _stacked(ex):
+                    record(i, args[0], None, None)
+                else:
+                    record(i, *_routing(ex, args, kwargs_), fp_now.get(path))
                 done(path)
 
+            appliers.append(apply_experts)
             hooked = get_path(module, ex.container(ex.first_role)) if ex.grouped else module
             handles.append(hooked.register_forward_pre_hook(experts_hook, with_kwargs=True))
+        ranks = self.ranks
         try:
             for b, (x, kw) in enumerate(zip(inputs, kwargs)):
-                fired.clear()
+                src = ranks.owner(b)
+                if src == ranks.rank:  # this batch's forward is ours
+                    fired.clear()
+                    calls.clear()
+                    payloads.clear()
+                    seen.clear()
+                    if cross:
+                        fp_now.clear()
+                        fp_now.update(self.record_fp(stage, fp_inputs[b], kw))
+                    try:
+                        self.layer(x.to(self.device), **kw)
+                    except StopForward:
+                        pass
+                    finally:
+                        payloads_keep.clear()
+                        fp_now.clear()
+                    missing = needed - fired
+                    if missing:
+                        raise MoedslError(f"stage {stage.index}: {', '.join(sorted(missing))} never ran during the "
+                                          f"forward of {self.kind.layer_class}",
+                                          notes=["is the module on the forward path?"])
+                batch_calls, batch_payloads = calls, payloads
+                if ranks.distributed:
+                    batch_calls, batch_payloads = distributed.share_record(
+                        ranks, (calls, payloads) if src == ranks.rank else None, src, self.device,
+                        f"sharing layer {self.index}'s stage {stage.index} inputs of batch {b}")
                 reference.clear()
-                if cross:
-                    fp_now.clear()
-                    fp_now.update(self.record_fp(stage, fp_inputs[b], kw))
-                try:
-                    self.layer(x.to(self.device), **kw)
-                except StopForward:
-                    pass
-                missing = needed - fired
-                if missing:
-                    raise MoedslError(f"stage {stage.index}: {', '.join(sorted(missing))} never ran during the forward "
-                                      f"of {self.kind.layer_class}", notes=["is the module on the forward path?"])
+                for i, idx in batch_calls:
+                    appliers[i](*(batch_payloads[j] if j is not None else None for j in idx))
+                payloads.clear()
         finally:
             for h in handles:
                 h.remove()
@@ -290,17 +392,24 @@ class LayerStatistics:
             for key in keys:
                 if key.capture.kind != "experts_input" or not key.per_expert:
                     continue
-                h = hessians[key.key]
-                counts = h.count.clone()
-                self.routed_counts[path] = counts
-                if self.policy.kind == "auto":
-                    low = (counts < self.policy.min_tokens).nonzero().flatten()
-                    for e in low.tolist():
-                        h.sum[e] = all_tokens[path].sum
-                        h.count[e] = all_tokens[path].count
-                        if cross:
-                            h.cross[e] = all_tokens[path].cross
+                for k, h in hessians[key.key].parts.items():
+                    counts = h.count.clone()
+                    self.routed_counts.setdefault(path, {})[k] = counts
+                    if self.policy.kind == "auto":
+                        low = (counts < self.policy.min_tokens).nonzero().flatten()
+                        for e in low.tolist():
+                            h.sum[e] = all_tokens[path].sum
+                            h.count[e] = all_tokens[path].count
+                            if cross:
+                                h.cross[e] = all_tokens[path].cross
         return hessians
+
+    def low_experts(self, path: str, block: int) -> set[int]:
+        """Experts of a block (numbered within it) that `auto` tops up: they read every token."""
+        counts = self.routed_counts.get(path, {}).get(block)
+        if self.policy.kind != "auto" or counts is None:
+            return set()
+        return set((counts < self.policy.min_tokens).nonzero().flatten().tolist())
 
     def record_fp(self, stage: Stage, x: torch.Tensor, kw: dict) -> dict[str, torch.Tensor]:
         """One forward of the full-precision layer copy on the full-precision input x: what reaches each
@@ -345,32 +454,33 @@ class LayerStatistics:
         else:
             chosen = scores.reshape(-1, E) > 0
             inputs = [per[e][chosen[:, e]] for e in range(E)]
+        owned = [(k, e0, e) for k, (e0, e1) in self.owned_blocks(ex.path).items() for e in range(e0, e1)]
         w = b = None
         for key in keys:
             h = hessians[key.key]
             if key.capture.kind == "experts_hidden" and w is None:
                 w, b = expert_weights.read(ex, module)
-            for e, xe in enumerate(inputs):
+            if not key.per_expert:
+                if key.capture.kind == "experts_input" and inputs[0].shape[0]:
+                    h.add(inputs[0])
+                continue
+            for k, e0, e in owned:
+                xe = inputs[e]
                 if xe.shape[0] == 0:
                     continue
                 if key.capture.kind == "experts_input":
-                    if key.per_expert:
-                        h.add_expert(e, xe)
-                    elif e == 0:
-                        h.add(xe)
+                    h.parts[k].add_expert(e - e0, xe)
                 else:
                     we, be = expert_weights.one(w, b, e)
-                    h.add_expert(e, expert_fn.hidden(xe, ex.fn, we, be)[0])
+                    h.parts[k].add_expert(e - e0, expert_fn.hidden(xe, ex.fn, we, be)[0])
 
     def add_experts_input(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
-                          ex: BoundExperts, all_tokens: Hessian | None, x_fp: torch.Tensor | None = None) -> None:
-        if not key.per_expert:
-            h.add(x, x_fp)
-            return
+                          ex: BoundExperts, x_fp: torch.Tensor | None = None,
+                          whole: tuple[torch.Tensor, int] | None = None) -> None:
+        """One block's per-expert statistics of the experts' input (ex, index: the block's own; whole: the
+        routing of every expert, which sets the padding, `routed_batches`)."""
         if index is None:
             raise MoedslError(f"{ex.module_class}: routed statistics need the chosen experts (`index` in `call(...)`)")
-        if all_tokens is not None:
-            all_tokens.add(x, x_fp)
         if not self.batched:
             order, counts, _ = _tokens_by_expert(index, ex.num_experts)
             start = 0
@@ -380,19 +490,21 @@ class LayerStatistics:
                     h.add_expert(e, x[rows], None if x_fp is None else x_fp[rows])
                 start += n
             return
-        for xs, mask, counts, fps in self.routed_batches(x, index, ex.num_experts, ex.hidden_size, x_fp):
+        for xs, mask, counts, fps in self.routed_batches(x, index, ex.num_experts, ex.hidden_size, x_fp, whole):
             h.add_batched(xs, counts, fps)  # padding rows are zeros: they add nothing
 
     def add_experts_hidden(self, h: Hessian, key: StatsKey, x: torch.Tensor, index: torch.Tensor | None,
-                           ex: BoundExperts, module: nn.Module, x_fp: torch.Tensor | None = None,
-                           x_all: torch.Tensor | None = None) -> None:
-        """The down projections' inputs; with x_fp (cross statistics) also the full-precision model's:
-        the full-precision experts (`fp_layer`'s weights) on the full-precision tokens.
+                           ex: BoundExperts, weights: tuple[dict, dict], low: set[int],
+                           x_fp: torch.Tensor | None = None, fp_weights: tuple[dict, dict] | None = None,
+                           x_all: torch.Tensor | None = None, whole: tuple[torch.Tensor, int] | None = None) -> None:
+        """One block's down-projection inputs (ex, index, weights: the block's own; low: its experts that
+        `auto` tops up); with x_fp (cross statistics) also the full-precision model's: the full-precision
+        experts (`fp_weights`, `fp_layer`'s) on the full-precision tokens.
         x: the tokens (with index: the routed ones); x_all: every token, for the experts `auto` tops up
         (grouped experts pass their routed rows as x, the block's input as x_all; they take no x_fp)."""
         x_all = x if x_all is None else x_all
-        w, b = expert_weights.read(ex, module)
-        fp_w = expert_weights.read(ex, get_path(self.fp_layer, ex.path)) if x_fp is not None else None
+        w, b = weights
+        fp_w = fp_weights if x_fp is not None else None
 
         def hidden(xs, e=None):  # the experts' hidden rows for xs, and the full-precision ones for fps
             we, be = (w, b) if e is None else expert_weights.one(w, b, e)
@@ -432,17 +544,13 @@ class LayerStatistics:
                     fpc = None if fp_part is None else expert_fn.hidden(x_fp[s:s + chunk], ex.fn, *fp_part)
                     acc.add_batched(expert_fn.hidden(xc, ex.fn, *part), xc.shape[0], fpc)
             return
-        counts_before = self.routed_counts.get(ex.path)
-        low = set()
-        if self.policy.kind == "auto" and counts_before is not None:
-            low = set((counts_before < self.policy.min_tokens).nonzero().flatten().tolist())
         if self.batched:
             # the routed tokens of all experts, padded to one [E, n, H] batch per token chunk; an
             # expert topped up by `auto` reads every token instead, one at a time (there are few)
             keep = torch.ones(ex.num_experts, dtype=torch.bool, device=x.device)
             keep[list(low)] = False
             width = ex.intermediate_size * 3 * (2 if x_fp is not None else 1)
-            for xs, mask, counts, fps in self.routed_batches(x, index, ex.num_experts, width, x_fp):
+            for xs, mask, counts, fps in self.routed_batches(x, index, ex.num_experts, width, x_fp, whole):
                 live = (mask & keep[:, None])[..., None].to(xs.dtype)
                 hid_fp = hidden_fp(fps)
                 h.add_batched(hidden(xs) * live, counts * keep, None if hid_fp is None else hid_fp * live)
@@ -462,20 +570,22 @@ class LayerStatistics:
             h.add_expert(e, hidden(xe, e)[0], None if fp_e is None else fp_e[0])
 
     def routed_batches(self, x: torch.Tensor, index: torch.Tensor, E: int, width: int,
-                       fp: torch.Tensor | None = None):
+                       fp: torch.Tensor | None = None, whole: tuple[torch.Tensor, int] | None = None):
         """Token chunks of routed inputs as padded batches: (xs [E, n, H], mask [E, n], counts [E], fps).
 
         Tokens are grouped by expert (one sort), scattered into a zero-padded [E, n, H] tensor,
         n the largest count in the chunk; chunks keep E·n·width·4 bytes under chunk_bytes. fps: the
-        same rows of fp (the full-precision tokens), or None."""
+        same rows of fp (the full-precision tokens), or None. For an expert block, whole = (the routing
+        index of every expert, their number): n is then the largest count among all the experts, as
+        without blocks, since the products' summation order on the CPU depends on their length n."""
         T, k = index.shape
         step = max(1, min(T, self.chunk_bytes // max(1, 4 * width * k * 4)))
         for s in range(0, T, step):
             xc, ic = x[s:s + step], index[s:s + step]
             order, counts, flat = _tokens_by_expert(ic, E)
-            n = int(counts.max()) if counts.numel() else 0
-            if n == 0:
+            if not counts.numel() or int(counts.max()) == 0:
                 continue
+            n = int(counts.max()) if whole is None else int(_tokens_by_expert(whole[0][s:s + step], whole[1])[1].max())
             starts = torch.cumsum(counts, 0) - counts
             slot = torch.arange(order.numel(), device=x.device) - starts[flat]
             xs = x.new_zeros(E, n, x.shape[-1])

@@ -112,3 +112,17 @@ def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
 
 TEMPORARY_BYTES = 256 << 20
 _HALF_PRODUCTS = [True]  # cleared once if this torch lacks `out_dtype` products
+
+
+class BlockedHessian:
+    """A per-expert key's Hessians by fixed expert block (`distributed.expert_blocks`): only the blocks this
+    rank owns, each a stack of its experts' Hessians (and cross terms). One rank owns every block."""
+
+    def __init__(self, features: int, device: torch.device, blocks: dict[int, tuple[int, int]], cross: bool = False):
+        self.blocks = dict(blocks)  # block index -> (first expert, one past the last)
+        self.parts = {k: Hessian(features, device, e1 - e0, cross) for k, (e0, e1) in self.blocks.items()}
+
+    @property
+    def count(self) -> torch.Tensor:
+        """Tokens per expert of the owned blocks, in expert order."""
+        return torch.cat([self.parts[k].count for k in sorted(self.parts)])
