@@ -135,6 +135,8 @@ def run_moedsl(model_dir: Path, out: Path, calib: Path, args, nproc: int = 0) ->
            "--batch-size", str(args.batch), "--policy", args.policy, "--bits", str(args.bits),
            "--group-size", str(args.group_size), "--device", args.device, "--pipeline", args.pipeline,
            "--no-progress", "--no-resume", "--overwrite"]
+    if args.expert_blocks:
+        cmd += ["--expert-blocks", str(args.expert_blocks)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if nproc:  # torchrun gives each of several ranks one thread: the same for every count (CPU bytes depend on it)
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -269,6 +271,8 @@ def main(argv=None) -> dict:
                    help="also time importing torch + transformers (config and model class) + CUDA in a fresh process")
     p.add_argument("--no-llmcompressor", action="store_true", help="skip llm-compressor even when it is installed")
     p.add_argument("--drop-model", action="store_true", help="delete the built model directory afterwards")
+    p.add_argument("--expert-blocks", type=int, default=None,
+                   help="moedsl's --expert-blocks (default: moedsl's; with --nproc, the largest rank count for all)")
     p.add_argument("--nproc", default=None,
                    help="rank counts to compare, e.g. 1,2,4,8: each runs under torchrun with one GPU per rank")
     args = p.parse_args(argv)
@@ -306,6 +310,8 @@ def main(argv=None) -> dict:
     try:
         if args.nproc:
             counts = [int(n) for n in args.nproc.split(",")]
+            # the same blocks for every count (the bytes depend on them, not on the ranks): the most ranks'
+            args.expert_blocks = args.expert_blocks or max(counts)
             runs = {}
             for n in counts:
                 runs[n] = run_moedsl(model_dir, args.work / f"{name}-moedsl-out", calib, args, nproc=n)

@@ -1,8 +1,8 @@
 """Several ranks on one model (gloo on the CPU): the same bytes as one process, whatever the number of ranks;
 a killed or failing rank ends the whole run, and the run resumes.
 
-Every test starts real rank processes on a tiny Qwen3-MoE checkpoint (8 experts in the default 8 blocks, so 2
-and 3 ranks own unequal slices): one under `python -m torch.distributed.run` itself, the others as torchrun
+Every test starts real rank processes on a tiny Qwen3-MoE checkpoint (8 experts in 8 blocks, `--expert-blocks 8`
+for every rank count, so 2 and 3 ranks own unequal slices): one under `python -m torch.distributed.run` itself, the others as torchrun
 starts them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set for each `moedsl quantize`), forked from the
 tests' preloaded server (tests/cli_process.py), so that they do not pay for Python's imports each time; no
 torchrun then ends the other ranks for them, so a failure is seen by moedsl's own collectives alone.
@@ -26,7 +26,9 @@ from tests import cli_process
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT = "moedsl-report.json"
-ARGS = ["--group-size", "32", "--samples", "3", "--seq-len", "8", "--batch-size", "1", "--no-progress"]
+# 8 blocks whatever the rank count: the bytes depend on the blocks, never on the ranks
+ARGS = ["--group-size", "32", "--samples", "3", "--seq-len", "8", "--batch-size", "1", "--no-progress",
+        "--expert-blocks", "8"]
 _NOT_RESULTS = {"ranks", "out", "resume", "resume_interval", "overwrite", "pipeline"}  # beyond timing: how, not what
 
 

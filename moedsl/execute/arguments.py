@@ -57,10 +57,11 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    help="overlap (the default): read the next layer and write the previous one while a layer is "
                         "quantized; serial: each step to completion before the next, for the least memory. "
                         "Both write the same bytes")
-    p.add_argument("--expert-blocks", type=int, default=8,
-                   help="split each MoE layer's experts into this many fixed blocks (default 8); under torchrun each "
-                        "rank owns whole blocks, so at most this many ranks share a layer's experts. The output "
-                        "may depend on it slightly, never on the number of ranks (docs/distributed.md)")
+    p.add_argument("--expert-blocks", type=int, default=None, metavar="K",
+                   help="split each MoE layer's experts into K fixed blocks (default: one per rank, so 1 in one "
+                        "process); under torchrun each rank owns whole blocks. The output may depend on K slightly, "
+                        "never on the number of ranks: a run on N ranks writes the bytes of a one-process run "
+                        "with the same K (docs/distributed.md)")
     p.add_argument("--allow-missing-weights", action="store_true",
                    help="initialize parameters the checkpoint lacks as from_pretrained would (random weights), "
                         "with a warning in the report, instead of refusing the run")

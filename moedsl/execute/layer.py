@@ -91,7 +91,7 @@ class LayerQuantizer(LayerStatistics):
     def __init__(self, kind: KindPlan, layer: nn.Module, cfg: QuantConfig, policy: Policy, device: torch.device,
                  chunk_bytes: int | None = None, batched: bool = True, measure_error: bool = True,
                  solver: Solver | None = None, index: int | None = None,
-                 ranks: distributed.Ranks = distributed.SINGLE, expert_blocks: int = 8):
+                 ranks: distributed.Ranks = distributed.SINGLE, expert_blocks: int = 1):
         """batched=False is the reference path: one expert at a time, one solve per matrix.
         solver: what quantizes each target (moedsl/solvers; GPTQ by default); index: the layer, for messages.
         ranks: this process among the run's ranks; expert_blocks: the fixed blocks of each MoE module's experts

@@ -27,6 +27,8 @@ def _positive(opts, field: str) -> None:
 def check_options(opts) -> None:
     """Refuse option values no run can use, before anything is loaded."""
     for field in ("samples", "seq_len", "batch_size", "expert_blocks"):
+        if field == "expert_blocks" and opts.expert_blocks is None:
+            continue  # one block per rank, decided when the ranks are known
         _positive(opts, field)
         if getattr(opts, field) > MAX_TOKENS:
             raise MoedslError(f"{_flag(field)} {getattr(opts, field)}: more than any run can hold ({MAX_TOKENS:.3g})")

@@ -48,7 +48,9 @@ class QuantizeOptions(BaseModel):
     pipeline: Literal["overlap", "serial"] = "overlap"  # read/write beside the quantizer, or each step in turn
     allow_missing_weights: bool = False  # parameters absent from the checkpoint are initialized, with a warning
     allow_unused_weights: bool = False  # checkpoint tensors no parameter takes are ignored, with a warning
-    expert_blocks: int = 8  # fixed blocks of each MoE layer's experts: the unit that ranks own (docs/distributed.md)
+    # fixed blocks of each MoE layer's experts, the unit that ranks own (docs/distributed.md); None: one per rank
+    # (1 in one process: the whole layer's experts in the largest batched solves)
+    expert_blocks: int | None = None
 
     def model_post_init(self, _context) -> None:
         from moedsl.execute.option_check import check_options

@@ -360,7 +360,12 @@ class Runner:
         # the full-precision model's stream (cross statistics only): equal to the quantized one at layer 0
         fp_hidden = list(hidden) if self.cross else None
         fp_carried: list[dict] = [{} for _ in batches]
-        fingerprint = {"options": {**opts.fingerprint(), "definition": definition.header.name},
+        # one block per rank unless given: in one process the whole layer's experts are one block (the largest
+        # batched solves; 8 blocks cost a Qwen3-style layer ~40 % on the CPU), and N ranks get one block each
+        expert_blocks = opts.expert_blocks or ranks.world
+        report.options["expert_blocks"] = str(expert_blocks)  # the blocks used, as given or as chosen
+        fingerprint = {"options": {**opts.fingerprint(), "expert_blocks": str(expert_blocks),
+                                   "definition": definition.header.name},
                        "source": source_fingerprint(model_dir, [loader.shard_of(k) for k in loader.checkpoint_keys()],
                                                     ids, plan)}
         if code is not None:  # other code would give other results
@@ -416,7 +421,7 @@ class Runner:
                     check_finite_layer(layer, kind, i, plan.layers_path)
                     kwargs = [_to({**kw, **c}, self.device) for kw, c in zip(layer_kwargs[i], carried)]
                     quantizer = LayerQuantizer(kind, layer, cfg, self.policy, self.device, solver=self.solver, index=i,
-                                               ranks=ranks, expert_blocks=opts.expert_blocks)
+                                               ranks=ranks, expert_blocks=expert_blocks)
                     quantizer.out_device = act_device
                     quantizer.phases = phases
                     prefix = checkpoint_prefix(loader, plan, i)
