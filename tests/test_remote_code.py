@@ -366,7 +366,7 @@ def test_resume_requires_the_same_code(lumen, tmp_path, cli):
     shutil.copytree(lumen, d)
     out = tmp_path / "out"
     args = ("quantize", "--model", str(d), "--def", str(DEFINITION), "--out", str(out), FLAG, "--samples", "4",
-            "--seq-len", "32", "--group-size", "16", "--no-progress")
+            "--seq-len", "32", "--group-size", "16", "--no-progress", "--resume-interval", "0")
     r = cli(*args, env={"MOEDSL_TEST_STOP": "layer:1:start"})  # SIGKILLs itself after layer 0
     assert r.returncode == -9, r.stderr
     path = d / "modeling_lumen_moe.py"
