@@ -335,7 +335,11 @@ def test_plan_unknown_policy(capsys) -> None:
     assert "expected: routed, all, topk=N, auto(min_tokens=N)" in err
 
 
-def test_quantize_bad_bits_fails_before_any_work(tmp_path, capsys, moedsl_cache) -> None:
+def test_quantize_bad_bits_fails_before_any_work(tmp_path, capsys, monkeypatch) -> None:
+    # a cache of its own: the session's may already hold the default model another test built
+    moedsl_cache = tmp_path / "cache"
+    moedsl_cache.mkdir()
+    monkeypatch.setenv("MOEDSL_CACHE", str(moedsl_cache))
     out_dir = tmp_path / "out"
     t0 = time.perf_counter()
     rc, out, err = run_main(capsys, "quantize", "--bits", "9", "--out", out_dir)
