@@ -223,9 +223,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 def dequantize_codes(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
 ) -> torch.Tensor:
-    """fp32 [out, in] weight from codes [out, in], scales/zeros [out, G] and g_idx [in]."""
-    g = g_idx.long()
-    return dequantize(codes.to(torch.float32), scales[:, g].to(torch.float32), zeros[:, g].to(torch.float32))
+    """fp32 [..., out, in] weight from codes [..., out, in], scales/zeros [..., out, G] and g_idx [..., in]
+    (one matrix, or a stack of them)."""
+    index = g_idx.long().unsqueeze(-2).expand(codes.shape)
+    return dequantize(codes.to(torch.float32), scales.to(torch.float32).gather(-1, index),
+                      zeros.to(torch.float32).gather(-1, index))
 
 
 def trivial_g_idx(columns: int, cfg: QuantConfig, device=None) -> torch.Tensor:

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import torch
 
-from moedsl.gptq.quantizer import QuantConfig, QuantResult, quantize
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack, dequantize_codes, quantize
 from moedsl.precision import tf32
 from moedsl.solvers import Problem
 from moedsl.solvers.gptaq import ALPHA, GPTAQ, GPTAQMSE
 from moedsl.solvers.mse import MSE
-from moedsl.solvers.refit import Objective, Refit, by_member, dequantize_stack
+from moedsl.solvers.refit import Objective, Refit, by_member
 
 SWEEPS = 2
 
@@ -83,11 +83,9 @@ def descend(objective: Objective, results: list[QuantResult], cfg: QuantConfig) 
     with tf32(False):
         H = objective.damped
         W = objective.W
-        codes = torch.stack([r.codes for r in results]).float()
-        scales = torch.stack([r.scales for r in results])
-        zeros = torch.stack([r.zeros for r in results]).float()
-        g_idx = torch.stack([r.g_idx for r in results]).long()
-        Q = dequantize_stack(codes, scales, zeros, g_idx)
+        stack = QuantStack.of(results)
+        codes, scales, zeros, g_idx = stack.codes.float(), stack.scales, stack.zeros.float(), stack.g_idx.long()
+        Q = dequantize_codes(codes, scales, zeros, g_idx)
         d = H.diagonal(dim1=1, dim2=2)  # [m, in]
         N = H / d[:, None, :]  # N[j, k] = H_jk / H_kk: how column k's target moves when column j does
         N.diagonal(dim1=1, dim2=2).zero_()

@@ -40,7 +40,7 @@ import dataclasses
 
 import torch
 
-from moedsl.gptq.quantizer import QuantConfig, QuantResult, round_scale
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack, dequantize_codes, round_scale
 from moedsl.precision import tf32
 from moedsl.solvers import Problem
 from moedsl.solvers.gptaq import GPTAQ, GPTAQMSE
@@ -121,10 +121,8 @@ class Objective:
     def refit(self, results: list[QuantResult], cfg: QuantConfig) -> list[QuantResult]:
         """The least-squares scales (and zeros) for the results' codes, on the damped H."""
         with tf32(False):
-            codes = torch.stack([r.codes for r in results]).float()
-            scales = torch.stack([r.scales for r in results])
-            zeros = torch.stack([r.zeros for r in results]).float()
-            g_idx = torch.stack([r.g_idx for r in results]).long()
+            stack = QuantStack.of(results)
+            codes, scales, zeros, g_idx = stack.codes.float(), stack.scales, stack.zeros.float(), stack.g_idx.long()
             layout = GroupLayout(g_idx[:1] if self.H.shape[0] == 1 else g_idx, scales.shape[-1])
             H, W, q = layout.hessian(self.damped), layout.columns(self.W), layout.columns(codes)
             ones = layout.columns(torch.ones_like(codes[:, :1]))  # [n or 1, 1, G, w]: the group's real columns
@@ -135,7 +133,7 @@ class Objective:
             new = solve_or_keep(M, b, scales)
             new = round_scale(new, cfg.torch_scale_dtype)
             new = torch.where((new > 0) & torch.isfinite(new), new, scales)
-            weight = dequantize_stack(codes, new, zeros, g_idx)
+            weight = dequantize_codes(codes, new, zeros, g_idx)
             zeros = zeros.to(torch.int32)
             return [QuantResult(weight=weight[i], codes=r.codes, scales=new[i], zeros=zeros[i], g_idx=r.g_idx,
                                 loss=r.loss, damp=r.damp) for i, r in enumerate(results)]
@@ -182,12 +180,6 @@ def solve_or_keep(M: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> torch
     x = x.squeeze(-1)
     ok = (info == 0)[..., None] & torch.isfinite(x).all(dim=-1, keepdim=True)
     return torch.where(ok, x, keep)
-
-
-def dequantize_stack(codes, scales, zeros, g_idx):
-    """dequantize_codes for a stack [n, rows, in] (the same arithmetic, so the writers read these values)."""
-    index = g_idx[:, None, :].expand_as(codes)
-    return scales.gather(2, index) * (codes - zeros.gather(2, index))
 
 
 class GroupLayout:
