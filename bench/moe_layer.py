@@ -26,6 +26,7 @@ full-precision forwards and replay, the cross accumulation and the correction).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -84,6 +85,12 @@ def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device, c
     chosen = resolve_solver(solver)
     q = LayerQuantizer(plan.kind_for_layer(0), layer, cfg, plan.policy, device, chunk_bytes=chunk_bytes,
                        batched=batched, measure_error=False, solver=chosen)
+    # the run's packer turns each chunk's codes into host bytes as soon as they exist, so the device never
+    # holds a layer's codes; holding them here (the quantizer's default without a sink) would add a byte per
+    # weight to the peak (2 GiB at the GLM-4.5-Air shape) that no run has
+    matrices = []
+    q.sink = lambda quantized: matrices.append(len(quantized.ckpts))
+    q.phases = PeakPhases(device)
     fp = (hidden, kwargs) if wants_cross(chosen) else (None, None)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -93,8 +100,39 @@ def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device, c
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = None
+    if device.type == "cuda":  # the phases reset the peak as they start: the layer's is the largest of theirs
+        peak = max([torch.cuda.max_memory_allocated(device) / 2**30] + [gib for _, gib in q.phases.peaks])
+    result.matrices = sum(matrices)
+    result.phase_peaks = q.phases.peaks
     return seconds, peak, result
+
+
+class PeakPhases:
+    """The quantizer's phase timers, used here for memory: the peak GPU memory of each phase in order
+    (statistics and solve of each stage, then the replay), as (phase, GiB). Each phase resets the
+    device's peak as it starts."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peaks: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, sync: bool = True):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device)
+                self.peaks.append((name, round(peak / 2**30, 2)))
+
+    def add(self, name: str, seconds: float) -> None:
+        pass
 
 
 def profile(model, plan, hidden, kwargs, original, device: torch.device, chunk: int) -> None:
@@ -159,6 +197,8 @@ def main(argv=None) -> dict:
     out["seconds_per_layer"] = round(seconds, 3)
     out["stage_seconds"] = {s.index: round(s.seconds, 3) for s in result.stages}
     out["peak_gpu_gib"] = round(peak, 2) if peak is not None else None
+    out["phase_peak_gpu_gib"] = result.phase_peaks or None
+    out["matrices"] = result.matrices
     out["accounting"] = account(plan, result, seqs * seq_len, model.config.num_experts_per_tok, out["device"],
                                 replay_seconds=seconds - sum(s.seconds for s in result.stages))
     if args.profile:

@@ -339,7 +339,7 @@ class LayerQuantizer(LayerStatistics):
 def default_chunk_bytes(layer: nn.Module) -> int:
     """The memory bound of one solve or statistics chunk: a quarter of the layer's own weights,
     between 2 and 8 GiB. Larger chunks mean fewer, larger products and kernel launches (a DeepSeek-V3
-X
+    layer's gate/up solve in 1 GiB chunks was 256 solves of one expert each); the layer's weights
     are on the device anyway, so the peak grows by at most a quarter of them."""
     size = sum(p.numel() * p.element_size() for p in layer.parameters())
     return int(min(8 << 30, max(2 << 30, size // 4)))
