@@ -128,7 +128,11 @@ def run_moedsl(model_dir: Path, out: Path, calib: Path, args, nproc: int = 0) ->
     profile = [str(ROOT / "bench" / "stacks.py"), "--out", str(args.stacks)] if args.stacks and not nproc else []
     if profile and args.trace_layer is not None:
         profile += ["--trace-layer", str(args.trace_layer)]
-    launch = [sys.executable, *profile, "-m", "moedsl"] if nproc == 0 else \
+    module = ["-m", "moedsl"]
+    if args.switch_interval is not None:  # the interpreter's GIL switch interval, set before moedsl starts
+        module = ["-c", f"import runpy, sys; sys.setswitchinterval({args.switch_interval}); sys.argv[0] = 'moedsl'; "
+                        "runpy.run_module('moedsl', run_name='__main__', alter_sys=True)"]
+    launch = [sys.executable, *profile, *module] if nproc == 0 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "moedsl"]
     cmd = [*launch, "quantize", "--model", str(model_dir), "--out", str(out),
            "--calib", str(calib), "--samples", str(args.seqs), "--seq-len", str(args.seq_len),
@@ -260,6 +264,9 @@ def main(argv=None) -> dict:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--pipeline", default="overlap", choices=["overlap", "serial"])
+    p.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
+                   help="run moedsl with this GIL switch interval (sys.setswitchinterval; Python's default 0.005): "
+                        "how long the quantizer's thread may wait for the interpreter held by the reader or writer")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moedsl-e2e",
                    help="where models, calibration ids and outputs go (models are reused)")
@@ -276,6 +283,8 @@ def main(argv=None) -> dict:
     p.add_argument("--nproc", default=None,
                    help="rank counts to compare, e.g. 1,2,4,8: each runs under torchrun with one GPU per rank")
     args = p.parse_args(argv)
+    if args.stacks and args.switch_interval is not None:
+        p.error("--stacks runs moedsl under its sampler: leave out --switch-interval")
     if args.stacks and args.nproc:
         p.error("--stacks profiles one process: leave out --nproc")
 
@@ -302,7 +311,7 @@ def main(argv=None) -> dict:
     out = {"shape": shape, "model_type": config.model_type, "layers": layers, "dense_layers": args.dense,
            "hidden_size": config.hidden_size, "tokens": args.seqs * args.seq_len, "policy": args.policy,
            "bits": args.bits, "group_size": args.group_size, "pipeline": args.pipeline,
-           "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+           "switch_interval": args.switch_interval, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "model_gib": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30, 2),
            "build_s": build_seconds}
     if args.import_floor:
