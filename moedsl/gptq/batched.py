@@ -26,6 +26,7 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
+from moedsl.gptq.lazy import SplitFactor
 from moedsl.gptq.gptq import PreparedHessian, check_finite, damp_error, damp_schedule, gptq_solve, upper_factor_of_inverse
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, group_grids
 from moedsl.precision import tf32
@@ -125,6 +126,7 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, g
         perm = torch.arange(columns, device=W.device).expand(B, columns)
 
     Hinv, damps = batched_inverse_hessian_factor(H, cfg)
+    factor = SplitFactor(Hinv)  # the lazy updates' product on tensor cores, at fp32 accuracy (lazy.py)
 
     if fixed_grids:
         group_of = perm // width  # [B, cols], differs between members under act_order
@@ -159,7 +161,7 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, g
         Q[:, :, i1:i2] = Q1
         codes[:, :, i1:i2] = codes1
         losses += loss1
-        W[:, :, i2:].baddbmm_(Err1, Hinv[:, i1:i2, i2:], alpha=-1)
+        factor.update_(W, Err1, i1, i2)
 
     inv = torch.argsort(perm, dim=1)
     if cfg.act_order:

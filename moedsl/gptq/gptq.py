@@ -25,6 +25,7 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
+from moedsl.gptq.lazy import SplitFactor
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, group_grids
 from moedsl.precision import tf32
 
@@ -85,6 +86,7 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
     maxq = cfg.maxq
     dead, perm, Hinv = prepared.dead.to(W.device), prepared.perm.to(W.device), prepared.Hinv.to(W.device)
     W[:, dead] = 0
+    factor = SplitFactor(Hinv)  # the lazy updates' product on tensor cores, at fp32 accuracy (lazy.py)
 
     # Grids fixed before any update: per-channel (-1), or static groups, always over the
     # original contiguous column groups.
@@ -125,7 +127,7 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
         codes[:, i1:i2] = codes1[0]
         losses += loss1[0]
         # ...and the block's accumulated error over all later columns at once (lazy batch), in place.
-        W[:, i2:].addmm_(Err1[0], Hinv[i1:i2, i2:], alpha=-1)
+        factor.update_(W, Err1[0], i1, i2)
 
     # Back to the original column order; g_idx says which group each original column used.
     inv = torch.argsort(perm)
