@@ -149,3 +149,18 @@ def test_overlap_serial_and_resume_write_the_same_bytes_on_cuda(tiny_model, tmp_
     r = cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_checkpoint(killed, overlapped)
+
+
+def test_head_quantized_after_the_embeddings_and_head_waited_in_host_memory(tiny_model, tmp_path):
+    """On a GPU the embeddings and lm_head leave the device after the calibration capture and come back
+    for --quantize-lm-head at the end: the head is quantized there from the last layer's outputs, and
+    the layers' peak memory holds neither."""
+    import math
+
+    import moedsl
+    from tests.test_pipeline import RUN
+
+    model = tiny_model("qwen3_moe", num_hidden_layers=2)
+    report = moedsl.quantize(model=model, out=tmp_path / "head", device="cuda", quantize_lm_head=True, **RUN)
+    assert math.isfinite(report.head["error"]) and report.head["error"] <= report.head["rtn_error"]
+    assert report.head["tokens"] == RUN["samples"] * RUN["seq_len"]

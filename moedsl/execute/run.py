@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from moedsl.errors import MoedslError
 from moedsl.execute import distributed
@@ -96,6 +97,23 @@ class _Catcher(torch.nn.Module):
 
 
 @torch.no_grad()
+def park(model: nn.Module, layers_path: str) -> list[nn.Parameter]:
+    """Move every materialized parameter outside the decoder layers to host memory (in place: modules keep
+    their parameters); returns them, for `unpark`."""
+    prefix = layers_path + "."
+    parked = []
+    for name, p in model.named_parameters():
+        if not name.startswith(prefix) and p.device.type == "cuda":
+            p.data = p.data.to("cpu")
+            parked.append(p)
+    return parked
+
+
+def unpark(parked: list[nn.Parameter], device: torch.device) -> None:
+    for p in parked:
+        p.data = p.data.to(device)
+
+
 def capture_layer_inputs(model, plan: HookPlan, batches: list[torch.Tensor], device: torch.device,
                          act_device: torch.device) -> tuple[list[torch.Tensor], list[list[dict]]]:
     """Hidden states entering layer 0, and every layer's keyword arguments, per batch."""
@@ -355,6 +373,9 @@ class Runner:
         act_device = self.activation_device(model, tokens, progress)
         with phases("startup.capture"), remote.running(code, "running the model", only_in_code=True):
             hidden, layer_kwargs = capture_layer_inputs(model, plan, batches, self.device, act_device)
+        # the embeddings and the head are not run again until --quantize-lm-head's end: in host memory
+        # meanwhile, the device holds only the layer being quantized (2.3 GiB at GLM-4.5-Air's vocabulary)
+        parked = park(model, plan.layers_path) if self.device.type == "cuda" else []
         start_layer = 0
         carried: list[dict] = [{} for _ in batches]  # per batch: what the last layer hands the next (`carry`)
         # the full-precision model's stream (cross statistics only): equal to the quantized one at layer 0
@@ -493,6 +514,7 @@ class Runner:
         head_key = None
         if opts.quantize_lm_head:
             with phases("head"):
+                unpark(parked, self.device)
                 head_key = self.quantize_head(model, plan, hidden, cfg, writer, dtype, report, fp_hidden)
         with phases("rest"):
             self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
