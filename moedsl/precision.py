@@ -1,7 +1,8 @@
 """Whether CUDA float32 matmuls may use TF32, set per region of code and restored after.
 
 GPTQ's solves need true fp32: TF32 (an 11-bit significand) in the Cholesky inverse and the lazy
-block updates visibly worsens the quantized weights. Hessians of bf16/fp16 activations, on the
+block updates visibly worsens the quantized weights. (The lazy updates use the tensor cores all the
+same, through an exact split that keeps fp32 accuracy: moedsl/gptq/lazy.py.) Hessians of bf16/fp16 activations, on the
 other hand, lose nothing in TF32 (their values fit its significand exactly and products
 accumulate in fp32) and are several times faster; Hessians of fp32 data get full fp32.
 """
