@@ -4,6 +4,8 @@ After each block of columns, the block's scaled errors update every later column
 product is most of GPTQ's arithmetic. In true fp32 an H200 runs it on its SIMT units (67 TFLOP/s
 at best, ~34 achieved on the DeepSeek-V3 shape's 20k-row updates); TF32 runs on the tensor cores,
 several times faster, but keeps only 10 significand bits, which visibly worsens GPTQ's weights.
+On the H200 the split took the DeepSeek-V3 layer's gate/up stage from 3.67 to 3.01 s
+(docs/benchmarks.md).
 
 The 3×TF32 split recovers fp32 accuracy on the tensor cores. Each factor is split exactly as
 a = a_hi + a_lo, with a_hi = a rounded to TF32's 10 significand bits (representable exactly)
@@ -13,7 +15,8 @@ and a_lo = a − a_hi (exact in fp32, |a_lo| ≤ 2⁻¹¹|a|). Then
 
 and the last term (relative size ≤ 2⁻²²) is dropped; the other three are TF32 products accumulated
 in fp32, whose only rounding beyond fp32's is that of a_lo and b_lo to TF32 (again ≤ 2⁻²²
-relative): a few fp32 roundings in all. The three products are one GEMM over a three-times-deeper inner dimension,
+relative): a few fp32 roundings in all. The three products are one GEMM over a three-times-deeper
+inner dimension,
 
     [E_hi | E_hi | E_lo] · [H_hi ; H_lo ; H_hi],
 
