@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from moedsl.gptq.quantizer import QuantConfig
 from moedsl.write.engines import engine_problems, gptq_module_list, targets_for
@@ -272,6 +273,41 @@ def test_config_gets_the_fields_vllm_reads(family):
     assert len(added) == len(want)
     assert engine_config("none", config) == (config, [])
     assert engine_config("auto", {**config, **{k: "set" for k in want}})[0] == {**config, **{k: "set" for k in want}}
+
+
+def test_mimo_v2_flash_config_as_vllm_reads_it():
+    """vllm/.../models/mimo_v2.py reads the released MiMo-V2-Flash field names ("'MiMoV2FlashConfig' object has
+    no attribute 'hybrid_layer_pattern'"): each written value is checked against the runtime model transformers
+    builds, the rope bases by regenerating its inverse frequencies as vLLM's rotary embedding does; and
+    transformers reads the written config back as the same model."""
+    from transformers import AutoConfig
+
+    from moedsl.models.tiny import build_model, tiny_config
+    from moedsl.write.engines import VLLM_CONFIG_FIELDS, engine_config
+
+    config = tiny_config("mimo_v2_flash").to_dict()
+    assert not any(config.get(k) is not None for k in VLLM_CONFIG_FIELDS["mimo_v2_flash"])
+    written, added = engine_config("vllm", config)
+    assert len(added) == len(VLLM_CONFIG_FIELDS["mimo_v2_flash"])
+    model = build_model(tiny_config("mimo_v2_flash"), device="cpu")
+    layers = model.model.layers
+    attn = [layer.self_attn for layer in layers]
+    assert written["hybrid_layer_pattern"] == [int(a.sliding_window is not None) for a in attn]
+    assert written["moe_layer_freq"] == [int(hasattr(layer.mlp, "experts")) for layer in layers]
+    assert written["layernorm_epsilon"] == layers[0].input_layernorm.variance_epsilon
+    (swa, *_), (full, *_) = ([a for a in attn if a.sliding_window], [a for a in attn if not a.sliding_window])
+    assert (written["swa_num_attention_heads"], written["swa_num_key_value_heads"]) == (
+        swa.q_proj.out_features // swa.head_dim, swa.k_proj.out_features // swa.head_dim)
+    assert swa.k_proj.out_features != full.k_proj.out_features  # the sliding layers' own kv heads, not the full ones
+    assert (written["swa_head_dim"], written["swa_v_head_dim"]) == (swa.head_dim, swa.v_head_dim)
+    assert written["sliding_window_size"] + 1 == swa.sliding_window  # vLLM's window, transformers' adds the query
+    assert written["add_swa_attention_sink_bias"] is (swa.sinks is not None)
+    for kind, theta in (("full_attention", "rope_theta"), ("sliding_attention", "swa_rope_theta")):
+        rotary_dim = int(full.head_dim * written["partial_rotary_factor"])
+        inv_freq = 1.0 / written[theta] ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
+        assert torch.allclose(inv_freq, getattr(model.model.rotary_emb, f"{kind}_inv_freq"))
+    reread = AutoConfig.for_model(**written)
+    assert (reread.sliding_window, reread.rope_parameters) == (config["sliding_window"], config["rope_parameters"])
 
 
 def test_architecture_renamed_where_vllms_class_fits():

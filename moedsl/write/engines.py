@@ -186,7 +186,36 @@ VLLM_CONFIG_FIELDS: dict[str, dict[str, Callable[[dict], Any]]] = {
     # correction bias, rotary width head_dim · partial_rotary_factor (MiniMax-M2's config.json has all three)
     "minimax_m2": {"scoring_func": lambda c: "sigmoid", "use_routing_bias": lambda c: True,
                    "rotary_dim": lambda c: _rotary_dim(c)},
+    # vllm/.../models/mimo_v2.py reads MiMo-V2-Flash's released field names, which transformers' MiMoV2FlashConfig
+    # folds into its own: the sliding layers (`hybrid_layer_pattern`, 1 = sliding) and the MoE ones
+    # (`moe_layer_freq`, one flag per layer), `layernorm_epsilon`, and the sliding layers' attention under `swa_*`
+    # (transformers doubles their kv heads, keeps the heads and head dims, and gives them sinks:
+    # `add_swa_attention_sink_bias`, else vLLM has no parameter for them). Their window is `sliding_window_size`,
+    # transformers' sliding_window less the query (its config adds it back on load); the rope bases are flat
+    # (`rope_theta`, `swa_rope_theta`, `partial_rotary_factor`), transformers nests them per layer type
+    "mimo_v2_flash": {"hybrid_layer_pattern": lambda c: _layer_flags(c.get("layer_types"), "sliding_attention"),
+                      "moe_layer_freq": lambda c: _layer_flags(c.get("mlp_layer_types"), "sparse"),
+                      "layernorm_epsilon": lambda c: c.get("rms_norm_eps"),
+                      "swa_num_attention_heads": lambda c: c.get("num_attention_heads"),
+                      "swa_num_key_value_heads": lambda c: 2 * c["num_key_value_heads"],
+                      "swa_head_dim": lambda c: c.get("head_dim"),
+                      "swa_v_head_dim": lambda c: c.get("v_head_dim"),
+                      "sliding_window_size": lambda c: c["sliding_window"] - 1 if c.get("sliding_window") else None,
+                      "add_swa_attention_sink_bias": lambda c: True,
+                      "rope_theta": lambda c: _rope(c, "full_attention", "rope_theta"),
+                      "swa_rope_theta": lambda c: _rope(c, "sliding_attention", "rope_theta"),
+                      "partial_rotary_factor": lambda c: _rope(c, "full_attention", "partial_rotary_factor")},
 }
+
+
+def _layer_flags(types: list[str] | None, kind: str) -> list[int] | None:
+    """A per-layer type list as vLLM's per-layer flags (1 where the layer is `kind`)."""
+    return [int(t == kind) for t in types] if types else None
+
+
+def _rope(config: dict, layer_type: str, key: str):
+    """One value of transformers' per-layer-type rope parameters (None where the config is not nested so)."""
+    return ((config.get("rope_parameters") or {}).get(layer_type) or {}).get(key)
 
 
 def _leading_dense(config: dict) -> int | None:
