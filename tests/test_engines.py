@@ -310,6 +310,34 @@ def test_mimo_v2_flash_config_as_vllm_reads_it():
     assert (reread.sliding_window, reread.rope_parameters) == (config["sliding_window"], config["rope_parameters"])
 
 
+def test_kimi_linear_config_as_vllm_reads_it():
+    """vLLM's KimiLinearForCausalLM (vllm/models/kimi_k3) takes its KDA layers from the released
+    `linear_attn_config` (1-based; without it every layer is built as MLA and "Kimi-K3 MLA
+    (MultiHeadLatentAttention) is NoPE-only" fails): checked against the runtime model transformers builds,
+    and transformers reads the written config back as the same model."""
+    from transformers import AutoConfig
+
+    from moedsl.models.tiny import build_model, tiny_config
+    from moedsl.write.engines import VLLM_CONFIG_FIELDS, engine_config
+
+    config = tiny_config("kimi_linear").to_dict()
+    assert not any(config.get(k) is not None for k in VLLM_CONFIG_FIELDS["kimi_linear"])
+    written, added = engine_config("vllm", config)
+    assert len(added) == len(VLLM_CONFIG_FIELDS["kimi_linear"])
+    model = build_model(tiny_config("kimi_linear"), device="cpu")
+    delta = [(i + 1, layer.self_attn) for i, layer in enumerate(model.model.layers) if hasattr(layer.self_attn, "conv1d")]
+    kda = written["linear_attn_config"]
+    assert delta and kda["kda_layers"] == [i for i, _ in delta]
+    assert kda["full_attn_layers"] == [i + 1 for i in range(len(model.model.layers)) if i + 1 not in kda["kda_layers"]]
+    _, attn = delta[0]
+    assert (kda["num_heads"], kda["head_dim"], kda["short_conv_kernel_size"]) == (
+        attn.num_heads, attn.head_dim, attn.conv1d.kernel_size[0])
+    assert written["first_k_dense_replace"] == _first_moe_layer(model)
+    assert written["mla_use_nope"] is not any("rotary" in n for n, _ in model.named_modules())
+    reread = AutoConfig.for_model(**written)
+    assert (reread.layer_types, reread.mlp_layer_types) == (config["layer_types"], config["mlp_layer_types"])
+
+
 def test_architecture_renamed_where_vllms_class_fits():
     """transformers saves phimoe as `PhimoeForCausalLM`, which vLLM 0.32 does not register (it falls back to
     its Transformers backend); its `PhiMoEForCausalLM` hard-codes the released model's biases."""

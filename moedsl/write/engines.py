@@ -205,7 +205,24 @@ VLLM_CONFIG_FIELDS: dict[str, dict[str, Callable[[dict], Any]]] = {
                       "rope_theta": lambda c: _rope(c, "full_attention", "rope_theta"),
                       "swa_rope_theta": lambda c: _rope(c, "sliding_attention", "rope_theta"),
                       "partial_rotary_factor": lambda c: _rope(c, "full_attention", "partial_rotary_factor")},
+    # vllm/.../models/kimi_k3 (its KimiLinearForCausalLM) and its KimiLinearConfig read the released fields:
+    # the KDA layers, 1-based, with their heads and short-convolution width under `linear_attn_config` (without it
+    # every layer is built as MLA), `first_k_dense_replace` (default 0: layer 0 would be MoE), and `mla_use_nope`
+    # ("Kimi-K3 MLA (MultiHeadLatentAttention) is NoPE-only"): transformers' KimiLinear MLA applies no rotary
+    "kimi_linear": {"linear_attn_config": lambda c: _kda_layers(c), "first_k_dense_replace": lambda c: _leading_dense(c),
+                    "mla_use_nope": lambda c: True},
 }
+
+
+def _kda_layers(config: dict) -> dict | None:
+    """transformers' per-layer `layer_types` and linear-attention widths as Kimi-Linear's `linear_attn_config`."""
+    types = config.get("layer_types")
+    if not types:
+        return None
+    return {"kda_layers": [i + 1 for i, t in enumerate(types) if t == "linear_attention"],
+            "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"],
+            "head_dim": config.get("linear_head_dim"), "num_heads": config.get("linear_num_heads"),
+            "short_conv_kernel_size": config.get("linear_conv_kernel_dim")}
 
 
 def _layer_flags(types: list[str] | None, kind: str) -> list[int] | None:
@@ -312,6 +329,20 @@ VLLM_FAMILY_LIMITS: dict[tuple[str, str], str] = {
                                       "checkpoint's `mlp.experts.e_score_correction_bias` is never read; "
                                       "`mlp.experts.routed_experts.e_score_correction_bias` stays zero), for any "
                                       "checkpoint, so routing differs from the model's",
+}
+
+
+# family -> why transformers (5.24) + compressed-tensors cannot load its compressed-tensors checkpoints, whatever
+# wrote them (the serving check expects these to fail, and reports a limit that stops failing)
+TRANSFORMERS_FAMILY_LIMITS: dict[str, str] = {
+    # transformers/quantizers/base.py `update_weight_conversions` gives every converter of the model's conversion
+    # mapping a dequantize step when the target has no quantized companions, even where nothing was quantized;
+    # CompressedTensorsDequantize (integrations/compressed_tensors.py) passes on only `weight_packed` tensors
+    "kimi_linear": "transformers makes each converter of the model's conversion mapping dequantize its sources, also "
+                   "those over tensors that were never quantized: kimi_linear's concatenation of the full-precision "
+                   "q_conv1d/k_conv1d/v_conv1d into conv1d receives nothing (\"Concatenate on tensors destined for "
+                   "model.layers.0.self_attn.conv1d.weight. Ckpt contains: 0\") and loading fails (\"We encountered "
+                   "some issues during automatic conversion of the weights\"), for any compressed-tensors checkpoint",
 }
 
 

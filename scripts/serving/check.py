@@ -17,8 +17,8 @@ Run through scripts/check-serving.sh, which builds both venvs. For each family a
 
 A cell is ✓ when nothing was left unused or unfilled, the experts vLLM holds equal the reference
 ones, and log-probs (where computed) are within tolerance of the reference's. A known engine limit
-(moedsl/write/engines.py `VLLM_FAMILY_LIMITS`; transformers for families whose checkpoints store
-fused experts, `ckpt fused`) is ✗ with the engine's own error, and counts as expected; a limit
+(moedsl/write/engines.py `VLLM_FAMILY_LIMITS` and `TRANSFORMERS_FAMILY_LIMITS`; transformers for
+families whose checkpoints store fused experts, `ckpt fused`) is ✗ with the engine's own error, and counts as expected; a limit
 that no longer fails is reported, so the data stays true. Exit 0 when every cell is as expected.
 """
 
@@ -302,7 +302,7 @@ CPU_BUILD_LIMITS = {
 
 def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, formats=FORMATS) -> dict:
     from moedsl.models.tiny import save_tiny
-    from moedsl.write.engines import VLLM_FAMILY_LIMITS
+    from moedsl.write.engines import TRANSFORMERS_FAMILY_LIMITS, VLLM_FAMILY_LIMITS
 
     row: dict = {}
     try:
@@ -345,7 +345,7 @@ def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, forma
         if fmt == "compressed-tensors" and hf_py:
             h = run_probe(hf_py, "hf_probe.py", out, work / family / f"{fmt}-hf", "hf.json")
             limit = ("transformers converts per-expert checkpoint tensors into fused experts only for families "
-                     "whose checkpoints are per-expert" if fused_checkpoint(ref) else None)
+                     "whose checkpoints are per-expert" if fused_checkpoint(ref) else TRANSFORMERS_FAMILY_LIMITS.get(name))
             row[f"{fmt}·transformers"] = expect_limit(verdict(h, ref_lp, HF_TOLERANCE), limit)
         print(f"  {family} {fmt}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     return row

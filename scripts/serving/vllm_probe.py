@@ -28,6 +28,9 @@ import traceback
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process, where we can see it
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# on by default, and an SM100 GPU kernel (cute_dsl): kimi_linear's class imports it at construction, which on CPU
+# fails with "No module named 'cutlass'"; vLLM's own log names this switch
+os.environ.setdefault("VLLM_KIMI_K3_GEMM_AR", "0")
 
 import torch  # noqa: E402
 
@@ -123,6 +126,7 @@ def run(ckpt: str, out_dir: str, ids: list[int], mode: str) -> dict:
             raise Stop
 
     loader_cls.load_weights = load_weights
+    scan_kernel_overrides_safely()
     if mode == "load":
         from vllm.model_executor.layers.fused_moe.experts import cpu_moe
         k = cpu_moe.CPUExpertsInt4
@@ -130,8 +134,12 @@ def run(ckpt: str, out_dir: str, ids: list[int], mode: str) -> dict:
         k._supports_activation = staticmethod(lambda activation: True)
         k._supports_routing_method = staticmethod(lambda *a: True)
     try:
+        # prefix caching off: one prompt has no prefix to reuse, and for hybrid mamba models with MLA (kimi_linear)
+        # vLLM's CPU build otherwise refuses its own defaults: the mamba block size is aligned for prefix caching,
+        # then the CPU platform turns caching off for MLA, and the config check fails with "--mamba-block-size can
+        # only be set with --enable-prefix-caching" (vllm/platforms/cpu.py, vllm/config/vllm.py)
         llm = LLM(model=ckpt, dtype="bfloat16", enforce_eager=True, max_model_len=max(64, len(ids) + 8),
-                  gpu_memory_utilization=0.15, seed=0)
+                  gpu_memory_utilization=0.15, seed=0, enable_prefix_caching=False)
     except Stop:
         return report
     except Exception as exc:  # the engine's own error is the finding
@@ -143,6 +151,38 @@ def run(ckpt: str, out_dir: str, ids: list[int], mode: str) -> dict:
     out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0))
     report["logprobs"] = [d[t].logprob for d, t in zip(out[0].prompt_logprobs[1:], ids[1:])]
     return report
+
+
+def scan_kernel_overrides_safely() -> None:
+    """vLLM's CPU build (no Triton) swaps in C++ kernels at worker start by scanning every module in
+    `sys.modules` and calling `vars()` on each attribute that has a `__dict__`. llvmlite's ffi `lib` (imported
+    with numba, which vLLM's kimi_k3 module pulls in through vllm.utils.jit_monitor) answers any attribute, so
+    `vars(lib)` is not a mapping and the scan dies with "AttributeError: '_lib_fn_wrapper' object has no
+    attribute 'get'" (vllm/triton_utils/dispatcher.py) before the model is built; the GPU build never scans.
+    Such modules hold no vLLM kernel: they are hidden from the scan, so the checkpoint can be checked."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    scan = CpuPlatform.register_triton_kernel_overrides.__func__
+
+    def unscannable(module) -> bool:
+        for value in list((getattr(module, "__dict__", None) or {}).values()):
+            try:
+                if hasattr(value, "__dict__") and not hasattr(vars(value), "get"):
+                    return True
+            except Exception:
+                return True
+        return False
+
+    def register(cls) -> None:
+        hidden = {name: m for name, m in list(sys.modules.items()) if unscannable(m)}
+        for name in hidden:
+            del sys.modules[name]
+        try:
+            scan(cls)
+        finally:
+            sys.modules.update(hidden)
+
+    CpuPlatform.register_triton_kernel_overrides = classmethod(register)
 
 
 def engine_message(exc: Exception) -> str:
