@@ -362,11 +362,37 @@ def test_run_writes_the_config_fields(tiny_model, tmp_path):
     assert json.loads((out / "moedsl-report.json").read_text())["config_added"] == report.config_added
 
 
-def quantize_small(src, out):
+def quantize_small(src, out, **options):
     from moedsl.execute.run import quantize
 
     return quantize(model=src, out=out, format="gptq", group_size=16, samples=2, seq_len=16, progress=False,
-                    device="cpu")
+                    device="cpu", **options)
+
+
+def test_weightless_slots_not_written_for_vllm(tiny_model, tmp_path):
+    """transformers saves LongCat's zero experts (`extra identity(N)`: no forward reads them) as experts E.. of
+    the checkpoint; vLLM maps experts 0..E-1 only and fails on the first ("KeyError:
+    'layers.0.mlp.experts.8.gate_proj.weight'"). Written for vLLM they are left out; under --engine none the
+    output keeps every tensor the source has."""
+    from safetensors import safe_open
+
+    from moedsl.models.tiny import tiny_config
+
+    config = tiny_config("longcat_flash")
+    routed, slots = config.n_routed_experts, config.zero_expert_num
+    src = tiny_model("longcat_flash")
+
+    def expert_ids(out):
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        return {int(k.split(".experts.")[1].split(".")[0]) for k in index if ".mlp.experts." in k}
+
+    with safe_open(str(next(src.glob("*.safetensors"))), "pt") as f:
+        assert {int(k.split(".experts.")[1].split(".")[0]) for k in f.keys() if ".mlp.experts." in k} == set(
+            range(routed + slots))
+    quantize_small(src, tmp_path / "vllm", engine="vllm")
+    assert expert_ids(tmp_path / "vllm") == set(range(routed))
+    quantize_small(src, tmp_path / "none", engine="none")
+    assert expert_ids(tmp_path / "none") == set(range(routed + slots))
 
 
 def test_gptq_module_list_matches_vllms_prefixes(tiny_model, tmp_path):

@@ -292,7 +292,8 @@ class Runner:
         from moedsl.models.default import default_model_dir
         from moedsl.plan.compiler import compile_plan
         from moedsl.write.checkpoint import CheckpointWriter, required_scale_dtype
-        from moedsl.write.engines import engine_config, gptq_checkpoint_format, gptq_prefixes, stacked_experts
+        from moedsl.write.engines import (engine_config, gptq_checkpoint_format, gptq_prefixes, stacked_experts,
+                                          writes_weightless_slots)
 
         opts = self.opts
         t_start = time.perf_counter()
@@ -333,6 +334,7 @@ class Runner:
         engine_warnings = check_engine(opts, cfg, has_experts=any(kind.moe for kind in plan.kinds),
                                        family=definition.header.name)
         stacked = stacked_experts(opts.engine, definition.header.name, opts.format)
+        keep_slots = writes_weightless_slots(opts.engine)
         config = json.loads((Path(model_dir) / "config.json").read_text())
         config.pop("quantization_config", None)  # the source's storage (FP8, MXFP4) was dequantized away
         config, config_added = engine_config(opts.engine, config)
@@ -495,7 +497,7 @@ class Runner:
                         acts, acts_ready = to_host(acts)
                     names = [n for p in packed for n in p.names]
                     done = FinishedLayer(i, f"layer-{i:05d}.safetensors", packed,
-                                         self.layer_copies(loader, plan, i, kind, names), acts,
+                                         self.layer_copies(loader, plan, i, kind, names, keep_slots), acts,
                                          {"fingerprint": fingerprint, "layers": list(report.layers)}, acts_ready)
                     with phases("write_wait", sync=False) if overlap else contextlib.nullcontext():
                         layer_writer.submit(done)
@@ -549,11 +551,18 @@ class Runner:
         return self.device
 
     @staticmethod
-    def layer_copies(loader, plan: HookPlan, i: int, kind, quantized: list[str]) -> list[str]:
+    def layer_copies(loader, plan: HookPlan, i: int, kind, quantized: list[str], keep_slots: bool = True) -> list[str]:
         """Layer i's checkpoint keys stored unchanged: all but the quantized modules' weights and
         biases (`quantized`: full module names) and the fused expert tensors (and `:grouped` container
-        weights) they replace."""
+        weights) they replace; and, unless `keep_slots`, any tensors the source stores for the weightless
+        `extra` router slots (engines.writes_weightless_slots)."""
+        from moedsl.lang.ckpt_name import expand
+
         prefix = checkpoint_prefix(loader, plan, i)
+        slot_modules = tuple(f"{prefix}{expand(template, e)}."
+                             for moe in kind.moe if not keep_slots and not moe.experts.ckpt_fused
+                             for e in range(moe.experts.num_experts, moe.experts.num_experts + len(moe.experts.slots))
+                             for template in moe.experts.ckpt.values())
         replaced: set[str] = set()
         for name in quantized:
             replaced |= {name + ".weight", name + ".bias"}
@@ -566,7 +575,7 @@ class Runner:
                     replaced.add(prefix + (t.ckpt or f"{ex.path}.{t.name}"))
                     if t.bias:
                         replaced.add(f"{prefix}{ex.path}.{t.bias}")
-        return [k for k in loader.layer_keys(i) if k not in replaced]
+        return [k for k in loader.layer_keys(i) if k not in replaced and not k.startswith(slot_modules or ("\0",))]
 
     def write_rest(self, writer, loader, plan: HookPlan, skip: set[str]) -> None:
         # a composite's towers are among these: copied as the checkpoint stores them, under its names

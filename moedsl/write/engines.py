@@ -211,6 +211,11 @@ VLLM_CONFIG_FIELDS: dict[str, dict[str, Callable[[dict], Any]]] = {
     # ("Kimi-K3 MLA (MultiHeadLatentAttention) is NoPE-only"): transformers' KimiLinear MLA applies no rotary
     "kimi_linear": {"linear_attn_config": lambda c: _kda_layers(c), "first_k_dense_replace": lambda c: _leading_dense(c),
                     "mla_use_nope": lambda c: True},
+    # vllm/.../models/longcat_flash.py reads the released `mla_scale_q_lora` / `mla_scale_kv_lora` (whether to scale
+    # q and kv by sqrt(hidden / lora rank): transformers' LongcatFlash attention always does) and `zero_expert_type`
+    # (transformers' zero experts pass the token through: vLLM's "identity")
+    "longcat_flash": {"mla_scale_q_lora": lambda c: True, "mla_scale_kv_lora": lambda c: True,
+                      "zero_expert_type": lambda c: "identity"},
 }
 
 
@@ -332,8 +337,8 @@ VLLM_FAMILY_LIMITS: dict[tuple[str, str], str] = {
 }
 
 
-# family -> why transformers (5.24) + compressed-tensors cannot load its compressed-tensors checkpoints, whatever
-# wrote them (the serving check expects these to fail, and reports a limit that stops failing)
+# family -> why transformers (5.24) + compressed-tensors cannot load its compressed-tensors checkpoints as written
+# for vLLM (the serving check expects these to fail, and reports a limit that stops failing)
 TRANSFORMERS_FAMILY_LIMITS: dict[str, str] = {
     # transformers/quantizers/base.py `update_weight_conversions` gives every converter of the model's conversion
     # mapping a dequantize step when the target has no quantized companions, even where nothing was quantized;
@@ -343,6 +348,12 @@ TRANSFORMERS_FAMILY_LIMITS: dict[str, str] = {
                    "q_conv1d/k_conv1d/v_conv1d into conv1d receives nothing (\"Concatenate on tensors destined for "
                    "model.layers.0.self_attn.conv1d.weight. Ckpt contains: 0\") and loading fails (\"We encountered "
                    "some issues during automatic conversion of the weights\"), for any compressed-tensors checkpoint",
+    # transformers/models/longcat_flash: LongcatFlashExperts allocates n_routed_experts + zero_expert_num rows
+    "longcat_flash": "transformers' LongcatFlash experts hold rows for the zero experts too (n_routed_experts + "
+                     "zero_expert_num), so it loads only checkpoints that store weights for those weightless slots; "
+                     "vLLM refuses them (writes_weightless_slots), and without them transformers fails (\"Reinit due "
+                     "to size mismatch - ckpt: torch.Size([8, 128, 128]) vs model:torch.Size([10, 128, 128])\"), "
+                     "bf16 checkpoints alike",
 }
 
 
@@ -360,6 +371,14 @@ def stacked_experts(engine: str, family: str, fmt: str) -> StackedExperts | None
     if engine == "none":
         return None
     return VLLM_STACKED_EXPERTS.get(family, {}).get(fmt)
+
+
+def writes_weightless_slots(engine: str) -> bool:
+    """Whether the tensors a source stores for the weightless `extra identity/zero` router slots are copied
+    (no forward reads them: transformers' save_pretrained writes LongCat's zero experts because its fused
+    experts hold rows for them). vLLM maps experts 0..E-1 only and fails on the first such tensor
+    ("KeyError: 'layers.0.mlp.experts.8.gate_proj.weight'", vllm/.../models/longcat_flash.py)."""
+    return engine == "none"
 
 
 def stack_gate_up(gate: QuantStack, up: QuantStack, order: str) -> QuantStack:
