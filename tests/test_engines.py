@@ -245,6 +245,14 @@ def _router_bias(model) -> bool:
 VLLM_FIELD_FACTS = {
     "glm4_moe": lambda m: {"head_dim": m.model.layers[0].self_attn.head_dim},
     "deepseek_v3": lambda m: {"topk_method": "noaux_tc" if _router_bias(m) else None, "scoring_func": "sigmoid"},
+    "deepseek_v32": lambda m: {"topk_method": "noaux_tc" if _router_bias(m) else None, "scoring_func": "sigmoid"},
+    "glm_moe_dsa": lambda m: {"topk_method": "noaux_tc" if _router_bias(m) else None, "scoring_func": "sigmoid",
+                              "index_topk_pattern": "".join("S" if layer.self_attn.skip_topk else "F"
+                                                            for layer in m.model.layers)},
+    "longcat_flash": lambda m: {"mla_scale_q_lora": hasattr(m.model.layers[0].self_attn[0], "mla_scale_q_lora"),
+                                "mla_scale_kv_lora": hasattr(m.model.layers[0].self_attn[0], "mla_scale_kv_lora"),
+                                "zero_expert_type": "identity" if isinstance(
+                                    m.model.layers[0].mlp.experts.identity_expert, torch.nn.Identity) else None},
     "glm4_moe_lite": lambda m: {"first_k_dense_replace": _first_moe_layer(m)},
     "hy_v3": lambda m: {"first_k_dense_replace": _first_moe_layer(m),
                         "expert_hidden_dim": m.model.layers[_first_moe_layer(m)].mlp.experts.down_proj.shape[-1],
@@ -325,7 +333,8 @@ def test_kimi_linear_config_as_vllm_reads_it():
     written, added = engine_config("vllm", config)
     assert len(added) == len(VLLM_CONFIG_FIELDS["kimi_linear"])
     model = build_model(tiny_config("kimi_linear"), device="cpu")
-    delta = [(i + 1, layer.self_attn) for i, layer in enumerate(model.model.layers) if hasattr(layer.self_attn, "conv1d")]
+    delta = [(i + 1, layer.self_attn) for i, layer in enumerate(model.model.layers)
+             if hasattr(layer.self_attn, "conv1d")]
     kda = written["linear_attn_config"]
     assert delta and kda["kda_layers"] == [i for i, _ in delta]
     assert kda["full_attn_layers"] == [i + 1 for i in range(len(model.model.layers)) if i + 1 not in kda["kda_layers"]]

@@ -12,6 +12,7 @@ from moedsl.models import default as default_mod
 from moedsl.models.tiny import (
     DENSE_TINY,
     MOE_TINY,
+    RELEASED_KEYS,
     SUPPORTED_TINY,
     TINY_NUM_EXPERTS,
     UNSUPPORTED_TINY,
@@ -63,6 +64,26 @@ def test_build_forward_and_round_trip(model_type, tmp_path):
     with torch.no_grad():
         again = loaded(input_ids=IDS).logits
     torch.testing.assert_close(again, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(RELEASED_KEYS))
+def test_saved_under_the_released_names(model_type, tmp_path):
+    """save_pretrained writes Kimi-Linear's dense MLP as `block_sparse_moe.*` (its load-time rename, reversed);
+    the release and vLLM have `mlp.*` there. The fixture is saved under the released names (and still loads
+    as the same model: test_build_forward_and_round_trip)."""
+    import re
+
+    from safetensors import safe_open
+
+    pattern, _ = RELEASED_KEYS[model_type]
+    out = save_tiny(model_type, tmp_path / model_type, seed=0)
+    keys = set()
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            keys |= set(f.keys())
+    assert not [k for k in keys if re.search(pattern, k)]
+    assert "model.layers.0.mlp.gate_proj.weight" in keys  # layer 0 is dense
+    assert any(".block_sparse_moe.experts." in k for k in keys)  # the MoE keeps its released names
 
 
 def test_sizes_are_tiny_and_distinct():

@@ -350,8 +350,8 @@ def test_new_family_quantizes(model_type, policy, tiny_model, tmp_path):
 
 def _check_longcat(src: Path, out: Path, quantized: set[str]) -> None:
     """LongCat-Flash: both attentions and both dense MLPs of every layer quantized (numeric children), the E
-    routed experts quantized, and the Z identity slots' rows of gate_up (no weights of their own) copied as
-    they are."""
+    routed experts quantized, and the Z identity slots' rows of gate_up (no weights of their own, which vLLM
+    refuses) not written under the default engine (test_engines: kept as they are under --engine none)."""
     config = json.loads((src / "config.json").read_text())
     E, Z = config["n_routed_experts"], config["zero_expert_num"]
     assert Z > 0
@@ -372,7 +372,8 @@ def _check_longcat(src: Path, out: Path, quantized: set[str]) -> None:
         with safe_open(str(f), "pt") as fh:
             written |= {k: fh.get_tensor(k) for k in fh.keys() if ".mlp.experts." in k}
     slot_rows = [k for k in source if any(f".mlp.experts.{e}." in k for e in range(E, E + Z))]
-    assert slot_rows and all(torch.equal(written[k], source[k]) for k in slot_rows)
+    assert slot_rows and not any(k in written for k in slot_rows)
+    assert any(k.startswith("model.layers.0.mlp.experts.0.") for k in written)
 
 
 

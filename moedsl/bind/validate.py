@@ -119,10 +119,11 @@ def _validate_one(d: ir.Definition, file: str, model_type: str | None, config_pa
         keys = checkpoint_keys(model_dir)
         ck_errs, ck_detail = check_checkpoint_names(d, bound, keys, layer_prefixes(model_dir, bound))
     else:
-        from moedsl.models.tiny import quiet_transformers
+        from moedsl.models.tiny import quiet_transformers, released_keys
 
         with tempfile.TemporaryDirectory() as tmp, quiet_transformers():  # no "Writing model shards" bar
             real.save_pretrained(tmp)
+            released_keys(Path(tmp), mt)  # as the family's releases name them, where save_pretrained does not
             keys = checkpoint_keys(Path(tmp))
             prefixes = layer_prefixes(Path(tmp), real_bound)
         ck_errs, ck_detail = check_checkpoint_names(d, real_bound, keys, prefixes)

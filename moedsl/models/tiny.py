@@ -772,9 +772,19 @@ def build_model(config, device: str | torch.device = "meta", seed: int = 0, dtyp
 # ---------------------------------------------------------------------------------------------
 
 
+# model_type -> (pattern, replacement) on checkpoint keys, where transformers' save_pretrained does not write the
+# names the released checkpoints have. Kimi-Linear's release keeps the dense layers' MLP under `mlp.` and only
+# the MoE under `block_sparse_moe.` (as vLLM's class does); transformers loads `.block_sparse_moe.` as `.mlp.`
+# and, saving, turns every `.mlp.` back into `.block_sparse_moe.`
+RELEASED_KEYS: dict[str, tuple[str, str]] = {
+    "kimi_linear": (r"\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.", r".mlp.\1."),
+}
+
+
 def save_tiny(model_type: str, out_dir: str | Path, seed: int = 0, **overrides) -> Path:
     """Build a tiny `model_type` on CPU and `save_pretrained` it (safetensors) with a byte-level
-    tokenizer into `out_dir`. Returns the directory."""
+    tokenizer into `out_dir`, under the names its released checkpoints use (RELEASED_KEYS).
+    Returns the directory."""
     from moedsl.models.default import save_byte_tokenizer
 
     out = Path(out_dir)
@@ -784,7 +794,30 @@ def save_tiny(model_type: str, out_dir: str | Path, seed: int = 0, **overrides) 
     with quiet_transformers():
         model.save_pretrained(out, safe_serialization=True)
         save_byte_tokenizer(out)
+    released_keys(out, model_type)
     return out
+
+
+def released_keys(out: Path, model_type: str) -> None:
+    """Rename the keys of a checkpoint `save_pretrained` wrote into `out` as the family's releases spell them
+    (RELEASED_KEYS; nothing for other families)."""
+    import json
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    if model_type not in RELEASED_KEYS:
+        return
+    pattern, replacement = RELEASED_KEYS[model_type]
+    for shard in sorted(Path(out).glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        renamed = {re.sub(pattern, replacement, k): v for k, v in tensors.items()}
+        save_file(renamed, str(shard), metadata={"format": "pt"})
+    index = Path(out) / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {re.sub(pattern, replacement, k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def survey(types: tuple[str, ...] | None = None, seq_len: int = 8) -> dict[str, str]:

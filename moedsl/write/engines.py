@@ -167,6 +167,12 @@ VLLM_CONFIG_FIELDS: dict[str, dict[str, Callable[[dict], Any]]] = {
     # scoring_func says otherwise; transformers' DeepseekV3 router is always that: sigmoid scores plus the
     # correction bias. DeepSeek-V3's own config.json has both fields
     "deepseek_v3": {"topk_method": lambda c: "noaux_tc", "scoring_func": lambda c: "sigmoid"},
+    # vllm/.../models/deepseek_v32 builds the same MoE (deepseek_v2.py's) under DeepSeek-V3.2 and GLM-5's sparse
+    # attention; their transformers routers are DeepSeek-V3's. GLM-5's layers that reuse the previous indexer's
+    # selection are transformers' `indexer_types` ("shared"), vLLM's `index_topk_pattern` ("S")
+    "deepseek_v32": {"topk_method": lambda c: "noaux_tc", "scoring_func": lambda c: "sigmoid"},
+    "glm_moe_dsa": {"topk_method": lambda c: "noaux_tc", "scoring_func": lambda c: "sigmoid",
+                    "index_topk_pattern": lambda c: _indexer_pattern(c)},
     # vllm/.../models/glm4_moe_lite.py: dense below `config.first_k_dense_replace`, MoE above
     # ("'Glm4MoeLiteConfig' object has no attribute 'first_k_dense_replace'"); transformers says it per
     # layer (`mlp_layer_types`)
@@ -209,14 +215,20 @@ VLLM_CONFIG_FIELDS: dict[str, dict[str, Callable[[dict], Any]]] = {
     # the KDA layers, 1-based, with their heads and short-convolution width under `linear_attn_config` (without it
     # every layer is built as MLA), `first_k_dense_replace` (default 0: layer 0 would be MoE), and `mla_use_nope`
     # ("Kimi-K3 MLA (MultiHeadLatentAttention) is NoPE-only"): transformers' KimiLinear MLA applies no rotary
-    "kimi_linear": {"linear_attn_config": lambda c: _kda_layers(c), "first_k_dense_replace": lambda c: _leading_dense(c),
-                    "mla_use_nope": lambda c: True},
+    "kimi_linear": {"linear_attn_config": lambda c: _kda_layers(c),
+                    "first_k_dense_replace": lambda c: _leading_dense(c), "mla_use_nope": lambda c: True},
     # vllm/.../models/longcat_flash.py reads the released `mla_scale_q_lora` / `mla_scale_kv_lora` (whether to scale
     # q and kv by sqrt(hidden / lora rank): transformers' LongcatFlash attention always does) and `zero_expert_type`
     # (transformers' zero experts pass the token through: vLLM's "identity")
     "longcat_flash": {"mla_scale_q_lora": lambda c: True, "mla_scale_kv_lora": lambda c: True,
                       "zero_expert_type": lambda c: "identity"},
 }
+
+
+def _indexer_pattern(config: dict) -> str | None:
+    """transformers' per-layer `indexer_types` ("full" / "shared") as vLLM's `index_topk_pattern` ("F" / "S")."""
+    types = config.get("indexer_types")
+    return "".join("S" if t == "shared" else "F" for t in types) if types else None
 
 
 def _kda_layers(config: dict) -> dict | None:
