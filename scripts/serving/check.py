@@ -124,7 +124,7 @@ def quantize_with_reference(src: Path, out: Path, fmt: str, engine: str) -> dict
     original = loader_mod.LayerwiseLoader.unload_layer
 
     def unload_layer(self, model, i):
-        path, _ = loader_mod.find_decoder_layers(model)
+        path = self._layers_path  # the decoder layers the loader streams (a composite's text decoder's)
         for k, v in get_path(model, path)[i].state_dict().items():
             captured[f"{path}.{i}.{k}"] = v.detach().to("cpu", torch.float32, copy=True)
         return original(self, model, i)
@@ -139,12 +139,13 @@ def quantize_with_reference(src: Path, out: Path, fmt: str, engine: str) -> dict
 
 
 def load_model(src: Path, state: dict[str, torch.Tensor] | None = None):
-    from transformers import AutoModelForCausalLM
+    """The source model (a composite's `…ForConditionalGeneration`, as moedsl loads it), with `state` in."""
+    from transformers import AutoConfig
 
-    from moedsl.models.tiny import quiet_transformers
+    from moedsl.models.tiny import model_class, quiet_transformers
 
     with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        model = model_class(AutoConfig.from_pretrained(src)).from_pretrained(src, dtype=torch.float32)
     if state:
         missing = [k for k in state if k not in model.state_dict()]
         if missing:
@@ -306,6 +307,9 @@ REMOTE_CONFIG = ("Transformers does not recognize this architecture", "vLLM 0.32
                  "the config through the transformers it pins (5.19), which has no config class for this model_type: "
                  "only configuration code shipped with the checkpoint (trust_remote_code) gets past it, and a fixture "
                  "saved by transformers 5.24 has none")
+TORCHVISION = ("failed to be inspected", "vLLM's vision-language classes import torchvision, which this check's venv "
+               "removes (PyPI's wheels fail on torch 2.13.0+cpu: `operator torchvision::nms does not exist`), so the "
+               "registry cannot inspect the class (`No module named 'torchvision'` in vLLM's log)")
 VLLM_BUILD_LIMITS = {
     # relu² experts without a gate (`fn mlp(relu2)`): vLLM's FusedMoE refuses them on CPU at construction
     "nemotron_h": ("is_act_and_mul", "vLLM's CPU build has no MoE kernel for non-gated experts (is_act_and_mul=False); "
@@ -314,6 +318,7 @@ VLLM_BUILD_LIMITS = {
     "glm_moe_dsa": DSA,
     "sarvam_mla": REMOTE_CONFIG,
     "dots3_note_text": REMOTE_CONFIG,
+    **{name: TORCHVISION for name in ("llama4", "qwen3_vl_moe", "glm4v_moe", "qwen3_5_moe_vl", "qwen3_omni_moe")},
 }
 
 
@@ -358,8 +363,13 @@ def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, forma
         except Exception as exc:
             row[f"{fmt}·vLLM"] = {"ok": False, "cell": "✗", "why": f"moedsl: {type(exc).__name__}: {exc}"}
             continue
-        ref = load_model(src, state)
-        ref_lp = logprobs(ref, PROMPT)
+        try:
+            ref = load_model(src, state)
+            ref_lp = logprobs(ref, PROMPT)
+        except Exception as exc:  # the reference itself: the format's cells say why
+            why = f"reference: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            row[f"{fmt}·vLLM"] = {"ok": False, "cell": "✗", "why": why}
+            continue
         quant_shift = max(abs(a - b) for a, b in zip(ref_lp, source_lp))
         v = run_probe(vllm_py, "vllm_probe.py", out, work / family / f"{fmt}-vllm", "vllm.json")
         if v.get("unused"):

@@ -30,7 +30,13 @@ def main() -> None:
 
         report["versions"] = {"compressed_tensors": compressed_tensors.__version__,
                               "transformers": __import__("transformers").__version__}
-        model, info = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, output_loading_info=True)
+        import transformers
+
+        # the class the checkpoint was saved from (a composite's `…ForConditionalGeneration`), else the causal LM
+        with open(os.path.join(ckpt, "config.json")) as f:
+            arch = (json.load(f).get("architectures") or [""])[0]
+        cls = getattr(transformers, arch, None) or AutoModelForCausalLM
+        model, info = cls.from_pretrained(ckpt, dtype=torch.float32, output_loading_info=True)
         report["unused"] = sorted(info.get("unexpected_keys", []))
         report["uninitialized"] = sorted(info.get("missing_keys", []))
         report["mismatched"] = sorted(str(k) for k in info.get("mismatched_keys", []))
