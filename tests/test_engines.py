@@ -398,10 +398,12 @@ def test_weightless_slots_not_written_for_vllm(tiny_model, tmp_path):
     with safe_open(str(next(src.glob("*.safetensors"))), "pt") as f:
         assert {int(k.split(".experts.")[1].split(".")[0]) for k in f.keys() if ".mlp.experts." in k} == set(
             range(routed + slots))
-    quantize_small(src, tmp_path / "vllm", engine="vllm")
+    report = quantize_small(src, tmp_path / "vllm", engine="vllm")
     assert expert_ids(tmp_path / "vllm") == set(range(routed))
-    quantize_small(src, tmp_path / "none", engine="none")
+    assert [w for w in report.warnings if "weightless router slots" in w]  # said, not silent
+    report = quantize_small(src, tmp_path / "none", engine="none")
     assert expert_ids(tmp_path / "none") == set(range(routed + slots))
+    assert not [w for w in report.warnings if "weightless router slots" in w]
 
 
 def test_gptq_module_list_matches_vllms_prefixes(tiny_model, tmp_path):

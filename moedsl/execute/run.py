@@ -335,6 +335,12 @@ class Runner:
                                        family=definition.header.name)
         stacked = stacked_experts(opts.engine, definition.header.name, opts.format)
         keep_slots = writes_weightless_slots(opts.engine)
+        slot_keys = sum(len(self.slot_keys(loader, plan, i, plan.kind_for_layer(i))) for i in range(plan.num_layers))
+        if slot_keys and not keep_slots:
+            engine_warnings.append(
+                f"written for vLLM: the {slot_keys} tensors the source stores for weightless router slots (`extra "
+                "identity/zero`: no forward reads them) are left out, since vLLM maps only the experts before them; "
+                "--engine none keeps them")
         config = json.loads((Path(model_dir) / "config.json").read_text())
         config.pop("quantization_config", None)  # the source's storage (FP8, MXFP4) was dequantized away
         config, config_added = engine_config(opts.engine, config)
@@ -551,18 +557,14 @@ class Runner:
         return self.device
 
     @staticmethod
-    def layer_copies(loader, plan: HookPlan, i: int, kind, quantized: list[str], keep_slots: bool = True) -> list[str]:
+    def layer_copies(loader, plan: HookPlan, i: int, kind, quantized: list[str],
+                     keep_slots: bool = True) -> list[str]:
         """Layer i's checkpoint keys stored unchanged: all but the quantized modules' weights and
         biases (`quantized`: full module names) and the fused expert tensors (and `:grouped` container
         weights) they replace; and, unless `keep_slots`, any tensors the source stores for the weightless
         `extra` router slots (engines.writes_weightless_slots)."""
-        from moedsl.lang.ckpt_name import expand
-
         prefix = checkpoint_prefix(loader, plan, i)
-        slot_modules = tuple(f"{prefix}{expand(template, e)}."
-                             for moe in kind.moe if not keep_slots and not moe.experts.ckpt_fused
-                             for e in range(moe.experts.num_experts, moe.experts.num_experts + len(moe.experts.slots))
-                             for template in moe.experts.ckpt.values())
+        slots = set() if keep_slots else set(Runner.slot_keys(loader, plan, i, kind))
         replaced: set[str] = set()
         for name in quantized:
             replaced |= {name + ".weight", name + ".bias"}
@@ -575,7 +577,20 @@ class Runner:
                     replaced.add(prefix + (t.ckpt or f"{ex.path}.{t.name}"))
                     if t.bias:
                         replaced.add(f"{prefix}{ex.path}.{t.bias}")
-        return [k for k in loader.layer_keys(i) if k not in replaced and not k.startswith(slot_modules or ("\0",))]
+        return [k for k in loader.layer_keys(i) if k not in replaced and k not in slots]
+
+    @staticmethod
+    def slot_keys(loader, plan: HookPlan, i: int, kind) -> list[str]:
+        """Layer i's checkpoint keys that belong to the weightless `extra` router slots after the experts (LongCat's
+        zero experts, which transformers' save_pretrained writes as experts E..E+Z-1)."""
+        from moedsl.lang.ckpt_name import expand
+
+        prefix = checkpoint_prefix(loader, plan, i)
+        modules = tuple(f"{prefix}{expand(template, e)}."
+                        for moe in kind.moe if not moe.experts.ckpt_fused
+                        for e in range(moe.experts.num_experts, moe.experts.num_experts + len(moe.experts.slots))
+                        for template in moe.experts.ckpt.values())
+        return [k for k in loader.layer_keys(i) if modules and k.startswith(modules)]
 
     def write_rest(self, writer, loader, plan: HookPlan, skip: set[str]) -> None:
         # a composite's towers are among these: copied as the checkpoint stores them, under its names
