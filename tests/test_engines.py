@@ -1,6 +1,6 @@
 """What serving engines load: refusals before any work, and the config names they match on.
 
-The loading itself is checked by scripts/check-serving.sh (tests/test_serving.py runs it); these
+The loading itself is checked by scripts/check-serving.sh (`.ci/run` runs it after the suite, `--ci`); these
 tests check the run's behaviour on real CLI processes and real checkpoints, without vLLM.
 """
 
