@@ -378,3 +378,21 @@ def test_every_architecture(model_type, tiny_model, tmp_path):
     for layer in report.layers:
         for s in layer["stages"]:
             assert s["error"] <= s["rtn_error"] * 1.0001 + 1e-12, (model_type, layer["layer"], s["stage"])
+
+
+def test_park_moves_what_is_outside_the_layers_but_nothing_a_layer_holds(tiny_model):
+    """`park` (the embeddings and head leave a GPU between the capture and the head) takes every parameter
+    outside the decoder layers, except one a layer also holds; `unpark` puts them back where they were."""
+    from transformers import AutoModelForCausalLM
+
+    from moedsl.execute.run import park, unpark
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("qwen3_moe", num_hidden_layers=2))
+    model.model.layers[1].shared_norm = model.model.norm  # a module the model and a layer share
+    parked = park(model, "model.layers", torch.device("cpu"))
+    ids = {id(p) for p in parked}
+    assert id(model.model.embed_tokens.weight) in ids and id(model.lm_head.weight) in ids
+    assert id(model.model.norm.weight) not in ids  # a layer holds it
+    assert not ids & {id(p) for p in model.model.layers.parameters()}
+    unpark(parked, torch.device("cpu"))
+    assert all(p.device.type == "cpu" for p in model.parameters())

@@ -97,13 +97,19 @@ class _Catcher(torch.nn.Module):
 
 
 @torch.no_grad()
-def park(model: nn.Module, layers_path: str) -> list[nn.Parameter]:
-    """Move every materialized parameter outside the decoder layers to host memory (in place: modules keep
-    their parameters); returns them, for `unpark`."""
+def park(model: nn.Module, layers_path: str, device: torch.device) -> list[nn.Parameter]:
+    """Move every parameter on `device` outside the decoder layers to host memory (in place: modules keep
+    their parameters); returns them, for `unpark`. A parameter a decoder layer also holds (a block shared
+    between the model and its layers) stays where it is."""
+    from moedsl.bind.binder import get_path
+
     prefix = layers_path + "."
+    device = torch.device(device)
+    in_layers = {id(p) for layer in get_path(model, layers_path) for p in layer.parameters()}
     parked = []
     for name, p in model.named_parameters():
-        if not name.startswith(prefix) and p.device.type == "cuda":
+        on_device = p.device.type == device.type and device.index in (None, p.device.index)
+        if not name.startswith(prefix) and on_device and id(p) not in in_layers:
             p.data = p.data.to("cpu")
             parked.append(p)
     return parked
@@ -383,7 +389,7 @@ class Runner:
             hidden, layer_kwargs = capture_layer_inputs(model, plan, batches, self.device, act_device)
         # the embeddings and the head are not run again until --quantize-lm-head's end: in host memory
         # meanwhile, the device holds only the layer being quantized (2.3 GiB at GLM-4.5-Air's vocabulary)
-        parked = park(model, plan.layers_path) if self.device.type == "cuda" else []
+        parked = park(model, plan.layers_path, self.device) if self.device.type == "cuda" else []
         start_layer = 0
         carried: list[dict] = [{} for _ in batches]  # per batch: what the last layer hands the next (`carry`)
         # the full-precision model's stream (cross statistics only): equal to the quantized one at layer 0
