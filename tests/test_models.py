@@ -278,3 +278,18 @@ def test_supported_families_cover_their_full_size_layer_kinds():
         with torch.device("meta"):
             big = AutoModelForCausalLM.from_config(AutoConfig.for_model(mt))
         assert kinds(big) <= kinds(build_model(tiny_config(mt), "meta")), mt
+
+
+def test_a_composite_with_a_wider_text_head_gets_rotary_sections_that_fit():
+    """Overrides applied after shrinking (the serving check widens the text model for vLLM's kernels) get
+    multimodal rotary sections that add up to half the new rotary width, so the model runs."""
+    from moedsl.models.tiny import build_model, tiny_config
+
+    base = tiny_config("glm4v_moe").text_config.to_dict()
+    config = tiny_config("glm4v_moe", text_config={**base, "hidden_size": 128})
+    text = config.text_config
+    rotary = int(text.hidden_size // text.num_attention_heads * text.rope_parameters["partial_rotary_factor"])
+    assert sum(text.rope_parameters["mrope_section"]) == rotary // 2
+    model = build_model(config, device="cpu")
+    logits = model(input_ids=torch.randint(0, 64, (1, 8))).logits
+    assert torch.isfinite(logits).all()

@@ -509,13 +509,9 @@ def _shrink_composite(config) -> dict:
         if not config.model_type.startswith("llama4"):
             # multimodal rotary sections (t, h, w) must add up to half the tiny rotary width
             rope = dict(d.get("rope_parameters") or {})
-            head_dim = out.get("head_dim") or out.get("hidden_size", TINY_HIDDEN) // out.get("num_attention_heads", TINY_HEADS)
-            half = int(head_dim * float(rope.get("partial_rotary_factor", 1.0))) // 2
-            sections = rope.get("mrope_section") or _MROPE_DEFAULT.get(config.model_type, [8, 12, 12])
-            new = [max(1, s * half // sum(sections)) for s in sections]
-            new[-1] += half - sum(new)
-            rope["mrope_section"] = new
+            rope["mrope_section"] = rope.get("mrope_section") or _MROPE_DEFAULT.get(config.model_type, [8, 12, 12])
             out["rope_parameters"] = rope
+            _fit_mrope(out)
     elif "vocab_size" not in d or "vision" in config.model_type or "audio" in config.model_type:
         out = {k: v for k, v in _TOWER.items() if k in d}
     for key in subs:
@@ -523,6 +519,28 @@ def _shrink_composite(config) -> dict:
         if sub is not None and hasattr(sub, "to_dict"):
             out[key] = _shrink_composite(sub)
     return out
+
+
+def _fit_mrope(text: dict) -> None:
+    """Scale a text config's multimodal rotary sections (t, h, w) to add up to half its rotary width, in place
+    (after every override: a wider head needs wider sections)."""
+    rope = text.get("rope_parameters")
+    if not isinstance(rope, dict) or not rope.get("mrope_section"):
+        return
+    head_dim = text.get("head_dim") or text.get("hidden_size", TINY_HIDDEN) // text.get("num_attention_heads", TINY_HEADS)
+    half = int(head_dim * float(rope.get("partial_rotary_factor", 1.0))) // 2
+    sections = rope["mrope_section"]
+    new = [max(1, s * half // sum(sections)) for s in sections]
+    new[-1] += half - sum(new)
+    text["rope_parameters"] = {**rope, "mrope_section": new}
+
+
+def _fit_mrope_all(kw: dict) -> None:
+    """_fit_mrope on every sub-config of a composite's keyword arguments (omni nests its text config)."""
+    _fit_mrope(kw)
+    for value in kw.values():
+        if isinstance(value, dict):
+            _fit_mrope_all(value)
 
 
 def tiny_config(model_type: str, **overrides):
@@ -550,6 +568,8 @@ def tiny_config(model_type: str, **overrides):
         ) from None
     if is_composite(base):
         kw = {**_shrink_composite(base), **_COMPOSITE_FAMILY.get(model_type, {}), **overrides}
+        if not model_type.startswith("llama4"):
+            _fit_mrope_all(kw)
         config = _make_config(model_type, kw)
         _set_eager(config)
         return config
