@@ -366,6 +366,13 @@ TRANSFORMERS_FAMILY_LIMITS: dict[str, str] = {
                      "vLLM refuses them (writes_weightless_slots), and without them transformers fails (\"Reinit due "
                      "to size mismatch - ckpt: torch.Size([8, 128, 128]) vs model:torch.Size([10, 128, 128])\"), "
                      "bf16 checkpoints alike",
+    # transformers/conversion_mapping.py: ernie4_5_vl_moe's ErnieFuseAndSplitTextVisionExperts collects
+    # `experts.*.{gate,up,down}_proj.weight` only
+    "ernie4_5_vl_moe": "transformers' converter for Ernie-4.5-VL's experts (ErnieFuseAndSplitTextVisionExperts, which "
+                       "fuses the per-expert tensors and splits them into text and vision experts) collects only "
+                       "`.weight` tensors, so quantized experts (`weight_packed`) reach it as nothing (\"Expected "
+                       "pattern experts.*.down_proj.weight in collected tensors but only found tensors for: "
+                       "dict_keys(['experts.*.down_proj.weight_packed'])\") and loading fails",
 }
 
 

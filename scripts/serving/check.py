@@ -79,7 +79,9 @@ def serving_overrides(model_type: str) -> dict:
                 if sub:
                     out[k] = {**v, **sub}
             elif k in WIDE or k in DENSE or k in EXPERT or (k in LATENT and isinstance(v, int)):
-                out[k] = {**WIDE, **DENSE, **EXPERT, **LATENT}[k]
+                width = {**WIDE, **DENSE, **EXPERT, **LATENT}[k]
+                # per-modality widths (ernie4_5_vl: [text, vision] experts) stay a list, apart as tiny_config keeps them
+                out[k] = [width + 32 * j for j in range(len(v))] if isinstance(v, list) else width
         return out
 
     out = fit(base)
