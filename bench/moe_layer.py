@@ -103,9 +103,7 @@ def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device, c
     peak = None
     if device.type == "cuda":  # the phases reset the peak as they start: the layer's is the largest of theirs
         peak = max([torch.cuda.max_memory_allocated(device) / 2**30] + [gib for _, gib in q.phases.peaks])
-    result.matrices = sum(matrices)
-    result.phase_peaks = q.phases.peaks
-    return seconds, peak, result
+    return seconds, peak, result, {"phase_peak_gpu_gib": q.phases.peaks or None, "matrices": sum(matrices)}
 
 
 class PeakPhases:
@@ -193,12 +191,11 @@ def main(argv=None) -> dict:
     # the bench at 512 × 4096 tokens
     run_path(model, plan, hidden[:2], kwargs[:2], True, device, chunk, **solve)
     model.model.layers[0].load_state_dict(original)
-    seconds, peak, result = run_path(model, plan, hidden, kwargs, True, device, chunk, **solve)
+    seconds, peak, result, memory = run_path(model, plan, hidden, kwargs, True, device, chunk, **solve)
     out["seconds_per_layer"] = round(seconds, 3)
     out["stage_seconds"] = {s.index: round(s.seconds, 3) for s in result.stages}
     out["peak_gpu_gib"] = round(peak, 2) if peak is not None else None
-    out["phase_peak_gpu_gib"] = result.phase_peaks or None
-    out["matrices"] = result.matrices
+    out |= memory
     out["accounting"] = account(plan, result, seqs * seq_len, model.config.num_experts_per_tok, out["device"],
                                 replay_seconds=seconds - sum(s.seconds for s in result.stages))
     if args.profile:
@@ -206,7 +203,7 @@ def main(argv=None) -> dict:
         profile(model, plan, hidden, kwargs, original, device, chunk)
     if not args.no_unbatched:
         model.model.layers[0].load_state_dict(original)
-        unbatched, _, _ = run_path(model, plan, hidden, kwargs, False, device, **solve)
+        unbatched, *_ = run_path(model, plan, hidden, kwargs, False, device, **solve)
         out["unbatched_seconds"] = round(unbatched, 3)
         out["speedup"] = round(unbatched / seconds, 1)
     del model, hidden, kwargs, result, original

@@ -341,10 +341,11 @@ class Runner:
                                        family=definition.header.name)
         stacked = stacked_experts(opts.engine, definition.header.name, opts.format)
         keep_slots = writes_weightless_slots(opts.engine)
-        slot_keys = sum(len(self.slot_keys(loader, plan, i, plan.kind_for_layer(i))) for i in range(plan.num_layers))
-        if slot_keys and not keep_slots:
+        left_out = 0 if keep_slots else sum(len(self.slot_keys(loader, plan, i, plan.kind_for_layer(i)))
+                                            for i in range(plan.num_layers))
+        if left_out:
             engine_warnings.append(
-                f"written for vLLM: the {slot_keys} tensors the source stores for weightless router slots (`extra "
+                f"written for vLLM: the {left_out} tensors the source stores for weightless router slots (`extra "
                 "identity/zero`: no forward reads them) are left out, since vLLM maps only the experts before them; "
                 "--engine none keeps them")
         config = json.loads((Path(model_dir) / "config.json").read_text())

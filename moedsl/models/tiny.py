@@ -507,11 +507,10 @@ def _shrink_composite(config) -> dict:
             if isinstance(d.get(key), list) and isinstance(value, int):
                 out[key] = [value + 8 * j for j in range(len(d[key]))]
         if not config.model_type.startswith("llama4"):
-            # multimodal rotary sections (t, h, w) must add up to half the tiny rotary width
+            # multimodal rotary sections (t, h, w), fitted to the final widths by tiny_config (`_fit_mrope`)
             rope = dict(d.get("rope_parameters") or {})
             rope["mrope_section"] = rope.get("mrope_section") or _MROPE_DEFAULT.get(config.model_type, [8, 12, 12])
             out["rope_parameters"] = rope
-            _fit_mrope(out)
     elif "vocab_size" not in d or "vision" in config.model_type or "audio" in config.model_type:
         out = {k: v for k, v in _TOWER.items() if k in d}
     for key in subs:
@@ -522,8 +521,8 @@ def _shrink_composite(config) -> dict:
 
 
 def _fit_mrope(text: dict) -> None:
-    """Scale a text config's multimodal rotary sections (t, h, w) to add up to half its rotary width, in place
-    (after every override: a wider head needs wider sections)."""
+    """Scale a text config's multimodal rotary sections (t, h, w), if it has them, to add up to half its
+    rotary width, in place."""
     rope = text.get("rope_parameters")
     if not isinstance(rope, dict) or not rope.get("mrope_section"):
         return
@@ -568,8 +567,7 @@ def tiny_config(model_type: str, **overrides):
         ) from None
     if is_composite(base):
         kw = {**_shrink_composite(base), **_COMPOSITE_FAMILY.get(model_type, {}), **overrides}
-        if not model_type.startswith("llama4"):
-            _fit_mrope_all(kw)
+        _fit_mrope_all(kw)  # after the overrides: a wider head needs wider sections
         config = _make_config(model_type, kw)
         _set_eager(config)
         return config

@@ -157,6 +157,10 @@ VLLM_ARCHITECTURES: dict[str, Architecture] = {
                                       lambda c: bool(c.get("attention_bias") and c.get("lm_head_bias"))),
 }
 
+# DeepSeek-V3's router as vLLM's deepseek_v2.py names it (see "deepseek_v3" below)
+_DEEPSEEK_ROUTER: dict[str, Callable[[dict], Any]] = {"topk_method": lambda c: "noaux_tc",
+                                                      "scoring_func": lambda c: "sigmoid"}
+
 # model_type -> field -> its value from the config, as transformers' modeling uses it
 VLLM_CONFIG_FIELDS: dict[str, dict[str, Callable[[dict], Any]]] = {
     # vllm/.../models/glm4_moe.py passes `config.head_dim` (no default: "'Glm4MoeConfig' object has no
@@ -166,13 +170,12 @@ VLLM_CONFIG_FIELDS: dict[str, dict[str, Callable[[dict], Any]]] = {
     # (else "KeyError: 'layers.1.mlp.gate.e_score_correction_bias'") and scores with softmax unless
     # scoring_func says otherwise; transformers' DeepseekV3 router is always that: sigmoid scores plus the
     # correction bias. DeepSeek-V3's own config.json has both fields
-    "deepseek_v3": {"topk_method": lambda c: "noaux_tc", "scoring_func": lambda c: "sigmoid"},
+    "deepseek_v3": _DEEPSEEK_ROUTER,
     # vllm/.../models/deepseek_v32 builds the same MoE (deepseek_v2.py's) under DeepSeek-V3.2 and GLM-5's sparse
     # attention; their transformers routers are DeepSeek-V3's. GLM-5's layers that reuse the previous indexer's
     # selection are transformers' `indexer_types` ("shared"), vLLM's `index_topk_pattern` ("S")
-    "deepseek_v32": {"topk_method": lambda c: "noaux_tc", "scoring_func": lambda c: "sigmoid"},
-    "glm_moe_dsa": {"topk_method": lambda c: "noaux_tc", "scoring_func": lambda c: "sigmoid",
-                    "index_topk_pattern": lambda c: _indexer_pattern(c)},
+    "deepseek_v32": _DEEPSEEK_ROUTER,
+    "glm_moe_dsa": {**_DEEPSEEK_ROUTER, "index_topk_pattern": lambda c: _indexer_pattern(c)},
     # vllm/.../models/glm4_moe_lite.py: dense below `config.first_k_dense_replace`, MoE above
     # ("'Glm4MoeLiteConfig' object has no attribute 'first_k_dense_replace'"); transformers says it per
     # layer (`mlp_layer_types`)
