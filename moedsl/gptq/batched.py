@@ -27,7 +27,8 @@ import torch
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
 from moedsl.gptq.lazy import SplitFactor
-from moedsl.gptq.gptq import PreparedHessian, check_finite, damp_error, damp_schedule, gptq_solve, upper_factor_of_inverse
+from moedsl.gptq.gptq import (PreparedHessian, block_grid, check_finite, damp_error, damp_schedule, gptq_solve,
+                              upper_factor_of_inverse)
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, group_grids
 from moedsl.precision import tf32
 
@@ -154,10 +155,8 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, g
         if per_member_groups:
             scale1, zero1 = col_scales[:, :, i1:i2], col_zeros[:, :, i1:i2]
         else:
-            groups = group_of[0, i1:i2]
-            scale1, zero1 = scales[:, :, groups], zeros[:, :, groups]
-        W1 = W[:, :, i1:i2].clone()
-        Q1, codes1, Err1, loss1 = solve_block(W1, Hinv[:, i1:i2, i1:i2], scale1, zero1, maxq)
+            scale1, zero1 = block_grid(scales, zeros, group_of[0], i1, i2, width, moved=False)
+        Q1, codes1, Err1, loss1 = solve_block(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], scale1, zero1, maxq)
         Q[:, :, i1:i2] = Q1
         codes[:, :, i1:i2] = codes1
         losses += loss1

@@ -6,9 +6,15 @@ inverse-Hessian factor (the OBS update). Rows are independent, so the loop paral
 rows and matrices; only the columns are sequential.
 
 `solve_block` runs the plain torch loop (the reference: ~15 small kernels per column) or, on
-CUDA, one Triton kernel per block that keeps each row tile in registers for all the block's
-columns. The kernel uses round-to-nearest arithmetic op by op (no fused multiply-add), so it
-reproduces the torch loop bit for bit. MOEDSL_NO_TRITON=1 forces the torch loop.
+CUDA, one kernel per block that gives each GPU thread one row, held in registers for all the
+block's columns. The kernel is written in Gluon (Triton's layout-explicit dialect) because the
+layout is the point: Triton's own choice spread a row's 128 columns over all 128 threads of a
+program, so picking column i out of the tile was a reduction through shared memory with a
+barrier, and the per-row arithmetic (two correctly rounded divisions) ran redundantly on every
+thread, at every column. With a row per thread and the column loop unrolled at compile time,
+picking column i is a register read, and the update of the later columns touches only those.
+It uses round-to-nearest arithmetic op by op (no fused multiply-add), so it reproduces the torch
+loop bit for bit. MOEDSL_NO_TRITON=1 forces the torch loop.
 """
 
 from __future__ import annotations
@@ -21,19 +27,21 @@ from moedsl.gptq.quantizer import dequantize, quantize
 
 try:  # Triton comes with CUDA builds of torch; the CPU path never needs it
     import triton
-    import triton.language as tl
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
     from triton.language.extra import libdevice
 
     HAVE_TRITON = True
-except Exception:  # pragma: no cover - CPU-only installs
+except Exception:  # pragma: no cover - CPU-only installs, or a Triton without Gluon (before 3.4)
     HAVE_TRITON = False
 
 
 def solve_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
-    """W1 [B, R, C] (updated in place), Hinv1 [B, C, C] upper triangular, scale/zero [B, R, C] per column.
+    """W1 [B, R, C] (read, not changed), Hinv1 [B, C, C] upper triangular, scale/zero [B, R, C] per column
+    (views are fine: a block in one group passes its grid line expanded over the columns).
 
-    Returns Q1 (dequantized), codes (uint8) and Err1 (scaled errors), each [B, R, C], and each row's
-    loss summed over the block's columns in column order, [B, R].
+    Returns Q1 (dequantized), codes (uint8) and Err1 (scaled errors), each [B, R, C] (on CUDA, transposed
+    views of column-major results), and each row's loss summed over the block's columns in column order, [B, R].
     """
     if W1.is_cuda and HAVE_TRITON and os.environ.get("MOEDSL_NO_TRITON") != "1":
         return _solve_block_triton(W1, Hinv1, scale, zero, maxq)
@@ -41,6 +49,7 @@ def solve_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero
 
 
 def _solve_block_torch(W1, Hinv1, scale, zero, maxq):
+    W1 = W1.clone()
     Q1 = torch.zeros_like(W1)
     codes = torch.zeros_like(W1, dtype=torch.uint8)
     Err1 = torch.zeros_like(W1)
@@ -63,74 +72,75 @@ def _solve_block_torch(W1, Hinv1, scale, zero, maxq):
 
 if HAVE_TRITON:
 
-    @triton.jit
-    def _block_kernel(W, H, S, Z, Q, C, E, L, R, NC, maxq,
-                      sw_b, sw_r, sh_b, sh_r, ss_b, ss_r,
-                      BR: tl.constexpr, BC: tl.constexpr):
-        # One program: BR rows of one matrix, all the block's columns, held in registers. Column i's
-        # value, code, error and loss are picked out of / merged into the tiles with masks, and the
-        # tiles are stored once at the end, row-contiguous (storing a column at a time would write
-        # one 4-byte value per 32-byte sector).
-        pid_r = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        rows = pid_r * BR + tl.arange(0, BR)
-        cols = tl.arange(0, BC)
+    # No specialization on the integer arguments' values or the pointers' alignment: each variant is
+    # a fresh compile of an unrolled kernel (tens of seconds at 128 columns), and the row counts,
+    # strides and grid offsets of a run's solves differ from one matrix to the next.
+    @gluon.jit(do_not_specialize=["R", "sw_b", "sw_r", "sh_b", "sh_r", "ss_b", "ss_r", "ss_c"],
+               do_not_specialize_on_alignment=["W", "H", "S", "Z"])
+    def _block_kernel(W, H, S, Z, QT, CT, ET, L, R, maxq,
+                      sw_b, sw_r, sh_b, sh_r, ss_b, ss_r, ss_c,
+                      NC: gl.constexpr, BC: gl.constexpr):
+        # One program: 32 rows per warp, a row per thread, its NC columns in the thread's registers
+        # (BC: NC rounded up to a power of two). The column loop is unrolled, so column i of the
+        # tile is a known register and `cols > i` a known set of them.
+        num_warps: gl.constexpr = gl.num_warps()
+        layout: gl.constexpr = gl.BlockedLayout([1, BC], [32, 1], [num_warps, 1], [1, 0])
+        per_row: gl.constexpr = gl.SliceLayout(1, layout)
+        per_col: gl.constexpr = gl.SliceLayout(0, layout)
+        BR: gl.constexpr = 32 * num_warps
+        b = gl.program_id(1).to(gl.int64)
+        rows = gl.program_id(0) * BR + gl.arange(0, BR, layout=per_row)
+        cols = gl.arange(0, BC, layout=per_col)
         rmask = rows < R
-        cmask = cols < NC
-        tile = rows[:, None].to(tl.int64) * sw_r + cols[None, :]
-        tmask = rmask[:, None] & cmask[None, :]
-        w = tl.load(W + b * sw_b + tile, mask=tmask, other=0.0)
-        q_all = tl.zeros((BR, BC), dtype=tl.float32)
-        c_all = tl.zeros((BR, BC), dtype=tl.float32)
-        e_all = tl.zeros((BR, BC), dtype=tl.float32)
-        loss = tl.zeros((BR,), dtype=tl.float32)
-        for i in range(0, NC):
-            here = cols[None, :] == i
-            wi = tl.sum(tl.where(here, w, 0.0), axis=1)
-            grid = b * ss_b + rows.to(tl.int64) * ss_r + i  # the rows' grid lines sit in L1 after column 0
-            s = tl.load(S + grid, mask=rmask, other=1.0)
-            z = tl.load(Z + grid, mask=rmask, other=0.0)
-            d = tl.load(H + b * sh_b + i * sh_r + i)
+        w = gl.load(W + b * sw_b + rows[:, None].to(gl.int64) * sw_r + cols[None, :],
+                    mask=rmask[:, None] & (cols[None, :] < NC), other=0.0)
+        loss = gl.zeros([BR], gl.float32, per_row)
+        grid = S + b * ss_b + rows.to(gl.int64) * ss_r  # each row's grid line (L1-resident after column 0)
+        zgrid = Z + b * ss_b + rows.to(gl.int64) * ss_r
+        out = b * NC * R + rows  # QT, CT, ET [B, NC, R]: a warp stores column i of its 32 rows contiguously
+        for i in gl.static_range(NC):
+            wi = gl.sum(gl.where(cols[None, :] == i, w, -0.0), axis=1)  # folds to the register: x + -0.0 == x
+            s = gl.load(grid + i * ss_c, mask=rmask, other=1.0)
+            z = gl.load(zgrid + i * ss_c, mask=rmask, other=0.0)
+            d = gl.load(H + b * sh_b + i * sh_r + i)
             code = libdevice.rint(libdevice.div_rn(wi, s)) + z
-            code = tl.minimum(tl.maximum(code, 0.0), maxq)
+            code = gl.minimum(gl.maximum(code, 0.0), maxq)
             q = libdevice.mul_rn(s, libdevice.sub_rn(code, z))
             t = libdevice.sub_rn(wi, q)
             loss = libdevice.add_rn(loss, libdevice.div_rn(libdevice.div_rn(libdevice.mul_rn(t, t),
                                                                             libdevice.mul_rn(d, d)), 2.0))
             err = libdevice.div_rn(t, d)
-            h = tl.load(H + b * sh_b + i * sh_r + cols, mask=cmask & (cols >= i), other=0.0)
-            upd = libdevice.mul_rn(err[:, None], h[None, :])
-            w = tl.where(cols[None, :] >= i, libdevice.sub_rn(w, upd), w)
-            q_all = tl.where(here, q[:, None], q_all)
-            c_all = tl.where(here, code[:, None], c_all)
-            e_all = tl.where(here, err[:, None], e_all)
-        out = b * sw_b + tile
-        tl.store(W + out, w, mask=tmask)
-        tl.store(Q + out, q_all, mask=tmask)
-        tl.store(C + out, c_all.to(tl.uint8), mask=tmask)
-        tl.store(E + out, e_all, mask=tmask)
-        tl.store(L + b * R + rows, loss, mask=rmask)
+            gl.store(QT + out + i * R, q, mask=rmask)
+            gl.store(CT + out + i * R, code.to(gl.uint8), mask=rmask)
+            gl.store(ET + out + i * R, err, mask=rmask)
+            if i + 1 < NC:  # the OBS update of the later columns (column i itself is never read again)
+                later = (cols > i) & (cols < NC)
+                h = gl.load(H + b * sh_b + i * sh_r + cols, mask=later, other=0.0)
+                w = gl.where(later[None, :], libdevice.sub_rn(w, libdevice.mul_rn(err[:, None], h[None, :])), w)
+        gl.store(L + b * R + rows, loss, mask=rmask)
 
 
 def _solve_block_triton(W1, Hinv1, scale, zero, maxq):
-    W1c = W1.contiguous()
-    B, R, NC = W1c.shape
-    H = Hinv1.contiguous()
-    S = scale.contiguous()
-    Z = zero.contiguous()
-    Q1 = torch.empty_like(W1c)
-    codes = torch.empty_like(W1c, dtype=torch.uint8)
-    Err1 = torch.empty_like(W1c)
-    loss = torch.empty(B, R, device=W1c.device, dtype=W1c.dtype)
-    BC = max(16, triton.next_power_of_2(NC))
-    BR = 32 if BC <= 64 else 16
-    grid = (triton.cdiv(R, BR), B)
-    _block_kernel[grid](W1c, H, S, Z, Q1, codes, Err1, loss, R, NC, float(maxq),
-                        W1c.stride(0), W1c.stride(1), H.stride(0), H.stride(1), S.stride(0), S.stride(1),
-                        BR=BR, BC=BC, num_warps=4)
-    if W1c.data_ptr() != W1.data_ptr():
-        W1.copy_(W1c)
-    return Q1, codes, Err1, loss
+    B, R, NC = W1.shape
+    if W1.stride(2) != 1:
+        W1 = W1.contiguous()
+    if Hinv1.stride(2) != 1:  # a factor straight from a triangular solve can be column-major
+        Hinv1 = Hinv1.contiguous()
+    S = scale.expand(B, R, NC)
+    Z = zero.expand(B, R, NC)
+    if S.stride() != Z.stride():
+        S, Z = S.contiguous(), Z.contiguous()
+    QT = torch.empty(B, NC, R, device=W1.device, dtype=torch.float32)
+    CT = torch.empty(B, NC, R, device=W1.device, dtype=torch.uint8)
+    ET = torch.empty_like(QT)
+    loss = torch.empty(B, R, device=W1.device, dtype=torch.float32)
+    num_warps = 1  # 32 rows a program: enough programs to fill the device even for a few thousand rows
+    grid = (triton.cdiv(R, 32 * num_warps), B)
+    _block_kernel[grid](W1, Hinv1, S, Z, QT, CT, ET, loss, R, float(maxq),
+                        W1.stride(0), W1.stride(1), Hinv1.stride(0), Hinv1.stride(1),
+                        S.stride(0), S.stride(1), S.stride(2),
+                        NC=NC, BC=triton.next_power_of_2(NC), num_warps=num_warps)
+    return QT.transpose(1, 2), CT.transpose(1, 2), ET.transpose(1, 2), loss
 
 
 def warm_up(device: torch.device, columns: int = 128) -> None:

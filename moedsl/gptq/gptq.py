@@ -118,11 +118,9 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
         if not fixed_grids and i1 % width == 0:
             g = i1 // width
             scales[:, g], zeros[:, g] = grid(W[:, i1 : i1 + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype)
-        groups = group_of[i1:i2]
-        W1 = W[:, i1:i2].clone()
-        Q1, codes1, Err1, loss1 = solve_block(
-            W1[None], Hinv[None, i1:i2, i1:i2], scales[:, groups][None], zeros[:, groups][None], maxq
-        )
+        scale1, zero1 = block_grid(scales, zeros, group_of, i1, i2, width, moved=fixed_grids and cfg.act_order)
+        Q1, codes1, Err1, loss1 = solve_block(W[None, :, i1:i2], Hinv[None, i1:i2, i1:i2], scale1[None], zero1[None],
+                                              maxq)
         Q[:, i1:i2] = Q1[0]
         codes[:, i1:i2] = codes1[0]
         losses += loss1[0]
@@ -145,6 +143,18 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
     return result, losses
 
 
+def block_grid(scales: torch.Tensor, zeros: torch.Tensor, group_of: torch.Tensor, i1: int, i2: int, width: int,
+               moved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of each column of block [i1, i2): scales/zeros [..., rows, G] → [..., rows, i2 − i1]. A block
+    inside one group (columns in their own order, `moved` False) gets that group's line expanded, not copied."""
+    if not moved and i1 // width == (i2 - 1) // width:
+        g = i1 // width
+        shape = (*scales.shape[:-1], i2 - i1)
+        return scales[..., g : g + 1].expand(shape), zeros[..., g : g + 1].expand(shape)
+    groups = group_of[..., i1:i2]
+    return scales[..., groups], zeros[..., groups]
+
+
 def inverse_hessian_factor(H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + λI)⁻¹, raising λ until the factorization succeeds.
 
@@ -155,7 +165,7 @@ def inverse_hessian_factor(H: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Ten
     for attempt in damp_schedule(cfg):
         U, info = upper_factor_of_inverse(H + attempt * mean_diag * eye)
         if int(info) == 0 and bool(torch.isfinite(U).all()):
-            return U, attempt
+            return U.contiguous(), attempt  # row-major: each block reads rows of it
     raise damp_error(cfg)
 
 
