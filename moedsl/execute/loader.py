@@ -260,6 +260,7 @@ class LayerwiseLoader:
         self._layer_keys: dict[int | None, list[str]] = {}
         self._unexpected: list[str] = []
         self._converted: set[str] = set()
+        self._conversion_of: dict[str, int] = {}  # converted key -> its conversion (keys converted together)
         self._layers_path: str | None = None
         self._planned_for: int | None = None
 
@@ -384,17 +385,22 @@ class LayerwiseLoader:
         per_layer: dict[int | None, list[str]] = defaultdict(list)
         unexpected: list[str] = []
         converted: set[str] = set()
+        # the renaming answers with the source pattern that matched; the keys of one conversion are those
+        # matched by any of its converter's patterns
+        owner = {pattern: index for index, c in enumerate(converters) for pattern in c.source_patterns}
+        conversion_of: dict[str, int] = {}
         for key in self.checkpoint_keys():
             # the same two-step renaming that convert_and_load_state_dict_in_model performs
-            renamed, converter = api["rename_source_key"](key, renamings, converters, prefix, meta_sd)
+            renamed, pattern = api["rename_source_key"](key, renamings, converters, prefix, meta_sd)
             if renamed not in meta_sd and key in meta_sd:
-                renamed, converter = api["rename_source_key"](key, [], [], prefix, meta_sd)
+                renamed, pattern = api["rename_source_key"](key, [], [], prefix, meta_sd)
             if renamed not in meta_sd:
                 unexpected.append(key)
                 continue
             runtime_of[key] = renamed
-            if converter is not None:
+            if pattern is not None:
                 converted.add(key)
+                conversion_of[key] = owner.get(pattern, -1)
             m = layer_re.match(renamed)
             per_layer[int(m.group(1)) if m else None].append(key)
         self._mapping = mapping
@@ -402,6 +408,7 @@ class LayerwiseLoader:
         self._layer_keys = dict(per_layer)
         self._unexpected = unexpected
         self._converted = converted
+        self._conversion_of = conversion_of
         self._planned_for = id(model)
         if unexpected:
             msg = (
@@ -520,28 +527,44 @@ class LayerwiseLoader:
         api = _transformers_api()
         device = str(torch.device(device))
         tensors = tensors or {}
-        if torch.device(device).type == "cuda":
-            # on the device before transformers' conversion, so that merging experts into fused
-            # tensors (128 × 3 tensors for a Qwen3-30B-A3B layer) runs there and not on the host;
-            # from pinned memory these copies are asynchronous
-            tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
         load_config = api["LoadStateDictConfig"](
             pretrained_model_name_or_path=str(self.model_dir),
             device_map={"": device},
             dtype=None,  # keep the skeleton's dtype per parameter, as from_pretrained does
             weight_mapping=self._mapping,
         )
+        # One conversion at a time (the keys one converter merges, e.g. every expert's gate and up into
+        # one fused tensor; all unconverted keys together), the largest first: a conversion holds its
+        # sources, their merged copy and its intermediates at once, so converting a whole layer in one
+        # call held about twice its expert weights on the device (GLM-4.5-Air: 8 of its 4.4 GiB).
+        groups: dict[int | None, list[str]] = defaultdict(list)
+        for key in keys:
+            groups[self._conversion_of.get(key)].append(key)
+        if torch.device(device).type == "cuda":
+            # on the device before the conversion, so that merging experts into fused tensors (128 × 3
+            # tensors for a Qwen3-30B-A3B layer) runs there and not on the host; from pinned memory
+            # these copies are asynchronous
+            def move(t):
+                return t.to(device, non_blocking=True)
+        else:
+            def move(t):
+                return t
+        mismatched, errors = [], {}
         with self._reader(device) as get:
-            state = {key: tensors[key] if key in tensors else get(key)
-                     for key in sorted(keys, key=lambda k: str(self.shard_of(k)))}
-            with quiet_transformers():
-                info, _ = api["convert_and_load"](model, state, load_config)
+            for group in sorted(groups.values(), key=len, reverse=True):
+                state = {k: move(tensors[k]) if k in tensors else get(k)
+                         for k in sorted(group, key=lambda k: str(self.shard_of(k)))}
+                with quiet_transformers():
+                    info, _ = api["convert_and_load"](model, state, load_config)
+                del state
+                mismatched += list(getattr(info, "mismatched_keys", ()) or ())
+                errors.update(getattr(info, "conversion_errors", {}) or {})
         # the loader overwrites this with the transforms used by *this* call; keep them all
         model._weight_conversions = [m for m in self._mapping if m.was_used()]
         problems = []
-        for key, got, want in sorted(getattr(info, "mismatched_keys", ()) or (), key=str):
+        for key, got, want in sorted(mismatched, key=str):
             problems.append(f"`{key}`: checkpoint shape {tuple(got)}, model expects {tuple(want)}")
-        for key, err in (getattr(info, "conversion_errors", {}) or {}).items():
+        for key, err in errors.items():
             problems.append(f"`{key}`: conversion failed: {str(err).strip().splitlines()[-1] if str(err) else err}")
         if problems:
             raise MoedslError(
