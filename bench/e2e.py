@@ -169,6 +169,7 @@ def run_moedsl(model_dir: Path, out: Path, calib: Path, args, nproc: int = 0) ->
         "checkpoint_sha256": digest.hexdigest(),
         "wall_s": round(wall, 2),
         "phases_s": report["phases"],
+        "phase_peak_gpu_gib": report.get("phase_peak_gpu_gib", {}),
         "layer_s": [round(l["seconds"], 3) for l in report["layers"]],
         "peak_gpu_gib": round(max(peaks) / 2**30, 2) if peaks else None,
         "host_peak_gib": round(report["host_peak_bytes"] / 2**30, 2),

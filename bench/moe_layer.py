@@ -117,7 +117,7 @@ class PeakPhases:
         self.peaks: list[tuple[str, float]] = []
 
     @contextlib.contextmanager
-    def __call__(self, name: str, sync: bool = True):
+    def __call__(self, name: str, sync: bool = True, peak: str | None = None):
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -126,8 +126,7 @@ class PeakPhases:
         finally:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
-                peak = torch.cuda.max_memory_allocated(self.device)
-                self.peaks.append((name, round(peak / 2**30, 2)))
+                self.peaks.append((name, round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)))
 
     def add(self, name: str, seconds: float) -> None:
         pass

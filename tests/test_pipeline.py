@@ -14,7 +14,7 @@ import moedsl
 RUN = dict(group_size=-1, samples=4, seq_len=32, progress=False, resume_interval=0)  # a resume state per layer
 ARGS = ["--group-size", "-1", "--samples", "4", "--seq-len", "32", "--no-progress", "--resume-interval", "0"]
 REPORT = "moedsl-report.json"
-TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases"}
+TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases", "phase_peak_gpu_gib"}
 
 
 def _strip(obj):

@@ -147,9 +147,9 @@ class LayerQuantizer(LayerStatistics):
         try:
             for stage in self.kind.stages:
                 t0 = time.perf_counter()
-                with self.phases("statistics"):
+                with self.phases("statistics", peak=f"statistics.{stage.index}"):
                     hessians = self.collect(stage, inputs, kwargs, fp_inputs)
-                with self.phases("solve"):
+                with self.phases("solve", peak=f"solve.{stage.index}"):
                     self.solve(stage, hessians, quantized)
                 del hessians
                 distributed.test_fault(self.ranks.rank, f"layer:{self.index}:solved")

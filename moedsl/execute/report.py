@@ -26,6 +26,7 @@ class Report:
     head: dict | None = None  # lm_head's GPTQ and RTN error when it was quantized
     remote_code: dict | None = None  # the model directory's own code that ran: its files and their sha256
     phases: dict = field(default_factory=dict)  # seconds per phase of the run (moedsl/execute/phases.py)
+    phase_peaks: dict = field(default_factory=dict)  # GiB: the device peak each phase raised it to (CUDA)
     solver: str = "gptq"  # the name the solver gives itself (options.solver is how it was asked for)
     config_added: list[str] = field(default_factory=list)  # config.json fields written for the engine
     ranks: dict | None = None  # several ranks: how many, and each one's peak memory (moedsl/execute/distributed.py)
@@ -56,8 +57,8 @@ class Report:
         return {"model": self.model, "definition": self.definition, "arch": self.arch, "device": self.device,
                 "policy": self.policy, "options": self.options, "warnings": self.warnings, "layers": self.layers,
                 "seconds": self.seconds, "host_peak_bytes": self.host_peak_bytes, "lm_head": self.head,
-                "remote_code": self.remote_code, "phases": self.phases, "solver": self.solver,
-                "config_added": self.config_added, "ranks": self.ranks}
+                "remote_code": self.remote_code, "phases": self.phases, "phase_peak_gpu_gib": self.phase_peaks,
+                "solver": self.solver, "config_added": self.config_added, "ranks": self.ranks}
 
     def stage_rows(self) -> list[tuple[str, int, float, float, float]]:
         """(kind, stage, seconds, GPTQ error, RTN error) summed over the layers of each kind."""

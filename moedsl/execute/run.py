@@ -539,6 +539,7 @@ class Runner:
         if code is not None:  # beside the weights, before config.json (which marks the checkpoint finished)
             code.copy_to(opts.out)
         report.phases = phases.summary(time.perf_counter() - launched)
+        report.phase_peaks = phases.peaks()
         self.copy_tokenizer(Path(model_dir), opts.out)
         writer.finalize(config, {REPORT_NAME: report.to_json()})  # config.json last: the directory is complete
         out.finish()
