@@ -7,9 +7,11 @@
    index. Nothing is materialized as a whole model, so a 23 GB DeepSeek-V3 layer costs its disk
    write only. The directory is kept in --work and reused by later runs of the same shape.
 2. Writes `--seqs` × `--seq-len` random calibration token ids (.npy).
-3. Runs `python -m moedsl quantize` on it in a subprocess and reads the run's report
+3. On CUDA, compiles GPTQ's block kernel in a process of its own (`kernel_compile_s`; Triton keeps it
+   in its cache, so only a machine's first run pays it; `--cold-kernels` leaves it to the run).
+4. Runs `python -m moedsl quantize` on it in a subprocess and reads the run's report
    (moedsl-report.json): per-phase seconds, per-layer seconds, peak GPU and host memory.
-4. If llm-compressor is importable, runs its `oneshot` (GPTQ W4A16, same group size, same
+5. If llm-compressor is importable, runs its `oneshot` (GPTQ W4A16, same group size, same
    tokens) on the same directory in a subprocess, for comparison.
 
 `--nproc 1,2,4,8` runs moedsl once per rank count (`torchrun --standalone --nproc-per-node N -m moedsl
@@ -194,6 +196,26 @@ print(json.dumps({"torch_s": round(t1 - t0, 2), "transformers_s": round(t2 - t1,
 """
 
 
+COMPILE_KERNELS = r"""
+import math, sys, time
+import torch
+from moedsl.gptq.block import warm_up
+group = int(sys.argv[1])
+t = time.perf_counter()
+warm_up(torch.device("cuda"), math.gcd(128, group) if group > 0 else 128)
+print(time.perf_counter() - t)
+"""
+
+
+def compile_kernels(group_size: int) -> float:
+    """Seconds to compile (or find in Triton's cache) GPTQ's block kernel for the run's block width, in a
+    fresh process: what a machine's first run waits for at `startup.kernels`, and no later run does."""
+    proc = subprocess.run([sys.executable, "-c", COMPILE_KERNELS, str(group_size)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"compiling the block kernel failed:\n{proc.stderr[-2000:]}")
+    return round(float(proc.stdout.strip().splitlines()[-1]), 2)
+
+
 def import_floor(model_dir: Path) -> dict:
     """What any transformers-based tool pays before its first layer, in a fresh process: importing
     torch, transformers with the model's config and class, and starting CUDA; and the process's
@@ -277,6 +299,10 @@ def main(argv=None) -> dict:
                    help="with --stacks: torch-profile this decoder layer (table in STACKS.layerK.txt)")
     p.add_argument("--import-floor", action="store_true",
                    help="also time importing torch + transformers (config and model class) + CUDA in a fresh process")
+    p.add_argument("--cold-kernels", action="store_true",
+                   help="leave GPTQ's block kernel uncompiled before the run (a machine's first run compiles it: "
+                        "tens of seconds, then Triton's cache serves it); by default it is compiled first, in a "
+                        "process of its own, and that time is reported as kernel_compile_s")
     p.add_argument("--no-llmcompressor", action="store_true", help="skip llm-compressor even when it is installed")
     p.add_argument("--drop-model", action="store_true", help="delete the built model directory afterwards")
     p.add_argument("--expert-blocks", type=int, default=None,
@@ -317,6 +343,8 @@ def main(argv=None) -> dict:
            "build_s": build_seconds}
     if args.import_floor:
         out["import_floor"] = import_floor(model_dir)
+    if cuda and not args.cold_kernels:
+        out["kernel_compile_s"] = compile_kernels(args.group_size)
     try:
         if args.nproc:
             counts = [int(n) for n in args.nproc.split(",")]
