@@ -182,3 +182,24 @@ def test_head_quantized_after_the_embeddings_and_head_waited_in_host_memory(tiny
     report = moedsl.quantize(model=model, out=tmp_path / "head", device="cuda", quantize_lm_head=True, **RUN)
     assert math.isfinite(report.head["error"]) and report.head["error"] <= report.head["rtn_error"]
     assert report.head["tokens"] == RUN["samples"] * RUN["seq_len"]
+
+
+def test_report_names_the_phases_that_raised_the_peak(tiny_model, tmp_path):
+    """On a GPU the report says which phases (statistics and solves per stage) raised the device's peak:
+    every figure of the layer loop is one a layer's peak bounds, and the phases that load and measure a
+    layer are among them."""
+    import json
+
+    import moedsl
+    from moedsl.execute.outdir import REPORT_NAME
+    from tests.test_pipeline import RUN
+
+    model = tiny_model("qwen3_moe", num_hidden_layers=2)
+    moedsl.quantize(model=model, out=tmp_path / "q", device="cuda", **RUN)
+    report = json.loads((tmp_path / "q" / REPORT_NAME).read_text())
+    peaks = report["phase_peak_gpu_gib"]
+    assert peaks and any(k.startswith("statistics.") for k in peaks) and "read" in peaks
+    layer_peak = max(layer["peak_gpu_bytes"] for layer in report["layers"]) / 2**30
+    for phase, gib in peaks.items():
+        if not phase.startswith("startup"):
+            assert 0 < gib <= layer_peak + 2e-3, (phase, gib, layer_peak)
