@@ -162,6 +162,71 @@ def test_gpt_oss_compressed_tensors_experts_stacked_as_vllm_maps_them(tiny_model
         assert f"{layer}.{e}.w2_bias" in tensors
 
 
+def test_aria_compressed_tensors_experts_as_one_gate_up_matrix_per_expert(tiny_model, tmp_path):
+    """vLLM's Aria (LlamaModel.load_weights) renames a per-expert `gate_proj` to `gate_up_proj` and then loads it
+    as half of a gate+up matrix: Aria's experts are written as that matrix, gate rows then up rows."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    import transformers
+    from packaging.version import Version
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from unpack_reference import dequantize_ct, read_checkpoint
+
+    from moedsl.execute.run import quantize
+
+    if Version(transformers.__version__) < Version("5.18"):
+        pytest.skip("the tiny-model builder cannot build a shrunk Aria composite on transformers 5.17")
+    src = tiny_model("aria")
+    out = tmp_path / "out"
+    quantize(model=src, out=out, format="compressed-tensors", group_size=32, samples=4, seq_len=16,
+             policy="all", progress=False, device="cpu")
+    tensors = read_checkpoint(out)
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    source = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    layer = next(k for k in source if k.endswith("layers.0.mlp.experts.fc1.weight")).removesuffix(".fc1.weight")
+    fc1, fc2 = source[f"{layer}.fc1.weight"], source[f"{layer}.fc2.weight"]  # [E, H, 2I] gate|up, [E, I, H]
+    E, hidden, two_i = fc1.shape
+    assert not any(k.startswith(f"{layer}.") and (".gate_proj." in k or ".up_proj." in k) for k in tensors)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    for e in range(E):
+        w13 = torch.from_numpy(dequantize_ct(tensors, f"{layer}.{e}.gate_up_proj", qconfig)["weight"]).float()
+        assert w13.shape == (two_i, hidden)
+        gate, up = fc1[e][:, : two_i // 2].T.float(), fc1[e][:, two_i // 2:].T.float()
+        assert rel(w13[: two_i // 2], gate) < 0.3 < rel(w13[: two_i // 2], up)
+        assert rel(w13[two_i // 2:], up) < 0.3 < rel(w13[two_i // 2:], gate)
+        down = torch.from_numpy(dequantize_ct(tensors, f"{layer}.{e}.down_proj", qconfig)["weight"]).float()
+        assert rel(down, fc2[e].T.float()) < 0.3
+
+
+def test_aria_gptq_module_list_as_vllms_prefixes_spell_them():
+    """vLLM tests `modules_in_block_to_quantize` by substring against each Linear's prefix, after mapping the
+    list through Aria's hf_to_vllm_mapper (`language_model.model` -> `language_model`); it builds the text
+    model's Linears as `language_model.model.…` and the shared experts' with no prefix (`.down_proj`)."""
+    from moedsl.write.engines import gptq_module_list, gptq_prefixes
+
+    layer = "language_model.model.layers.0"
+    quantized = [f"{layer}.self_attn.{p}_proj" for p in "qkvo"] + [
+        f"{layer}.mlp.shared_experts.{p}_proj" for p in ("gate", "up", "down")] + [
+        f"{layer}.mlp.experts.0.{p}_proj" for p in ("gate", "up", "down")]
+    listed = gptq_module_list(quantized, gptq_prefixes("vllm", "aria"))
+    mapped = [n.replace("language_model.model", "language_model", 1) for n in listed]  # vLLM's apply_list
+
+    def quantized_in_vllm(prefix: str) -> bool:
+        return any(m in prefix for m in mapped)
+
+    assert quantized_in_vllm(f"{layer}.self_attn.q_proj") and quantized_in_vllm(f"{layer}.self_attn.o_proj")
+    assert quantized_in_vllm(".gate_proj") and quantized_in_vllm(".up_proj") and quantized_in_vllm(".down_proj")
+    for tower in ("vision_tower.encoder.layers.0.self_attn.q_proj", "vision_tower.encoder.layers.0.mlp.fc1",
+                  "multi_modal_projector.feed_forward.linear_in", "multi_modal_projector.cross_attn.q_proj"):
+        assert not quantized_in_vllm(tower), tower
+    assert set(quantized) <= set(listed)  # and still by the checkpoint's names
+    assert gptq_module_list(quantized, gptq_prefixes("none", "aria")) == gptq_module_list(quantized)
+
+
 def _stack(n: int, out: int, cols: int, seed: int):
     import torch
 
