@@ -122,26 +122,29 @@ def test_family_limits_refused_for_vllm(cli, tiny_model, tmp_path, family, fmt, 
     assert not (tmp_path / "out").exists()
 
 
-def test_gpt_oss_compressed_tensors_experts_stacked_as_vllm_maps_them(tiny_model, tmp_path):
-    """vLLM's gpt_oss loader maps `experts.<e>.w13_weight_packed` (gate/up rows interleaved), `w2_*`."""
+def _quantized_ct(src, out):
+    """`src` quantized to compressed-tensors (written for vLLM): its source tensors, the output's, its config."""
     import sys
     from pathlib import Path
 
-    import torch
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from unpack_reference import dequantize_ct, read_checkpoint
+    from unpack_reference import read_checkpoint
 
     from moedsl.execute.run import quantize
 
-    src = tiny_model("gpt_oss")
-    out = tmp_path / "out"
     quantize(model=src, out=out, format="compressed-tensors", group_size=32, samples=4, seq_len=16,
              policy="all", progress=False, device="cpu")
-    tensors = read_checkpoint(out)
-    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     source = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return source, read_checkpoint(out), json.loads((out / "config.json").read_text())["quantization_config"]
+
+
+def test_gpt_oss_compressed_tensors_experts_stacked_as_vllm_maps_them(tiny_model, tmp_path):
+    """vLLM's gpt_oss loader maps `experts.<e>.w13_weight_packed` (gate/up rows interleaved), `w2_*`."""
+    source, tensors, qconfig = _quantized_ct(tiny_model("gpt_oss"), tmp_path / "out")
+    from unpack_reference import dequantize_ct  # tests/ is on the path now (_quantized_ct)
+
     layer = "model.layers.0.mlp.experts"
     assert not any(k.startswith(f"{layer}.gate_up_proj") or ".gate_proj." in k for k in tensors)
     assert not any(k.endswith("w13_weight_shape") or k.endswith("w2_weight_shape") for k in tensors)
@@ -165,28 +168,14 @@ def test_gpt_oss_compressed_tensors_experts_stacked_as_vllm_maps_them(tiny_model
 def test_aria_compressed_tensors_experts_as_one_gate_up_matrix_per_expert(tiny_model, tmp_path):
     """vLLM's Aria (LlamaModel.load_weights) renames a per-expert `gate_proj` to `gate_up_proj` and then loads it
     as half of a gate+up matrix: Aria's experts are written as that matrix, gate rows then up rows."""
-    import sys
-    from pathlib import Path
-
-    import torch
     import transformers
     from packaging.version import Version
-    from safetensors.torch import load_file
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from unpack_reference import dequantize_ct, read_checkpoint
-
-    from moedsl.execute.run import quantize
 
     if Version(transformers.__version__) < Version("5.18"):
         pytest.skip("the tiny-model builder cannot build a shrunk Aria composite on transformers 5.17")
-    src = tiny_model("aria")
-    out = tmp_path / "out"
-    quantize(model=src, out=out, format="compressed-tensors", group_size=32, samples=4, seq_len=16,
-             policy="all", progress=False, device="cpu")
-    tensors = read_checkpoint(out)
-    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
-    source = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    source, tensors, qconfig = _quantized_ct(tiny_model("aria"), tmp_path / "out")
+    from unpack_reference import dequantize_ct  # tests/ is on the path now (_quantized_ct)
+
     layer = next(k for k in source if k.endswith("layers.0.mlp.experts.fc1.weight")).removesuffix(".fc1.weight")
     fc1, fc2 = source[f"{layer}.fc1.weight"], source[f"{layer}.fc2.weight"]  # [E, H, 2I] gate|up, [E, I, H]
     E, hidden, two_i = fc1.shape
@@ -271,29 +260,40 @@ def test_stacker_pairs_gate_and_up_per_expert_chunk():
         stacker.add(Quantized(names("up"), other, True))
 
 
-def test_ct_ignore_names_unquantized_linears_as_the_runtime_model_names_them(tiny_model, tmp_path):
+@pytest.mark.parametrize("family, runtime_only, checkpoint_only", [
+    ("phimoe", "model.layers.0.mlp.router", "model.layers.0.block_sparse_moe.gate"),
+    ("kimi_k25", "model.vision_tower.layers.0.attn.k_proj", "vision_tower.encoder.blocks.0.wqkv"),
+])
+def test_ct_ignore_names_unquantized_linears_as_the_runtime_model_names_them(family, runtime_only, checkpoint_only,
+                                                                             tiny_model, tmp_path):
     """transformers + compressed-tensors (and vLLM's Transformers backend) apply the scheme to every runtime
     nn.Linear that `ignore` does not name. phimoe's checkpoint router `block_sparse_moe.gate` is the runtime
     nn.Linear subclass `mlp.router`: named only by its checkpoint name, it was taken for a quantized Linear
-    ("'PhimoeTopKRouter' object has no attribute 'weight'"; vLLM: "Output size (8) not supported")."""
+    ("'PhimoeTopKRouter' object has no attribute 'weight'"; vLLM: "Output size (8) not supported"). Kimi-K2.5's
+    vision `wqkv` is split at load into attn.q_proj, k_proj and v_proj: named as q_proj only, transformers failed
+    on the first of the others ("'Linear' object has no attribute 'weight'")."""
     from torch import nn
 
+    from moedsl.execute.loader import LayerwiseLoader
     from moedsl.execute.run import quantize
     from moedsl.models.tiny import build_model, tiny_config
 
-    src = tiny_model("phimoe")
+    src = tiny_model(family)
     out = tmp_path / "out"
-    quantize(model=src, out=out, format="compressed-tensors", group_size=32, samples=2, seq_len=16, policy="all",
+    quantize(model=src, out=out, format="compressed-tensors", group_size=16, samples=2, seq_len=16, policy="all",
              progress=False, device="cpu")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     quantized = {k.removesuffix(".weight_packed") for k in index if k.endswith(".weight_packed")}
-    runtime = build_model(tiny_config("phimoe"), device="meta")
+    loader = LayerwiseLoader(src)
+    loader.skeleton()
+    quantized_runtime = {n.removesuffix(".weight") for q in quantized for n in loader.runtime_names(f"{q}.weight")}
+    runtime = build_model(tiny_config(family), device="meta")
     linears = [n for n, m in runtime.named_modules() if isinstance(m, nn.Linear)]
-    assert "model.layers.0.mlp.router" in linears
-    loose = [n for n in linears if n not in quantized and n not in qc["ignore"]]
+    assert runtime_only in linears
+    loose = [n for n in linears if n not in quantized_runtime and n not in qc["ignore"]]
     assert loose == [], f"runtime Linears neither quantized nor ignored: {loose}"
-    assert "model.layers.0.block_sparse_moe.gate" in qc["ignore"]  # vLLM's own phimoe class: checkpoint names
+    assert checkpoint_only in qc["ignore"]  # vLLM's own classes: checkpoint names
     assert not set(qc["ignore"]) & quantized
 
 
