@@ -339,6 +339,7 @@ VLLM_BUILD_LIMITS = {
     "glm_moe_dsa": DSA,
     "sarvam_mla": REMOTE_CONFIG,
     "dots3_note_text": REMOTE_CONFIG,
+    "mistral_large4": REMOTE_CONFIG,
     **{name: TORCHVISION for name in ("llama4", "qwen3_vl_moe", "glm4v_moe", "qwen3_5_moe_vl", "qwen3_omni_moe",
                                       "ernie4_5_vl_moe")},
 }
