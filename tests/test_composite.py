@@ -243,3 +243,63 @@ def test_plan_names_the_language_model_and_towers(tiny_model, cli):
     assert r.returncode == 0, r.stderr
     assert "language model thinker.model.language_model (calibrated on text)" in r.stdout
     assert "towers copied unquantized: thinker.model.audio_tower, thinker.model.visual" in r.stdout
+
+
+def test_processor_files_are_written_and_reach_the_output(tiny_model, tmp_path):
+    """A vision-language model's image processor (transformers' own class at its defaults) is written beside
+    the tiny checkpoint, and quantize copies it into the output, where transformers loads the same processor:
+    vLLM refuses a vision-language directory without it ("Can't load image processor")."""
+    pytest.importorskip("PIL", reason="transformers' PIL-backed image processors need pillow (requirements/cpu.txt)")
+    import shutil
+
+    from transformers import AutoImageProcessor
+
+    from moedsl.models.tiny import save_processor
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("glm4v_moe"), src)
+    # glm4v_moe's processor is glm4v's (Glm4vProcessor): its image processor comes from that family
+    assert save_processor("glm4v_moe", src) == ["preprocessor_config.json"]
+    loaded = AutoImageProcessor.from_pretrained(src)
+    assert type(loaded).__name__.startswith("Glm4vImageProcessor")
+    out = tmp_path / "out"
+    moedsl.quantize(model=src, out=out, group_size=-1, samples=4, seq_len=16, progress=False)
+    assert (out / "preprocessor_config.json").read_bytes() == (src / "preprocessor_config.json").read_bytes()
+    again = AutoImageProcessor.from_pretrained(out)
+    assert type(again) is type(loaded) and again.to_dict() == loaded.to_dict()
+
+
+def test_processor_of_a_text_model_is_nothing_and_a_missing_backend_is_named(tmp_path):
+    from moedsl.models.tiny import save_processor
+
+    assert save_processor("qwen3_moe", tmp_path / "text") == []
+    assert not (tmp_path / "text").exists()
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # PyPI's torchvision cannot even import on this torch: the state this checks
+        with pytest.raises(MoedslError) as exc:  # Llama 4's image processor is torchvision-backed only
+            save_processor("llama4", tmp_path / "vl")
+        assert "llama4: no image processor" in exc.value.render() and "Llama4ImageProcessor" in exc.value.render()
+        assert not (tmp_path / "vl").exists()
+
+
+def test_serving_probe_runs_a_composite_without_forward_through_its_thinker():
+    """Qwen3-Omni's `…ForConditionalGeneration` has no forward of its own: the serving check's reference and
+    its transformers probe run the thinker (scripts/serving/hf_probe.py `logits_model`); a causal LM runs itself."""
+    import importlib.util
+
+    from moedsl.models.tiny import build_model, tiny_config
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "serving" / "hf_probe.py"
+    spec = importlib.util.spec_from_file_location("hf_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    omni = build_model(tiny_config("qwen3_omni_moe"), "cpu")
+    assert probe.logits_model(omni) is omni.thinker
+    ids = [3, 1, 4, 1, 5]
+    lp = probe.prompt_logprobs(omni, ids)
+    with torch.no_grad():
+        logits = omni.thinker(input_ids=torch.tensor([ids])).logits[0]
+    assert lp == pytest.approx([float(torch.log_softmax(logits, -1)[t, ids[t + 1]]) for t in range(4)])
+    text = build_model(tiny_config("qwen3_moe"), "meta")
+    assert probe.logits_model(text) is text

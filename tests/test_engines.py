@@ -122,26 +122,29 @@ def test_family_limits_refused_for_vllm(cli, tiny_model, tmp_path, family, fmt, 
     assert not (tmp_path / "out").exists()
 
 
-def test_gpt_oss_compressed_tensors_experts_stacked_as_vllm_maps_them(tiny_model, tmp_path):
-    """vLLM's gpt_oss loader maps `experts.<e>.w13_weight_packed` (gate/up rows interleaved), `w2_*`."""
+def _quantized_ct(src, out):
+    """`src` quantized to compressed-tensors (written for vLLM): its source tensors, the output's, its config."""
     import sys
     from pathlib import Path
 
-    import torch
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from unpack_reference import dequantize_ct, read_checkpoint
+    from unpack_reference import read_checkpoint
 
     from moedsl.execute.run import quantize
 
-    src = tiny_model("gpt_oss")
-    out = tmp_path / "out"
     quantize(model=src, out=out, format="compressed-tensors", group_size=32, samples=4, seq_len=16,
              policy="all", progress=False, device="cpu")
-    tensors = read_checkpoint(out)
-    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     source = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return source, read_checkpoint(out), json.loads((out / "config.json").read_text())["quantization_config"]
+
+
+def test_gpt_oss_compressed_tensors_experts_stacked_as_vllm_maps_them(tiny_model, tmp_path):
+    """vLLM's gpt_oss loader maps `experts.<e>.w13_weight_packed` (gate/up rows interleaved), `w2_*`."""
+    source, tensors, qconfig = _quantized_ct(tiny_model("gpt_oss"), tmp_path / "out")
+    from unpack_reference import dequantize_ct  # tests/ is on the path now (_quantized_ct)
+
     layer = "model.layers.0.mlp.experts"
     assert not any(k.startswith(f"{layer}.gate_up_proj") or ".gate_proj." in k for k in tensors)
     assert not any(k.endswith("w13_weight_shape") or k.endswith("w2_weight_shape") for k in tensors)
@@ -160,6 +163,57 @@ def test_gpt_oss_compressed_tensors_experts_stacked_as_vllm_maps_them(tiny_model
         assert torch.equal(tensors[f"{stacked}_bias"], bias[e].to(tensors[f"{stacked}_bias"].dtype))
         assert tensors[f"{layer}.{e}.w2_weight_packed"].shape[0] == hidden
         assert f"{layer}.{e}.w2_bias" in tensors
+
+
+def test_aria_compressed_tensors_experts_as_one_gate_up_matrix_per_expert(tiny_model, tmp_path):
+    """vLLM's Aria (LlamaModel.load_weights) renames a per-expert `gate_proj` to `gate_up_proj` and then loads it
+    as half of a gate+up matrix: Aria's experts are written as that matrix, gate rows then up rows."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.18"):
+        pytest.skip("the tiny-model builder cannot build a shrunk Aria composite on transformers 5.17")
+    source, tensors, qconfig = _quantized_ct(tiny_model("aria"), tmp_path / "out")
+    from unpack_reference import dequantize_ct  # tests/ is on the path now (_quantized_ct)
+
+    layer = next(k for k in source if k.endswith("layers.0.mlp.experts.fc1.weight")).removesuffix(".fc1.weight")
+    fc1, fc2 = source[f"{layer}.fc1.weight"], source[f"{layer}.fc2.weight"]  # [E, H, 2I] gate|up, [E, I, H]
+    E, hidden, two_i = fc1.shape
+    assert not any(k.startswith(f"{layer}.") and (".gate_proj." in k or ".up_proj." in k) for k in tensors)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    for e in range(E):
+        w13 = torch.from_numpy(dequantize_ct(tensors, f"{layer}.{e}.gate_up_proj", qconfig)["weight"]).float()
+        assert w13.shape == (two_i, hidden)
+        gate, up = fc1[e][:, : two_i // 2].T.float(), fc1[e][:, two_i // 2:].T.float()
+        assert rel(w13[: two_i // 2], gate) < 0.3 < rel(w13[: two_i // 2], up)
+        assert rel(w13[two_i // 2:], up) < 0.3 < rel(w13[two_i // 2:], gate)
+        down = torch.from_numpy(dequantize_ct(tensors, f"{layer}.{e}.down_proj", qconfig)["weight"]).float()
+        assert rel(down, fc2[e].T.float()) < 0.3
+
+
+def test_aria_gptq_module_list_as_vllms_prefixes_spell_them():
+    """vLLM tests `modules_in_block_to_quantize` by substring against each Linear's prefix, after mapping the
+    list through Aria's hf_to_vllm_mapper (`language_model.model` -> `language_model`); it builds the text
+    model's Linears as `language_model.model.…` and the shared experts' with no prefix (`.down_proj`)."""
+    from moedsl.write.engines import gptq_module_list, gptq_prefixes
+
+    layer = "language_model.model.layers.0"
+    quantized = [f"{layer}.self_attn.{p}_proj" for p in "qkvo"] + [
+        f"{layer}.mlp.shared_experts.{p}_proj" for p in ("gate", "up", "down")] + [
+        f"{layer}.mlp.experts.0.{p}_proj" for p in ("gate", "up", "down")]
+    listed = gptq_module_list(quantized, gptq_prefixes("vllm", "aria"))
+    mapped = [n.replace("language_model.model", "language_model", 1) for n in listed]  # vLLM's apply_list
+
+    def quantized_in_vllm(prefix: str) -> bool:
+        return any(m in prefix for m in mapped)
+
+    assert quantized_in_vllm(f"{layer}.self_attn.q_proj") and quantized_in_vllm(f"{layer}.self_attn.o_proj")
+    assert quantized_in_vllm(".gate_proj") and quantized_in_vllm(".up_proj") and quantized_in_vllm(".down_proj")
+    for tower in ("vision_tower.encoder.layers.0.self_attn.q_proj", "vision_tower.encoder.layers.0.mlp.fc1",
+                  "multi_modal_projector.feed_forward.linear_in", "multi_modal_projector.cross_attn.q_proj"):
+        assert not quantized_in_vllm(tower), tower
+    assert set(quantized) <= set(listed)  # and still by the checkpoint's names
+    assert gptq_module_list(quantized, gptq_prefixes("none", "aria")) == gptq_module_list(quantized)
 
 
 def _stack(n: int, out: int, cols: int, seed: int):
@@ -206,29 +260,40 @@ def test_stacker_pairs_gate_and_up_per_expert_chunk():
         stacker.add(Quantized(names("up"), other, True))
 
 
-def test_ct_ignore_names_unquantized_linears_as_the_runtime_model_names_them(tiny_model, tmp_path):
+@pytest.mark.parametrize("family, runtime_only, checkpoint_only", [
+    ("phimoe", "model.layers.0.mlp.router", "model.layers.0.block_sparse_moe.gate"),
+    ("kimi_k25", "model.vision_tower.layers.0.attn.k_proj", "vision_tower.encoder.blocks.0.wqkv"),
+])
+def test_ct_ignore_names_unquantized_linears_as_the_runtime_model_names_them(family, runtime_only, checkpoint_only,
+                                                                             tiny_model, tmp_path):
     """transformers + compressed-tensors (and vLLM's Transformers backend) apply the scheme to every runtime
     nn.Linear that `ignore` does not name. phimoe's checkpoint router `block_sparse_moe.gate` is the runtime
     nn.Linear subclass `mlp.router`: named only by its checkpoint name, it was taken for a quantized Linear
-    ("'PhimoeTopKRouter' object has no attribute 'weight'"; vLLM: "Output size (8) not supported")."""
+    ("'PhimoeTopKRouter' object has no attribute 'weight'"; vLLM: "Output size (8) not supported"). Kimi-K2.5's
+    vision `wqkv` is split at load into attn.q_proj, k_proj and v_proj: named as q_proj only, transformers failed
+    on the first of the others ("'Linear' object has no attribute 'weight'")."""
     from torch import nn
 
+    from moedsl.execute.loader import LayerwiseLoader
     from moedsl.execute.run import quantize
     from moedsl.models.tiny import build_model, tiny_config
 
-    src = tiny_model("phimoe")
+    src = tiny_model(family)
     out = tmp_path / "out"
-    quantize(model=src, out=out, format="compressed-tensors", group_size=32, samples=2, seq_len=16, policy="all",
+    quantize(model=src, out=out, format="compressed-tensors", group_size=16, samples=2, seq_len=16, policy="all",
              progress=False, device="cpu")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     quantized = {k.removesuffix(".weight_packed") for k in index if k.endswith(".weight_packed")}
-    runtime = build_model(tiny_config("phimoe"), device="meta")
+    loader = LayerwiseLoader(src)
+    loader.skeleton()
+    quantized_runtime = {n.removesuffix(".weight") for q in quantized for n in loader.runtime_names(f"{q}.weight")}
+    runtime = build_model(tiny_config(family), device="meta")
     linears = [n for n, m in runtime.named_modules() if isinstance(m, nn.Linear)]
-    assert "model.layers.0.mlp.router" in linears
-    loose = [n for n in linears if n not in quantized and n not in qc["ignore"]]
+    assert runtime_only in linears
+    loose = [n for n in linears if n not in quantized_runtime and n not in qc["ignore"]]
     assert loose == [], f"runtime Linears neither quantized nor ignored: {loose}"
-    assert "model.layers.0.block_sparse_moe.gate" in qc["ignore"]  # vLLM's own phimoe class: checkpoint names
+    assert checkpoint_only in qc["ignore"]  # vLLM's own classes: checkpoint names
     assert not set(qc["ignore"]) & quantized
 
 

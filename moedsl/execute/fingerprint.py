@@ -24,10 +24,14 @@ import torch
 
 from moedsl.errors import MoedslError
 
-# files copied from the model directory into the output, beside the checkpoint
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
-_READ_FILES = ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES)
+# files copied from the model directory into the output, beside the checkpoint: the tokenizer's, and a
+# multimodal model's processors (an engine serving a vision-language or omni model builds its processor from
+# them: vLLM refuses a directory without preprocessor_config.json, "Can't load image processor")
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+              "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+              "chat_template.json")
+_READ_FILES = ("config.json", "model.safetensors.index.json", *SIDE_FILES)
 
 _OPTION_FLAGS = {"definition": "--def", "damp_percent": "--damp", "sym": "--sym/--asym"}
 

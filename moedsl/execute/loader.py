@@ -257,6 +257,7 @@ class LayerwiseLoader:
         # filled by skeleton(): checkpoint key -> runtime key, plan per layer
         self._mapping = None
         self._runtime_of: dict[str, str] = {}
+        self._also_runtime_of: dict[str, list[str]] = {}  # the further targets of a key a converter splits
         self._layer_keys: dict[int | None, list[str]] = {}
         self._unexpected: list[str] = []
         self._converted: set[str] = set()
@@ -382,6 +383,7 @@ class LayerwiseLoader:
         prefix = model.base_model_prefix
         layer_re = re.compile(rf"^{re.escape(self._layers_path)}\.(\d+)\.")
         runtime_of: dict[str, str] = {}
+        also_runtime_of: dict[str, list[str]] = {}
         per_layer: dict[int | None, list[str]] = defaultdict(list)
         unexpected: list[str] = []
         converted: set[str] = set()
@@ -401,10 +403,17 @@ class LayerwiseLoader:
             if pattern is not None:
                 converted.add(key)
                 conversion_of[key] = owner.get(pattern, -1)
+                # a one-to-many converter (Kimi-K2.5's vision `wqkv` -> attn.q_proj, k_proj, v_proj) renames
+                # into its first target; the others are the same key with the first target's name replaced
+                targets = list(converters[owner[pattern]].target_patterns) if pattern in owner else []
+                others = [renamed.replace(targets[0], t, 1) for t in targets[1:] if targets[0] in renamed]
+                if others and all(o in meta_sd for o in others):
+                    also_runtime_of[key] = others
             m = layer_re.match(renamed)
             per_layer[int(m.group(1)) if m else None].append(key)
         self._mapping = mapping
         self._runtime_of = runtime_of
+        self._also_runtime_of = also_runtime_of
         self._layer_keys = dict(per_layer)
         self._unexpected = unexpected
         self._converted = converted
@@ -481,6 +490,11 @@ class LayerwiseLoader:
             self.shard_of(key)  # raises for unknown keys
             raise MoedslError(f"checkpoint tensor `{key}` matches no parameter of the model")
         return self._runtime_of[key]
+
+    def runtime_names(self, key: str) -> list[str]:
+        """Every runtime parameter a checkpoint key loads into: its `runtime_name`, and the further targets where
+        a converter splits it (a fused `wqkv` into q_proj, k_proj, v_proj)."""
+        return [self.runtime_name(key), *self._also_runtime_of.get(key, [])]
 
     def _check_index(self, i: int) -> None:
         n = self.num_layers

@@ -9,7 +9,7 @@
    statistics (GPTAQ) makes the run carry a second stream, the full-precision model's inputs
    to each layer: it starts equal to the first (the embeddings are not quantized), goes through
    each layer as loaded, and is saved for resuming beside the quantized stream.
-5. Copy the tensors that are not quantized, the tokenizer files, then write the index, the report
+5. Copy the tensors that are not quantized, the tokenizer's and processors' files, then write the index, the report
    and, last, config.json (which marks the checkpoint complete).
 
 The output directory (kept apart from the source, locked, resumed or cleared) is `outdir.py`'s.
@@ -35,7 +35,7 @@ from moedsl.errors import MoedslError
 from moedsl.execute import distributed
 from moedsl.execute.layer import LayerQuantizer, StopForward
 from moedsl.execute.options import QuantizeOptions
-from moedsl.execute.fingerprint import TOKENIZER_FILES, source_fingerprint
+from moedsl.execute.fingerprint import SIDE_FILES, source_fingerprint
 from moedsl.execute.outdir import REPORT_NAME, RUN_DIR, STATE_NAME, OutputDir, check_apart, hold
 from moedsl.execute.packer import Packer
 from moedsl.execute.phases import Phases
@@ -540,7 +540,7 @@ class Runner:
             code.copy_to(opts.out)
         report.phases = phases.summary(time.perf_counter() - launched)
         report.phase_peaks = phases.peaks()
-        self.copy_tokenizer(Path(model_dir), opts.out)
+        self.copy_side_files(Path(model_dir), opts.out)
         writer.finalize(config, {REPORT_NAME: report.to_json()})  # config.json last: the directory is complete
         out.finish()
         ranks.agree(lambda: None, "finishing the checkpoint")
@@ -648,7 +648,7 @@ class Runner:
         copy_keys(writer, loader, keys)
 
     @staticmethod
-    def copy_tokenizer(src: Path, out: Path) -> None:
-        for name in TOKENIZER_FILES:
+    def copy_side_files(src: Path, out: Path) -> None:
+        for name in SIDE_FILES:
             if (src / name).is_file():
                 copy_atomic(src / name, out / name)

@@ -19,7 +19,7 @@ from moedsl.write.engines import StackedExperts, stack_gate_up
 
 @dataclass
 class Stacked:
-    """What the packer gets: the matrices, and how their keys join the names (`w13` + `_` + local)."""
+    """What the packer gets: the matrices, and how their keys join the names (`w13` + `_` + local, or `.`)."""
 
     q: Quantized
     join: str = "."
@@ -46,7 +46,7 @@ class ExpertStacker:
         role, experts = roles.pop(), tuple(int(m.group(1)) for m in parsed)
         layout = self.layout
         if role == "down":
-            return [Stacked(Quantized([layout.w2.format(e=e) for e in experts], q.stack, True, q.unit), "_",
+            return [Stacked(Quantized([layout.w2.format(e=e) for e in experts], q.stack, True, q.unit), layout.join,
                             layout.omit)]
         first = self.waiting.pop(experts, None)
         if first is None:
@@ -57,7 +57,7 @@ class ExpertStacker:
                               code="write")
         gate, up = (first[1], q) if role == "up" else (q, first[1])
         stack = stack_gate_up(gate.stack, up.stack, layout.order)
-        return [Stacked(Quantized([layout.w13.format(e=e) for e in experts], stack, True, q.unit), "_",
+        return [Stacked(Quantized([layout.w13.format(e=e) for e in experts], stack, True, q.unit), layout.join,
                         layout.omit)]
 
     def finish(self) -> None:

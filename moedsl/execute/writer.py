@@ -87,14 +87,16 @@ def runtime_names(loader, modules: list[str]) -> list[str]:
     conversion renames them. transformers + compressed-tensors, and vLLM's generic Transformers backend,
     match the `ignore` list against the modules of the model they build (phimoe's checkpoint router
     `block_sparse_moe.gate` is the runtime nn.Linear `mlp.router`): without its runtime name, a router is
-    taken for a quantized Linear."""
+    taken for a quantized Linear. A tensor a converter splits has one runtime module per part (Kimi-K2.5's
+    vision `wqkv`: attn.q_proj, k_proj, v_proj), each named."""
     keys = set(loader.checkpoint_keys()) - set(loader.unexpected_keys)  # unexpected: no runtime module
     out = []
     for module in modules:
         if f"{module}.weight" in keys:
-            runtime = loader.runtime_name(f"{module}.weight").removesuffix(".weight")
-            if runtime != module:
-                out.append(runtime)
+            for name in loader.runtime_names(f"{module}.weight"):
+                runtime = name.removesuffix(".weight")
+                if runtime != module:
+                    out.append(runtime)
     return out
 
 

@@ -60,9 +60,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def build_byte_tokenizer(model_max_length: int = 4096):
+def build_byte_tokenizer(model_max_length: int = 4096, named_tokens: dict[str, str] | None = None):
     """A byte-level tokenizer: token id = byte value (0..255), then <|bos|> 256, <|eos|> 257,
-    <|pad|> 258. No merges, so every UTF-8 text round-trips exactly and any byte string fits.
+    <|pad|> 258, then `named_tokens` (attribute -> token: {"image_token": "<|img|>"}, which a multimodal
+    processor reads as `tokenizer.image_token`) from 259 on, in order. No merges, so every UTF-8 text
+    round-trips exactly and any byte string fits.
 
     Returned as a `PreTrainedTokenizerFast`; `save_pretrained` writes tokenizer.json, so
     `AutoTokenizer.from_pretrained(dir)` works offline.
@@ -85,10 +87,11 @@ def build_byte_tokenizer(model_max_length: int = 4096):
         pad_token=PAD_TOKEN,
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
+        **({"extra_special_tokens": dict(named_tokens)} if named_tokens else {}),
     )
 
 
-def save_byte_tokenizer(out_dir: str | Path) -> Path:
+def save_byte_tokenizer(out_dir: str | Path, named_tokens: dict[str, str] | None = None) -> Path:
     """Save `build_byte_tokenizer()` to `out_dir` so `AutoTokenizer.from_pretrained(out_dir)` loads it.
 
     tokenizer_config.json names the class `PreTrainedTokenizerFast` (which transformers 4.x and
@@ -98,7 +101,7 @@ def save_byte_tokenizer(out_dir: str | Path) -> Path:
     import json
 
     out = Path(out_dir)
-    build_byte_tokenizer().save_pretrained(out)
+    build_byte_tokenizer(named_tokens=named_tokens).save_pretrained(out)
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"

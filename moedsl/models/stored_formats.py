@@ -31,13 +31,12 @@ from safetensors.torch import save_file
 
 from moedsl.errors import MoedslError
 from moedsl.execute.dequant import E2M1_VALUES, E8M0_BIAS, FP8_SCALE, MXFP4_BLOCKS, MXFP4_GROUP, MXFP4_SCALES
+from moedsl.execute.fingerprint import SIDE_FILES
 
 __all__ = ["fp8_block_quantize", "mxfp4_quantize", "save_fp8", "save_mxfp4", "write_stored", "fp8_config",
            "MXFP4_CONFIG"]
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-              "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
 MXFP4_CONFIG = {"quant_method": "mxfp4",
                 "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                            "model.embed_tokens", "lm_head"]}

@@ -42,6 +42,7 @@ __all__ = [
     "build_model",
     "model_class",
     "save_tiny",
+    "save_processor",
     "layer_kind_lists",
 ]
 
@@ -814,6 +815,75 @@ def save_tiny(model_type: str, out_dir: str | Path, seed: int = 0, **overrides) 
         save_byte_tokenizer(out)
     released_keys(out, model_type)
     return out
+
+
+# the image-processor backends transformers (5.2x) offers, in the order tried: PIL first, since transformers'
+# torchvision-backed classes need a torchvision built for the installed torch
+_IMAGE_BACKENDS = ("pil", "torchvision")
+# the special tokens a family's processor reads off its tokenizer (AriaProcessor: `tokenizer.image_token`), each
+# with the config key that holds its id: the byte tokenizer gets them, and the config their ids
+_PROCESSOR_TOKENS: dict[str, dict[str, tuple[str, str]]] = {
+    "aria": {"image_token": ("<|img|>", "image_token_index")},
+}
+
+
+def save_processor(model_type: str, out_dir: str | Path) -> list[str]:
+    """Write beside a tiny composite's checkpoint the processor files an engine serving it reads: the image
+    processor of the family (transformers' own class, at its defaults, `save_pretrained`: preprocessor_config.json)
+    and, where the family's processor reads special tokens off the tokenizer (`_PROCESSOR_TOKENS`), the byte
+    tokenizer again with them, their ids in config.json. Returns the files written; none for a family transformers
+    maps no image processor to (a text model). The processor's own processor_config.json is not written (its
+    defaults are the class's)."""
+    import transformers
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES as IMAGE
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES as PROCESSOR
+
+    names = IMAGE.get(model_type)
+    if not names and PROCESSOR.get(model_type):  # a processor shared with another family (glm4v_moe's is glm4v's,
+        # Glm4vProcessor): that family's image processor, as the releases' preprocessor_config.json names it
+        names = next((IMAGE[t] for t, p in PROCESSOR.items() if p == PROCESSOR[model_type] and IMAGE.get(t)), None)
+    if not names:
+        return []
+    # transformers 5.2x maps backend -> class name; earlier 5.x (slow, fast)
+    ordered = [names.get(b) for b in _IMAGE_BACKENDS] if isinstance(names, dict) else list(names)
+    failures = []
+    for name in filter(None, ordered):
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            continue
+        try:
+            processor = cls()
+        except ImportError as exc:  # transformers' placeholder for a class whose backend is not installed
+            failures.append(f"{name}: {' '.join(str(exc).split())[:160]}")
+            continue
+        with quiet_transformers():
+            processor.save_pretrained(out_dir)
+        return ["preprocessor_config.json"] + _save_processor_tokens(model_type, Path(out_dir))
+    raise MoedslError(f"{model_type}: no image processor of transformers {transformers.__version__} can be built here",
+                      notes=failures or [f"transformers names {sorted(filter(None, ordered))} but has none of them"]
+                      + ["PIL-backed image processors need pillow (requirements/cpu.txt installs it)"])
+
+
+def _save_processor_tokens(model_type: str, out: Path) -> list[str]:
+    """The byte tokenizer with the family's processor tokens (`_PROCESSOR_TOKENS`), and config.json with their ids."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from moedsl.models.default import save_byte_tokenizer
+
+    tokens = _PROCESSOR_TOKENS.get(model_type)
+    if not tokens:
+        return []
+    with quiet_transformers():
+        save_byte_tokenizer(out, {name: token for name, (token, _) in tokens.items()})
+        tokenizer = AutoTokenizer.from_pretrained(out)
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    for token, key in tokens.values():
+        config[key] = tokenizer.convert_tokens_to_ids(token)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json", "config.json"]
 
 
 def released_keys(out: Path, model_type: str) -> None:

@@ -33,6 +33,7 @@ engine names such a limit when it loads the checkpoint (the serving check prints
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Literal, NamedTuple
 
 import torch
@@ -96,14 +97,23 @@ def gptq_checkpoint_format(cfg: QuantConfig) -> str:
     return "gptq" if cfg.sym else "gptq_v2"
 
 
-# family -> {piece of a checkpoint module name: the piece vLLM's prefix for that module has instead}. vLLM
-# matches `modules_in_block_to_quantize` against the prefix it builds each Linear with, which is not always
-# the name the checkpoint (and its loader) use
+# family -> {pattern on a checkpoint module name (a regular expression): what vLLM's prefix for that module
+# has instead}. vLLM matches `modules_in_block_to_quantize` against the prefix it builds each Linear with (a
+# substring test), which is not always the name the checkpoint (and its loader) use
 VLLM_GPTQ_PREFIXES: dict[str, dict[str, str]] = {
     # vllm/.../models/granitemoehybrid.py keeps the mamba mixer as the attribute `mamba` but builds it with
     # prefix `….mixer`: matched under `mamba` only, in_proj came up unquantized and loading failed with
     # "KeyError: 'layers.0.mamba.in_proj.qweight'"
-    "granitemoehybrid": {".mamba.": ".mixer."},
+    "granitemoehybrid": {r"\.mamba\.": ".mixer."},
+    # vllm/.../models/aria.py: (1) vLLM maps the list through the class's hf_to_vllm_mapper, which renames
+    # `language_model.model` to `language_model`, while it builds the text model's Linears with the prefix
+    # `language_model.model.…`: no name as written matched, attention came up unquantized ("'QKVParallelLinear'
+    # object has no attribute 'data'"); `model.layers.…`, which the mapper leaves alone, is a substring of those
+    # prefixes. (2) It builds each layer's shared experts (a LlamaMLP) with no prefix at all: their Linears'
+    # prefixes are `.gate_up_proj` and `.down_proj` ("There is no module or parameter named
+    # 'layers.0.mlp.shared_experts.down_proj.qweight'"); `.down_proj` is a substring of that prefix and of no
+    # other Linear of Aria's (its routed experts are not Linears; its towers name theirs fc1, linear_in, ...)
+    "aria": {r"^language_model\.(?=model\.layers\.)": "", r"^.*\.mlp\.shared_experts(?=\.)": ""},
 }
 
 
@@ -114,7 +124,7 @@ def gptq_prefixes(engine: str, family: str | None) -> dict[str, str]:
 def gptq_module_list(quantized: list[str], prefixes: dict[str, str] | None = None) -> list[str]:
     """`modules_in_block_to_quantize` for vLLM: every quantized module by its full checkpoint name, plus
     the fused runtime name of each group of siblings vLLM fuses when all of them are quantized, plus
-    each name as vLLM's prefix spells it where that differs (`prefixes`, from `gptq_prefixes`)."""
+    each name as vLLM's prefix spells it where that differs (`prefixes`, patterns from `gptq_prefixes`)."""
     names = set(quantized)
     by_parent: dict[str, set[str]] = {}
     for n in names:
@@ -124,8 +134,8 @@ def gptq_module_list(quantized: list[str], prefixes: dict[str, str] | None = Non
         for fused, parts in VLLM_FUSED_LINEARS.items():
             if set(parts) <= leaves:
                 names.add(f"{parent}.{fused}" if parent else fused)
-    for piece, vllm_piece in (prefixes or {}).items():
-        names |= {n.replace(piece, vllm_piece) for n in names if piece in n}
+    for pattern, vllm_piece in (prefixes or {}).items():
+        names |= {re.sub(pattern, vllm_piece, n) for n in names if re.search(pattern, n)}
     return sorted(names)
 
 
@@ -303,13 +313,15 @@ def engine_config(engine: str, config: dict) -> tuple[dict, list[str]]:
 class StackedExperts(NamedTuple):
     """vLLM maps this family's quantized experts only as one gate+up matrix per expert.
 
-    Keys are `<layer>.<template with {e}>_<local>` (`mlp.experts.3.w13_weight_packed`); `order` is how
-    gate and up rows are combined (gpt-oss's SwiGLU reads them interleaved: even rows gate)."""
+    Keys are `<layer>.<template with {e}><join><local>` (`mlp.experts.3.w13_weight_packed`,
+    `mlp.experts.3.gate_up_proj.weight_packed`); `order` is how gate and up rows are combined (gpt-oss's SwiGLU
+    reads them interleaved: even rows gate)."""
 
     w13: str
     w2: str
     order: Literal["interleave", "concat"]
     omit: tuple[str, ...]  # local keys its loader has no name for (and never reads)
+    join: str = "_"
 
 
 # family (definition name) -> format -> the stacked names vLLM's loader maps
@@ -318,6 +330,13 @@ VLLM_STACKED_EXPERTS: dict[str, dict[str, StackedExperts]] = {
     # `experts.<e>.{w13,w2}_{weight_packed,weight_scale,bias}`; weight_shape has no name there
     "gpt_oss": {"compressed-tensors": StackedExperts("mlp.experts.{e}.w13", "mlp.experts.{e}.w2", "interleave",
                                                      ("weight_shape",))},
+    # vllm/model_executor/models/aria.py loads through LlamaModel.load_weights, whose stacked-parameter mapping
+    # renames a per-expert `experts.<e>.gate_proj.*` to `experts.<e>.gate_up_proj.*` before the expert mapping
+    # sees it; the experts' loader then takes it for a per-expert gate+up matrix and loads half of it into each of
+    # w1 and w3 (the rest stays at its init, the scales at 1: "vLLM's experts differ from the quantized ones (max
+    # rel. 75.5)" in the serving check). Written as that matrix, gate rows then up rows, it loads whole
+    "aria": {"compressed-tensors": StackedExperts("mlp.experts.{e}.gate_up_proj", "mlp.experts.{e}.down_proj",
+                                                  "concat", (), ".")},
 }
 
 # (family, format) -> why vLLM cannot load that family's quantized experts in that format

@@ -6,7 +6,8 @@ users serve with, compare with the source model carrying the dequantized weights
 Run through scripts/check-serving.sh, which builds both venvs. For each family and format:
 
 1. `save_tiny` a model of the family at serving-friendly widths (hidden 128, experts 64 wide:
-   vLLM's int4 MoE path needs hidden % 128 == 0) and quantize it with moedsl (4-bit sym, g64).
+   vLLM's int4 MoE path needs hidden % 128 == 0), with a composite's image processor (`save_processor`),
+   and quantize it with moedsl (4-bit sym, g64).
    While quantizing, every decoder layer is captured as it leaves GPTQ: that is the source model
    carrying the dequantized weights, the reference.
 2. vLLM (scripts/serving/vllm_probe.py): builds and loads the checkpoint, reports the tensors it
@@ -38,6 +39,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the reference's log-probs are computed as the transformers probe computes the consumer's: the same forward (a
+# composite without one of its own runs its thinker)
+from hf_probe import logits_model, prompt_logprobs as logprobs  # noqa: E402
 
 FORMATS = ("gptq", "compressed-tensors")
 # library MoE families with a vLLM model class (vLLM 0.32), plain / shared-expert / fused-checkpoint
@@ -154,12 +160,6 @@ def load_model(src: Path, state: dict[str, torch.Tensor] | None = None):
             raise RuntimeError(f"reference state names unknown to the model: {missing[:5]}")
         model.load_state_dict(state, strict=False)
     return model.eval()
-
-
-@torch.no_grad()
-def logprobs(model, ids: list[int]) -> list[float]:
-    lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-    return [float(lp[t, ids[t + 1]]) for t in range(len(ids) - 1)]
 
 
 def expected_experts(model) -> dict[int, dict[str, torch.Tensor]]:
@@ -290,6 +290,22 @@ def fused_checkpoint(model) -> bool:
                for kind in plan.kinds for moe in kind.moe)
 
 
+# transformers + compressed-tensors, for a family whose checkpoints store fused experts (`fused_checkpoint`)
+FUSED_IN_TRANSFORMERS = (
+    "transformers converts per-expert checkpoint tensors into fused experts only for families whose checkpoints are "
+    "per-expert; this family's store them fused, and its conversion mapping reads only those fused tensors (Aria's "
+    "renames experts.fc1.weight/fc2.weight to gate_up_proj/down_proj). Its fused experts are parameters, not Linear "
+    "modules that compressed-tensors could give quantized weights (transformers rebuilds experts per expert for "
+    "quantized checkpoints only where MODULES_TO_PATCH_FOR_QUANTIZATION names them: Llama4TextExperts), so the "
+    "per-expert quantized tensors are UNEXPECTED in transformers' load report and the fused experts MISSING, left at "
+    "their random init")
+# transformers + compressed-tensors, for a composite with no forward of its own (hf_probe.logits_model)
+NO_FORWARD = ("compressed-tensors decompresses a loaded model in a forward pre-hook on the model transformers returns "
+              "(ModelCompressor.add_decompress_hook), at its first forward; this composite's class has no forward "
+              "(Qwen3-Omni's generate runs its thinker directly), so the hook never fires and the thinker's first "
+              "forward meets its still-packed linears")
+
+
 def expect_limit(cell: dict, limit: str | None) -> dict:
     """Mark a cell that fails as a known engine limit predicts (or a limit that no longer holds)."""
     if limit is None:
@@ -302,16 +318,19 @@ def expect_limit(cell: dict, limit: str | None) -> dict:
 
 # limits of the vLLM this check runs (its CPU build; the transformers 5.19 it pins), not of the checkpoint: the
 # model cannot even be built, so these cells cannot check loading here, and count as expected (the GPU build,
-# or the release's own configuration code, gets past them). definition name -> (what vLLM's error says, why)
+# or the release's own configuration code, gets past them). definition name -> (what vLLM's error says, a regular
+# expression; why)
 DSA = ("Sparse Attention is not supported on CPU", "vLLM's CPU build has no sparse-attention (DSA indexer) backend "
        "(vllm/platforms/cpu.py); its GPU builds have")
 REMOTE_CONFIG = ("Transformers does not recognize this architecture", "vLLM 0.32 registers the model class but reads "
                  "the config through the transformers it pins (5.19), which has no config class for this model_type: "
                  "only configuration code shipped with the checkpoint (trust_remote_code) gets past it, and a fixture "
                  "saved by transformers 5.24 has none")
-TORCHVISION = ("failed to be inspected", "vLLM's vision-language classes import torchvision, which this check's venv "
-               "removes (PyPI's wheels fail on torch 2.13.0+cpu: `operator torchvision::nms does not exist`), so the "
-               "registry cannot inspect the class (`No module named 'torchvision'` in vLLM's log)")
+TORCHVISION = ("failed to be inspected|requires the Torchvision library",
+               "vLLM's vision-language classes import torchvision, and transformers' video processors need it, which "
+               "this check's venv removes (PyPI's wheels fail on torch 2.13.0+cpu: `operator torchvision::nms does "
+               "not exist`): the registry cannot inspect the class (`No module named 'torchvision'` in vLLM's log), "
+               "or the processor vLLM builds from the checkpoint cannot be made")
 VLLM_BUILD_LIMITS = {
     # relu² experts without a gate (`fn mlp(relu2)`): vLLM's FusedMoE refuses them on CPU at construction
     "nemotron_h": ("is_act_and_mul", "vLLM's CPU build has no MoE kernel for non-gated experts (is_act_and_mul=False); "
@@ -320,7 +339,9 @@ VLLM_BUILD_LIMITS = {
     "glm_moe_dsa": DSA,
     "sarvam_mla": REMOTE_CONFIG,
     "dots3_note_text": REMOTE_CONFIG,
-    **{name: TORCHVISION for name in ("llama4", "qwen3_vl_moe", "glm4v_moe", "qwen3_5_moe_vl", "qwen3_omni_moe")},
+    "mistral_large4": REMOTE_CONFIG,
+    **{name: TORCHVISION for name in ("llama4", "qwen3_vl_moe", "glm4v_moe", "qwen3_5_moe_vl", "qwen3_omni_moe",
+                                      "ernie4_5_vl_moe")},
 }
 
 
@@ -333,6 +354,15 @@ VLLM_UNREAD_IN_DENSE = {
 }
 
 
+# checkpoint tensors a vLLM class maps to nothing on purpose (its hf_to_vllm_mapper), so never reads: definition
+# name -> pattern on the tensor name
+VLLM_DROPPED = {
+    # vllm/.../models/aria.py AriaVisionTransformer: `orig_to_new_substr={"post_layernorm": None}` ("post_layernorm
+    # is not used in Aria"), the vision tower's last norm replaced by an Identity
+    "aria": re.compile(r"(^|\.)vision_tower\.post_layernorm\."),
+}
+
+
 def unread_params(name: str, uninitialized: list[str], moe_layers: set[int]) -> set[str]:
     """The parameters among `uninitialized` that vLLM's class for `name` never reads (VLLM_UNREAD_IN_DENSE)."""
     pattern = VLLM_UNREAD_IN_DENSE.get(name)
@@ -342,12 +372,18 @@ def unread_params(name: str, uninitialized: list[str], moe_layers: set[int]) -> 
 
 
 def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, formats=FORMATS) -> dict:
-    from moedsl.models.tiny import save_tiny
+    from moedsl.errors import MoedslError
+    from moedsl.models.tiny import save_processor, save_tiny
     from moedsl.write.engines import TRANSFORMERS_FAMILY_LIMITS, VLLM_FAMILY_LIMITS
 
     row: dict = {}
+    no_processor = None  # why the fixture has no image processor, where it has none (said in the vLLM cells)
     try:
         src = save_tiny(family, work / family / "src", seed=0, **serving_overrides(family))
+        try:  # a composite's processor files, which moedsl copies into its outputs and vLLM reads
+            save_processor(family, src)
+        except MoedslError as exc:
+            no_processor = f"the fixture has no preprocessor_config.json: {exc.message}: {'; '.join(exc.notes)}"
         name = definition_name(family)
         portable_config(src)
         source_lp = logprobs(load_model(src), PROMPT)
@@ -378,6 +414,9 @@ def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, forma
             ignored = set(trivial_g_idx(out, v["unused"]))
             v["unused"] = [n for n in v["unused"] if n not in ignored]
             v["trivial_g_idx_unread"] = len(ignored)
+        if v.get("unused") and name in VLLM_DROPPED:
+            v["dropped_by_vllm"] = [n for n in v["unused"] if VLLM_DROPPED[name].search(n)]
+            v["unused"] = [n for n in v["unused"] if n not in v["dropped_by_vllm"]]
         problem = None
         if "error" not in v:
             expected = expected_experts(ref)
@@ -391,15 +430,25 @@ def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, forma
         cell["mode"] = v.get("mode")
         cell["tensors"] = v.get("tensors")
         cell["quant_shift"] = quant_shift
+        if no_processor and not cell["ok"]:
+            cell["why"] += f" ({no_processor})"
         said, why = VLLM_BUILD_LIMITS.get(name, (None, None))
-        build_limit = why if said and said in str(v.get("error")) else None
+        build_limit = why if said and re.search(said, str(v.get("error"))) else None
         row[f"{fmt}·vLLM"] = expect_limit(cell, VLLM_FAMILY_LIMITS.get((name, fmt)) or build_limit)
         if fmt == "compressed-tensors" and hf_py:
             h = run_probe(hf_py, "hf_probe.py", out, work / family / f"{fmt}-hf", "hf.json")
-            limit = ("transformers converts per-expert checkpoint tensors into fused experts only for families "
-                     "whose checkpoints are per-expert" if fused_checkpoint(ref)
+            limit = (FUSED_IN_TRANSFORMERS if fused_checkpoint(ref)
+                     else NO_FORWARD if logits_model(ref) is not ref
                      else TRANSFORMERS_FAMILY_LIMITS.get(name))
-            row[f"{fmt}·transformers"] = expect_limit(verdict(h, ref_lp, HF_TOLERANCE), limit)
+            cell = expect_limit(verdict(h, ref_lp, HF_TOLERANCE), limit)
+            if "logprobs_decompressed" in h:  # the checkpoint behind the limit (hf_probe.behind_the_hook)
+                behind = verdict({"logprobs": h["logprobs_decompressed"]}, ref_lp, HF_TOLERANCE)
+                cell["why"] += (f". Decompressed by compressed-tensors' own decompress_model, the thinker's "
+                                f"log-probs {'match' if behind['ok'] else 'differ'} (Δ{behind['delta']:.3f})")
+                cell["decompressed"] = behind
+            elif "decompressed_error" in h:
+                cell["why"] += f". Decompressed by hand, it still fails: {h['decompressed_error']}"
+            row[f"{fmt}·transformers"] = cell
         print(f"  {family} {fmt}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     return row
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -188,6 +189,11 @@ def scan_kernel_overrides_safely() -> None:
 def engine_message(exc: Exception) -> str:
     """The line of vLLM's error that says what is wrong (pydantic wraps config errors in boilerplate)."""
     lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
+    # transformers' missing-backend ImportError: "X requires the Torchvision library but it was not found in your
+    # environment. Check out the instructions on the\ninstallation page: ..."
+    backend = re.search(r"\S+ requires the \S+ library but it was not found in your environment", " ".join(lines))
+    if backend:
+        return backend.group(0)
     for line in lines:
         if line.startswith("Value error,"):
             return line.removeprefix("Value error,").split(" [type=")[0].strip()
