@@ -283,7 +283,7 @@ def test_processor_of_a_text_model_is_nothing_and_a_missing_backend_is_named(tmp
         assert not (tmp_path / "vl").exists()
 
 
-def test_serving_probe_runs_a_composite_without_forward_through_its_thinker():
+def test_serving_probe_runs_a_composite_without_forward_through_its_thinker_and_llama4_through_its_causal_lm():
     """Qwen3-Omni's `…ForConditionalGeneration` has no forward of its own: the serving check's reference and
     its transformers probe run the thinker (scripts/serving/hf_probe.py `logits_model`); a causal LM runs itself."""
     import importlib.util
@@ -303,3 +303,9 @@ def test_serving_probe_runs_a_composite_without_forward_through_its_thinker():
     assert lp == pytest.approx([float(torch.log_softmax(logits, -1)[t, ids[t + 1]]) for t in range(4)])
     text = build_model(tiny_config("qwen3_moe"), "meta")
     assert probe.logits_model(text) is text
+    # Llama 4's wrapper calls a complete causal LM, and its own forward fails after it (transformers 5.24):
+    # the probe runs that causal LM, which is what the wrapper computes for text
+    llama4 = build_model(tiny_config("llama4"), "cpu")
+    assert probe.logits_model(llama4) is llama4.language_model
+    vl = build_model(tiny_config("glm4v_moe"), "meta")  # a wrapper that owns the head runs itself
+    assert probe.logits_model(vl) is vl

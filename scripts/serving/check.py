@@ -301,9 +301,10 @@ FUSED_IN_TRANSFORMERS = (
     "their random init")
 # transformers + compressed-tensors, for a composite with no forward of its own (hf_probe.logits_model)
 NO_FORWARD = ("compressed-tensors decompresses a loaded model in a forward pre-hook on the model transformers returns "
-              "(ModelCompressor.add_decompress_hook), at its first forward; this composite's class has no forward "
-              "(Qwen3-Omni's generate runs its thinker directly), so the hook never fires and the thinker's first "
-              "forward meets its still-packed linears")
+              "(ModelCompressor.add_decompress_hook), at its first forward; this composite's text logits come from a "
+              "sub-model run directly (Qwen3-Omni's class has no forward: its generate runs the thinker; Llama-4's "
+              "forward fails after its causal LM returns, reading `image_outputs` off that output), so the hook never "
+              "fires and the sub-model's first forward meets its still-packed linears")
 
 
 def expect_limit(cell: dict, limit: str | None) -> dict:
@@ -443,7 +444,7 @@ def check_family(family: str, work: Path, vllm_py: str, hf_py: str | None, forma
             cell = expect_limit(verdict(h, ref_lp, HF_TOLERANCE), limit)
             if "logprobs_decompressed" in h:  # the checkpoint behind the limit (hf_probe.behind_the_hook)
                 behind = verdict({"logprobs": h["logprobs_decompressed"]}, ref_lp, HF_TOLERANCE)
-                cell["why"] += (f". Decompressed by compressed-tensors' own decompress_model, the thinker's "
+                cell["why"] += (f". Decompressed by compressed-tensors' own decompress_model, the sub-model's "
                                 f"log-probs {'match' if behind['ok'] else 'differ'} (Δ{behind['delta']:.3f})")
                 cell["decompressed"] = behind
             elif "decompressed_error" in h:

@@ -25,7 +25,15 @@ def logits_model(model):
     """The module whose forward gives the logits: the model itself, or, for a composite with no forward of
     its own (Qwen3-Omni's `…ForConditionalGeneration` holds a thinker, which reads and writes text, and a
     talker, which speaks; its forward is torch's `_forward_unimplemented`), its first sub-model with an
-    output head and a forward: the thinker, as transformers' own `generate` of that class runs it."""
+    output head and a forward: the thinker, as transformers' own `generate` of that class runs it. And a
+    composite whose language model is a complete causal LM of its own (Llama-4's wrapper embeds any images
+    and calls its `Llama4ForCausalLM`): that causal LM, the same computation for a text prompt, since the
+    wrapper's own forward fails in transformers 5.24 after it (it reads `image_outputs` off the causal LM's
+    output, which has none)."""
+    language = getattr(model, "language_model", None)
+    if (isinstance(language, torch.nn.Module) and language is not model and hasattr(language, "get_output_embeddings")
+            and language.get_output_embeddings() is not None):
+        return language
     if type(model).forward is not torch.nn.Module.forward:
         return model
     for child in model.children():
