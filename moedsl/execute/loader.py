@@ -554,20 +554,15 @@ class LayerwiseLoader:
         groups: dict[int | None, list[str]] = defaultdict(list)
         for key in keys:
             groups[self._conversion_of.get(key)].append(key)
-        if torch.device(device).type == "cuda":
-            # on the device before the conversion, so that merging experts into fused tensors (128 × 3
-            # tensors for a Qwen3-30B-A3B layer) runs there and not on the host; from pinned memory
-            # these copies are asynchronous
-            def move(t):
-                return t.to(device, non_blocking=True)
-        else:
-            def move(t):
-                return t
+        # read-ahead tensors go to the device before the conversion, so that merging experts into fused tensors
+        # (128 × 3 tensors for a Qwen3-30B-A3B layer) runs there and not on the host; from pinned memory these
+        # copies are asynchronous
+        on_cuda = torch.device(device).type == "cuda"
         mismatched, errors = [], {}
         with self._reader(device) as get:
             for group in sorted(groups.values(), key=len, reverse=True):
-                state = {k: move(tensors[k]) if k in tensors else get(k)
-                         for k in sorted(group, key=lambda k: str(self.shard_of(k)))}
+                state = {k: (tensors[k].to(device, non_blocking=True) if on_cuda else tensors[k]) if k in tensors
+                         else get(k) for k in sorted(group, key=lambda k: str(self.shard_of(k)))}
                 with quiet_transformers():
                     info, _ = api["convert_and_load"](model, state, load_config)
                 del state

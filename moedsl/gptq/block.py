@@ -126,8 +126,7 @@ def _solve_block_triton(W1, Hinv1, scale, zero, maxq):
         W1 = W1.contiguous()
     if Hinv1.stride(2) != 1:  # a factor straight from a triangular solve can be column-major
         Hinv1 = Hinv1.contiguous()
-    S = scale.expand(B, R, NC)
-    Z = zero.expand(B, R, NC)
+    S, Z = scale, zero  # one set of strides for both (expanded views of one group's line, or gathered)
     if S.stride() != Z.stride():
         S, Z = S.contiguous(), Z.contiguous()
     QT = torch.empty(B, NC, R, device=W1.device, dtype=torch.float32)
