@@ -105,6 +105,7 @@ class LayerQuantizer(LayerStatistics):
         self.batched = batched
         self.measure_error = measure_error
         self.stop_early = True  # stop each stage's forward once its captures fired (tests turn it off)
+        self.skipped_expert_calls = 0  # routed experts' forwards skipped: only shared experts remained (dead_experts.py)
         self.out_device = device  # where the replay leaves the next layer's inputs (the CPU when they don't fit)
         self.kind = kind
         self.layer = layer

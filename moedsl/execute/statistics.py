@@ -32,6 +32,7 @@ from moedsl.bind.binder import get_path
 from moedsl.bind.bound import BoundExperts, BoundMoe
 from moedsl.errors import MoedslError
 from moedsl.execute import distributed
+from moedsl.execute.dead_experts import DeadExperts, SharedReadsRoutedOutput
 from moedsl.execute.stats import BlockedHessian, Hessian
 from moedsl.experts import fn as expert_fn
 from moedsl.experts import weights as expert_weights
@@ -118,8 +119,8 @@ def _tokens_by_expert(index: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.
 
 class LayerStatistics:
     """The statistics half of `LayerQuantizer` (moedsl/execute/layer.py), which sets the attributes
-    used here: layer, kind, policy, device, chunk_bytes, batched, stop_early, routed_counts, fp_layer,
-    ranks, and the ownership of work units (`owns_key`, `owned_blocks`)."""
+    used here: layer, kind, policy, device, chunk_bytes, batched, stop_early, skipped_expert_calls,
+    routed_counts, fp_layer, ranks, and the ownership of work units (`owns_key`, `owned_blocks`)."""
 
     @torch.no_grad()
     def collect(self, stage: Stage, inputs: list[torch.Tensor], kwargs: list[dict],
@@ -222,11 +223,16 @@ class LayerStatistics:
         all_tokens: dict[str, Hessian] = {}
         router_out: dict[str, torch.Tensor] = {}
         block_in: dict[str, torch.Tensor] = {}
+        dead = DeadExperts(self.layer)  # the routed experts' forward, skipped while only shared experts remain
+        grouped_any = any(key.capture.kind == "grouped_input" for key in stage.stats)
         for path, keys in experts_keys.items():
             moe = _expert_bound(self.kind, path)
             ex = moe.experts
             module = get_path(self.layer, path)
             needed.add(path)
+            grouped_any |= ex.grouped
+            if self.stop_early and not ex.grouped:
+                dead.install(moe, module)
             if self.policy.kind == "auto" and any(k.capture.kind == "experts_input" and k.per_expert for k in keys):
                 all_tokens[path] = Hessian(ex.hidden_size, self.device, cross=cross)
             if _stacked(ex):
@@ -339,7 +345,7 @@ class LayerStatistics:
                                                     _experts_slice(weights, e0, e1), self.low_experts(path, k),
                                                     x_fp, fp_part, x_all, whole)
 
-            def experts_hook(mod, args, kwargs_, path=path, keys=keys, ex=ex, i=len(appliers)):
+            def experts_hook(mod, args, kwargs_, path=path, keys=keys, ex=ex, moe=moe, i=len(appliers)):
                 if ex.grouped:
                     grouped_experts(args, kwargs_, path, keys, ex)
                 elif _stacked(ex):
@@ -347,19 +353,23 @@ class LayerStatistics:
                 else:
                     record(i, *_routing(ex, args, kwargs_), fp_now.get(path))
                 done(path)
+                dead.consider(moe, needed - fired)
 
             appliers.append(apply_experts)
             hooked = get_path(module, ex.container(ex.first_role)) if ex.grouped else module
             handles.append(hooked.register_forward_pre_hook(experts_hook, with_kwargs=True))
+        # grouped statistics are applied as their hooks fire, so a batch run again would count twice
+        dead.enabled = not grouped_any
         ranks = self.ranks
         try:
             for b, (x, kw) in enumerate(zip(inputs, kwargs)):
                 src = ranks.owner(b)
-                if src == ranks.rank:  # this batch's forward is ours
+                while src == ranks.rank:  # this batch's forward is ours (run again if a skip proved unsafe)
                     fired.clear()
                     calls.clear()
                     payloads.clear()
                     seen.clear()
+                    dead.start_batch()
                     if cross:
                         fp_now.clear()
                         fp_now.update(self.record_fp(stage, fp_inputs[b], kw))
@@ -367,6 +377,9 @@ class LayerStatistics:
                         self.layer(x.to(self.device), **kw)
                     except StopForward:
                         pass
+                    except SharedReadsRoutedOutput:
+                        dead.enabled = False  # a shared expert reads something the routed experts feed
+                        continue
                     finally:
                         payloads_keep.clear()
                         fp_now.clear()
@@ -375,6 +388,7 @@ class LayerStatistics:
                         raise MoedslError(f"stage {stage.index}: {', '.join(sorted(missing))} never ran during the "
                                           f"forward of {self.kind.layer_class}",
                                           notes=["is the module on the forward path?"])
+                    break
                 batch_calls, batch_payloads = calls, payloads
                 if ranks.distributed:
                     batch_calls, batch_payloads = distributed.share_record(
@@ -387,6 +401,8 @@ class LayerStatistics:
         finally:
             for h in handles:
                 h.remove()
+            dead.remove()
+            self.skipped_expert_calls += dead.skipped
         # policy for experts that saw too few tokens
         for path, keys in experts_keys.items():
             for key in keys:

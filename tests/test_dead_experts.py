@@ -1,0 +1,115 @@
+"""A statistics pass skips the routed experts' forward once only a block's shared experts
+(`:moe-share`) remain to be captured (moedsl/execute/dead_experts.py). The skip must not change a
+single statistic: for every library family with shared experts, every stage's statistics with the
+skip equal those of the full forward, bit for bit; and where a shared expert reads the routed
+output instead of the block's input, the pass notices and computes the experts after all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moedsl.bind.binder import get_path
+from moedsl.execute.layer import LayerQuantizer
+from moedsl.execute.run import capture_layer_inputs
+from moedsl.gptq.quantizer import QuantConfig
+from moedsl.lang.library import for_model
+from moedsl.models.tiny import MOE_TINY, available_tiny, build_model, tiny_config
+from moedsl.plan.compiler import compile_plan
+from moedsl.plan.schema import Policy
+
+
+def _shared_families() -> list[str]:
+    out = []
+    for model_type in available_tiny(MOE_TINY):
+        model = build_model(tiny_config(model_type), device="meta")
+        plan = compile_plan(for_model(model), model, policy=Policy(kind="all"), tokens=64)
+        if any(m.shared for k in plan.kinds for m in k.moe):
+            out.append(model_type)
+    return out
+
+
+SHARED = _shared_families()
+
+
+def _hessians(q: LayerQuantizer, stage, hidden, kwargs) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, h in q.collect(stage, hidden, kwargs).items():
+        parts = h.parts.items() if hasattr(h, "parts") else [(0, h)]
+        for k, part in parts:
+            out[f"{key}/{k}/sum"] = part.sum.clone()
+            out[f"{key}/{k}/count"] = torch.as_tensor(part.count).clone()
+    return out
+
+
+def _stage_statistics(model, policy: Policy, stop_early: bool):
+    """Every stage's statistics of the first MoE layer, and how many expert calls were skipped."""
+    plan = compile_plan(for_model(model), model, policy=policy, tokens=64)
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    hidden, kwargs = capture_layer_inputs(model, plan, list(ids.split(2)), torch.device("cpu"), torch.device("cpu"))
+    i = next(n for n, k in enumerate(plan.kind_of_layer) if plan.kind(k).moe)
+    kind = plan.kind_for_layer(i)
+    layer = get_path(model, plan.layers_path)[i]
+    q = LayerQuantizer(kind, layer, QuantConfig(bits=4, group_size=-1), policy, torch.device("cpu"))
+    q.stop_early = stop_early
+    with torch.no_grad():
+        stats = [_hessians(q, stage, hidden, kwargs[i]) for stage in kind.stages]
+    return stats, q.skipped_expert_calls, layer, kind
+
+
+def test_the_library_has_families_with_shared_experts():
+    assert {"qwen2_moe", "deepseek_v3", "glm4_moe"} <= set(SHARED)
+
+
+@pytest.mark.parametrize("model_type", SHARED)
+@pytest.mark.parametrize("policy", ["all", "routed"])
+def test_skipping_the_routed_experts_changes_no_statistic(model_type, policy):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(model_type), device="cpu").eval()
+    skipped, n_skipped, layer, kind = _stage_statistics(model, Policy(kind=policy), stop_early=True)
+    full, n_full, _, _ = _stage_statistics(model, Policy(kind=policy), stop_early=False)
+    assert n_full == 0
+    for s, f in zip(skipped, full):
+        assert s.keys() == f.keys()
+        for k in s:
+            torch.testing.assert_close(s[k], f[k], rtol=0, atol=0, msg=lambda m, k=k: f"{model_type} {k}: {m}")
+    # the experts' forward is skipped in every stage where a shared target comes after them
+    for m in kind.moe:
+        assert type(get_path(layer, m.experts.path)).__dict__.get("forward") is not None
+        assert "forward" not in vars(get_path(layer, m.experts.path))  # the override is gone after the pass
+    print(f"{model_type} {policy}: {n_skipped} expert calls skipped")
+
+
+@pytest.mark.parametrize("model_type", ["glm4_moe", "deepseek_v3", "llama4_text"])
+def test_the_skip_happens_where_shared_experts_run_after_the_routed_ones(model_type):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(model_type), device="cpu").eval()
+    _, n_skipped, _, _ = _stage_statistics(model, Policy(kind="all"), stop_early=True)
+    assert n_skipped > 0
+
+
+def test_a_shared_expert_reading_the_routed_output_makes_the_pass_compute_the_experts():
+    """A block (as remote code might write one) whose shared expert reads the routed output: zeros
+    in its place would change the shared expert's statistics, so the pass must compute them."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("glm4_moe"), device="cpu").eval()
+    plan = compile_plan(for_model(model), model, policy=Policy(kind="all"), tokens=64)
+    i = next(n for n, k in enumerate(plan.kind_of_layer) if plan.kind(k).moe)
+    block = get_path(get_path(model, plan.layers_path)[i], plan.kind_for_layer(i).moe[0].path)
+
+    class SharedAfterRouted(type(block)):
+        def forward(self, hidden_states):
+            shape = hidden_states.shape
+            routing = self.gate(hidden_states)  # (logits,) weights, indices: the order differs across versions
+            topk_indices = next(t for t in routing if not t.is_floating_point())
+            topk_weights = [t for t in routing if t.is_floating_point()][-1]
+            routed = self.experts(hidden_states.view(-1, shape[-1]), topk_indices, topk_weights).view(*shape)
+            return routed + self.shared_experts(routed)
+
+    block.__class__ = SharedAfterRouted
+    skipped, _, _, _ = _stage_statistics(model, Policy(kind="all"), stop_early=True)
+    full, _, _, _ = _stage_statistics(model, Policy(kind="all"), stop_early=False)
+    for s, f in zip(skipped, full):
+        for k in s:
+            torch.testing.assert_close(s[k], f[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
