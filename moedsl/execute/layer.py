@@ -30,6 +30,7 @@ from torch import nn
 
 from moedsl.bind.binder import get_path
 from moedsl.execute import distributed
+from moedsl.execute.expert_calls import ChunkedExperts
 from moedsl.execute.phases import NO_PHASES
 from moedsl.execute.statistics import LayerStatistics, StopForward, _expert_bound
 from moedsl.execute.units import gather_reports, plan_units, share_weights
@@ -105,7 +106,8 @@ class LayerQuantizer(LayerStatistics):
         self.batched = batched
         self.measure_error = measure_error
         self.stop_early = True  # stop each stage's forward once its captures fired (tests turn it off)
-        self.skipped_expert_calls = 0  # routed experts' forwards skipped: only shared experts remained (dead_experts.py)
+        self.skipped_expert_calls = 0  # routed experts' forwards skipped: only shared experts remained (expert_calls.py)
+        self.replay_split_calls = 0  # replayed experts' calls run in token chunks (expert_calls.py)
         self.out_device = device  # where the replay leaves the next layer's inputs (the CPU when they don't fit)
         self.kind = kind
         self.layer = layer
@@ -183,12 +185,14 @@ class LayerQuantizer(LayerStatistics):
         layer = self.layer if layer is None else layer
         outs: list = [None] * len(inputs)
         carried: list = [()] * len(inputs)
-        for b, (x, kw) in enumerate(zip(inputs, kwargs)):
-            if self.ranks.owner(b) != self.ranks.rank:
-                continue
-            y = layer(x.to(self.device), **kw)
-            outs[b] = (y[0] if isinstance(y, tuple) else y).to(self.out_device)
-            carried[b] = tuple(y[1:]) if isinstance(y, tuple) else ()
+        with ChunkedExperts(layer, self.kind.moe, self.chunk_bytes) as chunked:
+            for b, (x, kw) in enumerate(zip(inputs, kwargs)):
+                if self.ranks.owner(b) != self.ranks.rank:
+                    continue
+                y = layer(x.to(self.device), **kw)
+                outs[b] = (y[0] if isinstance(y, tuple) else y).to(self.out_device)
+                carried[b] = tuple(y[1:]) if isinstance(y, tuple) else ()
+        self.replay_split_calls += chunked.split_calls
         if self.ranks.distributed:
             distributed.share_batches(self.ranks, outs, carried, self.out_device, self.device,
                                       f"sharing layer {self.index}'s outputs")
@@ -338,7 +342,7 @@ class LayerQuantizer(LayerStatistics):
 
 
 def default_chunk_bytes(layer: nn.Module) -> int:
-    """The memory bound of one solve or statistics chunk: a quarter of the layer's own weights,
+    """The memory bound of one solve, statistics or replay chunk: a quarter of the layer's own weights,
     between 2 and 8 GiB. Larger chunks mean fewer, larger products and kernel launches (a DeepSeek-V3
     layer's gate/up solve in 1 GiB chunks was 256 solves of one expert each); the layer's weights
     are on the device anyway, so the peak grows by at most a quarter of them."""

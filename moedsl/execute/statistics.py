@@ -32,7 +32,7 @@ from moedsl.bind.binder import get_path
 from moedsl.bind.bound import BoundExperts, BoundMoe
 from moedsl.errors import MoedslError
 from moedsl.execute import distributed
-from moedsl.execute.dead_experts import DeadExperts, SharedReadsRoutedOutput
+from moedsl.execute.expert_calls import DeadExperts, SharedReadsRoutedOutput
 from moedsl.execute.stats import BlockedHessian, Hessian
 from moedsl.experts import fn as expert_fn
 from moedsl.experts import weights as expert_weights

@@ -1,6 +1,9 @@
-"""Skipping the routed experts' forward in a statistics pass that no longer needs it.
+"""Two ways moedsl runs a MoE block's routed experts other than as one call of their own forward.
 
-A stage's statistics pass runs the layer only until every capture of the stage has fired
+Both put an instance `forward` on the experts module for the length of one pass (nn.Module's call
+looks it up before the class's) and take it off afterwards.
+
+**Skipped in a statistics pass that no longer needs them** (`DeadExperts`). A stage's statistics pass runs the layer only until every capture of the stage has fired
 (statistics.py). When the routed experts' hook fires and all that the stage still needs lies in
 the block's shared experts (`:moe-share`), the routed experts' own forward is dead work: the shared
 experts read the block's input, not the routed output, and the pass stops before the block's output
@@ -12,6 +15,16 @@ expert modules return: one row per token). The skip must not change any statisti
 experts' reading the block's input is checked, not assumed: a shared module whose input is not
 stored in the block input's storage makes the batch run again with the experts computed, and the
 rest of the pass computes them too.
+
+**In token chunks during the replay** (`ChunkedExperts`). The replay runs the quantized layer as
+the model does, to produce the next layer's inputs, and transformers' expert modules hold several
+copies of every routed token's rows at once (gathered inputs, gate/up products, outputs, some in
+fp32): about k·(2H + 3I)·4 bytes per token, 6 GiB for a batch of 16,384 tokens at GLM-4.5-Air's
+shape, which made the replay the layer's memory peak. A token's output depends on that token's
+rows alone, so the call is split along its tokens into chunks of at most `chunk_bytes` of those
+copies, each chunk is the module's own forward, and the outputs are concatenated. Only calls
+whose arguments are exactly the definition's `call(hidden, index, ...)`, all with one row per
+token, are split; any other call runs whole.
 """
 
 from __future__ import annotations
@@ -31,6 +44,21 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
 
 
+def _override(module: nn.Module, forward, done: list) -> None:
+    """Put `forward` on `module`, remembering the instance forward it had (restored by `_restore`)."""
+    done.append((module, module.__dict__.get("forward")))
+    module.forward = forward
+
+
+def _restore(done: list) -> None:
+    for module, own in reversed(done):
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+    done.clear()
+
+
 def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
@@ -46,7 +74,7 @@ class DeadExperts:
         self.skipped = 0  # calls skipped in this pass (tests read it)
         self._block_storage: dict[str, int] = {}
         self._handles: list = []
-        self._overridden: list[tuple[nn.Module, object]] = []  # module, the instance forward it had (or None)
+        self._overridden: list = []
 
     def install(self, moe: BoundMoe, experts: nn.Module) -> None:
         """Hooks for one block: its input's storage, its shared modules' check, and the experts' forward."""
@@ -68,7 +96,6 @@ class DeadExperts:
         self._handles.append(get_path(self.layer, moe.path).register_forward_pre_hook(block_hook, with_kwargs=True))
         for share in moe.shared:
             self._handles.append(get_path(self.layer, share).register_forward_pre_hook(shared_hook, with_kwargs=True))
-        own = experts.__dict__.get("forward")  # an instance forward set by someone else, restored afterwards
         computed = experts.forward
 
         def forward(*args, **kwargs):
@@ -79,8 +106,7 @@ class DeadExperts:
                 return torch.zeros_like(_first_tensor(args, kwargs))
             return computed(*args, **kwargs)
 
-        experts.forward = forward  # an instance attribute: nn.Module's call looks it up before the class's
-        self._overridden.append((experts, own))
+        _override(experts, forward, self._overridden)
 
     def consider(self, moe: BoundMoe, remaining: set[str]) -> None:
         """Called by the experts' hook once they have fired: skip their forward if only shared paths remain."""
@@ -97,10 +123,50 @@ class DeadExperts:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        for m, own in self._overridden:
-            if own is None:
-                del m.forward
-            else:
-                m.forward = own
         self._handles.clear()
-        self._overridden.clear()
+        _restore(self._overridden)
+
+
+class ChunkedExperts:
+    """For the length of a `with`: the routed experts' calls of `kind`'s blocks split into token chunks."""
+
+    def __init__(self, layer: nn.Module, moes: tuple[BoundMoe, ...], chunk_bytes: int) -> None:
+        self.layer = layer
+        self.moes = moes
+        self.chunk_bytes = chunk_bytes
+        self.split_calls = 0  # calls that ran in more than one chunk (tests read it)
+        self._overridden: list = []
+
+    def __enter__(self) -> "ChunkedExperts":
+        for moe in self.moes:
+            ex = moe.experts
+            if ex.grouped or len(ex.call) < 2 or ex.call[0] != "hidden" or ex.call[1] != "index":
+                continue  # grouped containers route themselves; a stacked call is every expert's rows at once
+            module = get_path(self.layer, ex.path)
+            _override(module, self._chunked(module.forward, ex.hidden_size, ex.intermediate_size, len(ex.call)),
+                      self._overridden)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _restore(self._overridden)
+
+    def _chunked(self, computed, hidden_size: int, intermediate: int, n_args: int):
+        def forward(*args, **kwargs):
+            x = args[0] if args else None
+            if kwargs or len(args) != n_args or not torch.is_tensor(x) or x.dim() != 2 \
+                    or not all(torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == x.shape[0] for a in args):
+                return computed(*args, **kwargs)
+            tokens, k = x.shape[0], (args[1].shape[-1] if args[1].dim() == 2 else 1)
+            step = max(1, self.chunk_bytes // (k * (2 * hidden_size + 3 * intermediate) * 4))
+            if tokens <= step:
+                return computed(*args)
+            parts = []
+            for t0 in range(0, tokens, step):
+                y = computed(*(a[t0:t0 + step] for a in args))
+                if not torch.is_tensor(y) or y.shape[0] != min(step, tokens - t0):
+                    return computed(*args)  # not one output row per token: the call runs whole
+                parts.append(y)
+            self.split_calls += 1
+            return torch.cat(parts)
+
+        return forward

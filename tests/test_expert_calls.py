@@ -1,5 +1,5 @@
 """A statistics pass skips the routed experts' forward once only a block's shared experts
-(`:moe-share`) remain to be captured (moedsl/execute/dead_experts.py). The skip must not change a
+(`:moe-share`) remain to be captured (moedsl.execute.expert_calls.py). The skip must not change a
 single statistic: for every library family with shared experts, every stage's statistics with the
 skip equal those of the full forward, bit for bit; and where a shared expert reads the routed
 output instead of the block's input, the pass notices and computes the experts after all."""
@@ -113,3 +113,39 @@ def test_a_shared_expert_reading_the_routed_output_makes_the_pass_compute_the_ex
     for s, f in zip(skipped, full):
         for k in s:
             torch.testing.assert_close(s[k], f[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _replay_pair(model_type: str, chunk_bytes: int):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(model_type), device="cpu").eval()
+    plan = compile_plan(for_model(model), model, policy=Policy(kind="all"), tokens=64)
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    hidden, kwargs = capture_layer_inputs(model, plan, list(ids.split(2)), torch.device("cpu"), torch.device("cpu"))
+    i = next(n for n, k in enumerate(plan.kind_of_layer) if plan.kind(k).moe)
+    layer = get_path(model, plan.layers_path)[i]
+    with torch.no_grad():
+        native = [layer(x, **kw) for x, kw in zip(hidden, kwargs[i])]
+        native = [y[0] if isinstance(y, tuple) else y for y in native]
+        q = LayerQuantizer(plan.kind_for_layer(i), layer, QuantConfig(bits=4, group_size=-1), Policy(kind="all"),
+                           torch.device("cpu"), chunk_bytes=chunk_bytes)
+        replayed, _ = q.replay(hidden, kwargs[i])
+    return native, replayed, q.replay_split_calls, layer, plan.kind_for_layer(i)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe", "deepseek_v3", "mixtral", "gpt_oss"])
+def test_the_replay_in_token_chunks_gives_the_layers_output(model_type):
+    """Tiny chunks (a few tokens per call of the experts): every token's output as the layer's own forward
+    gives it, and the experts module's forward is its own again afterwards."""
+    native, replayed, split, layer, kind = _replay_pair(model_type, chunk_bytes=4 * 1024)
+    assert split == len(native)  # every batch's call of the experts ran in chunks
+    for a, b in zip(native, replayed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for m in kind.moe:
+        assert "forward" not in vars(get_path(layer, m.experts.path))
+
+
+def test_the_replay_runs_whole_calls_below_the_chunk():
+    native, replayed, split, _, _ = _replay_pair("qwen3_moe", chunk_bytes=2 << 30)
+    assert split == 0
+    for a, b in zip(native, replayed):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
