@@ -225,139 +225,148 @@ class LayerStatistics:
         block_in: dict[str, torch.Tensor] = {}
         dead = DeadExperts(self.layer)  # the routed experts' forward, skipped while only shared experts remain
         grouped_any = any(key.capture.kind == "grouped_input" for key in stage.stats)
-        for path, keys in experts_keys.items():
-            moe = _expert_bound(self.kind, path)
-            ex = moe.experts
-            module = get_path(self.layer, path)
-            needed.add(path)
-            grouped_any |= ex.grouped
-            if self.stop_early and not ex.grouped:
-                dead.install(moe, module)
-            if self.policy.kind == "auto" and any(k.capture.kind == "experts_input" and k.per_expert for k in keys):
-                all_tokens[path] = Hessian(ex.hidden_size, self.device, cross=cross)
-            if _stacked(ex):
-                if cross:
-                    raise MoedslError(f"solver `{self.solver.name}` needs cross statistics, which moedsl does not "
-                                      f"collect for `{path}`: its routing weights scale the experts' input "
-                                      "(`scale input`), so the two models' expert inputs differ by their routing",
-                                      notes=["use gptq or mse for this model"])
-                if self.policy.kind not in ("routed", "all"):
-                    raise MoedslError(f"policy {self.policy} is not supported for `{path}`, whose routing weights scale "
-                                      "the experts' input (`scale input`): use `routed` or `all`")
-                if moe.router is None:
-                    raise MoedslError(f"`{path}` takes a stacked, router-scaled input: the definition must name the "
-                                      f"router of `{moe.path}` (`:router`)")
-
-                def block_hook(mod, args, kwargs_, i=len(appliers)):
-                    x = args[0] if args else kwargs_["hidden_states"]
-                    record(i, x.reshape(-1, x.shape[-1]))
-
-                appliers.append(lambda x, path=path: block_in.__setitem__(path, x))
-
-                def scores_hook(mod, args, output, i=len(appliers), E=ex.num_experts):
-                    outs = output if isinstance(output, tuple) else (output,)
-                    record(i, next(o for o in outs if torch.is_tensor(o) and o.shape[-1] == E).reshape(-1, E))
-
-                appliers.append(lambda scores, path=path: router_out.__setitem__(path, scores))
-                handles.append(get_path(self.layer, moe.path).register_forward_pre_hook(block_hook, with_kwargs=True))
-                handles.append(get_path(self.layer, moe.router).register_forward_hook(scores_hook))
-            if self.policy.kind == "topk":
-                if moe.router is None:
-                    raise MoedslError(f"policy {self.policy} needs the router of `{moe.path}`, which the definition does "
-                                      "not name (`:router`)")
-                router = get_path(self.layer, moe.router)
-
-                def router_hook(mod, args, output, path=path, i=len(appliers), E=ex.num_experts,
-                                slots=ex.num_experts + len(ex.slots), grouped=ex.grouped):
-                    outs = output if isinstance(output, tuple) else (output,)
-                    scores = next((o for o in outs if torch.is_tensor(o) and o.dim() >= 2 and o.shape[-1] == slots
-                                   and o.is_floating_point()), None)
-                    if scores is None:
-                        raise MoedslError(f"policy {self.policy}: the router of `{path}` returned no [T, {slots}] scores")
-                    scores = scores.reshape(-1, slots)[:, :E]  # top-k among the experts with weights
-                    if grouped:  # its experts' statistics are applied during the forward
-                        router_out[path] = scores
-                    else:
-                        record(i, scores)
-
-                appliers.append(lambda scores, path=path: router_out.__setitem__(path, scores))
-                handles.append(router.register_forward_hook(router_hook))
-
-            if ex.grouped:
-                # the block routes its tokens itself: its input is every token; the container holding the
-                # gate/up rows is called with the routed rows grouped by expert, then the hook below runs
-                def block_input_hook(mod, args, kwargs_, path=path):
-                    x = args[0] if args else next(iter(kwargs_.values()))
-                    block_in[path] = x.reshape(-1, x.shape[-1])
-
-                handles.append(module.register_forward_pre_hook(block_input_hook, with_kwargs=True))
-
-            def grouped_experts(args, kwargs_, path, keys, ex):
-                if cross:
-                    raise MoedslError(f"solver `{self.solver.name}` needs cross statistics, which moedsl does not "
-                                      f"collect for grouped expert containers (`{path}`, `:grouped`): use gptq, "
-                                      "mse or rtn for this model")
-                x_all = block_in[path]
-                if self.policy.kind in ("all", "topk"):
-                    x = x_all
-                    index = (router_out[path].topk(min(self.policy.top_k, ex.num_experts), dim=-1).indices
-                             if self.policy.kind == "topk" else None)
-                else:  # routed, auto: the rows of each expert, as the model routes them
-                    rows, sizes = _grouped_call(args, kwargs_, ex.num_experts, f"{path}.{ex.container(ex.first_role)}")
-                    x = rows
-                    index = torch.repeat_interleave(torch.arange(ex.num_experts, device=rows.device),
-                                                    torch.tensor(sizes, device=rows.device))[:, None]
-                apply_experts(x, index, None, x_all, path=path, keys=keys, ex=ex)
-
-            def apply_experts(x, index, x_fp, x_all=None, path=path, keys=keys, ex=ex, module=module):
-                """One batch's tokens at experts module `path` (index: the routing; x_fp: the full-precision
-                tokens; x_all: every token, when x holds routed rows only), applied to the owned blocks."""
-                blocks = self.owned_blocks(path)
-                if not blocks:  # every expert of this module is another rank's
-                    return
+        try:  # a refusal below must not leave hooks or the experts' forward override behind
+            for path, keys in experts_keys.items():
+                moe = _expert_bound(self.kind, path)
+                ex = moe.experts
+                module = get_path(self.layer, path)
+                needed.add(path)
+                grouped_any |= ex.grouped
+                if self.stop_early and not ex.grouped:
+                    dead.install(moe, module)
+                if self.policy.kind == "auto" and any(k.capture.kind == "experts_input" and k.per_expert for k in keys):
+                    all_tokens[path] = Hessian(ex.hidden_size, self.device, cross=cross)
                 if _stacked(ex):
-                    self.add_stacked(hessians, keys, ex, module, x, router_out[path], block_in[path])
-                    return
-                if self.policy.kind == "topk" and not ex.grouped:
-                    index = router_out[path].topk(min(self.policy.top_k, ex.num_experts), dim=-1).indices
-                if path in all_tokens:
-                    all_tokens[path].add(x if x_all is None else x_all, x_fp)
-                weights = fp_weights = None
-                if any(key.capture.kind == "experts_hidden" for key in keys):
-                    weights = expert_weights.read(ex, module)
-                    if x_fp is not None:
-                        fp_weights = expert_weights.read(ex, get_path(self.fp_layer, ex.path))
-                for key in keys:
-                    h = hessians[key.key]
-                    if not key.per_expert:
-                        if key.capture.kind != "experts_input":  # pragma: no cover (the compiler never plans it)
-                            raise MoedslError(f"plan error: `{key.key}` reads expert outputs but is not per expert")
-                        h.add(x, x_fp)
-                        continue
-                    for k, (e0, e1) in blocks.items():
-                        sub, sub_index = _block_view(ex, index, e0, e1)
-                        whole = None if index is None else (index, ex.num_experts)
-                        if key.capture.kind == "experts_input":
-                            self.add_experts_input(h.parts[k], key, x, sub_index, sub, x_fp, whole)
+                    if cross:
+                        raise MoedslError(f"solver `{self.solver.name}` needs cross statistics, which moedsl does not "
+                                          f"collect for `{path}`: its routing weights scale the experts' input "
+                                          "(`scale input`), so the two models' expert inputs differ by their routing",
+                                          notes=["use gptq or mse for this model"])
+                    if self.policy.kind not in ("routed", "all"):
+                        raise MoedslError(f"policy {self.policy} is not supported for `{path}`, whose routing weights "
+                                          "scale the experts' input (`scale input`): use `routed` or `all`")
+                    if moe.router is None:
+                        raise MoedslError(f"`{path}` takes a stacked, router-scaled input: the definition must name "
+                                          f"the router of `{moe.path}` (`:router`)")
+
+                    def block_hook(mod, args, kwargs_, i=len(appliers)):
+                        x = args[0] if args else kwargs_["hidden_states"]
+                        record(i, x.reshape(-1, x.shape[-1]))
+
+                    appliers.append(lambda x, path=path: block_in.__setitem__(path, x))
+
+                    def scores_hook(mod, args, output, i=len(appliers), E=ex.num_experts):
+                        outs = output if isinstance(output, tuple) else (output,)
+                        record(i, next(o for o in outs if torch.is_tensor(o) and o.shape[-1] == E).reshape(-1, E))
+
+                    appliers.append(lambda scores, path=path: router_out.__setitem__(path, scores))
+                    handles.append(get_path(self.layer, moe.path).register_forward_pre_hook(block_hook,
+                                                                                              with_kwargs=True))
+                    handles.append(get_path(self.layer, moe.router).register_forward_hook(scores_hook))
+                if self.policy.kind == "topk":
+                    if moe.router is None:
+                        raise MoedslError(f"policy {self.policy} needs the router of `{moe.path}`, which the "
+                                          "definition does not name (`:router`)")
+                    router = get_path(self.layer, moe.router)
+
+                    def router_hook(mod, args, output, path=path, i=len(appliers), E=ex.num_experts,
+                                    slots=ex.num_experts + len(ex.slots), grouped=ex.grouped):
+                        outs = output if isinstance(output, tuple) else (output,)
+                        scores = next((o for o in outs if torch.is_tensor(o) and o.dim() >= 2 and o.shape[-1] == slots
+                                       and o.is_floating_point()), None)
+                        if scores is None:
+                            raise MoedslError(f"policy {self.policy}: the router of `{path}` returned no [T, {slots}] "
+                                              "scores")
+                        scores = scores.reshape(-1, slots)[:, :E]  # top-k among the experts with weights
+                        if grouped:  # its experts' statistics are applied during the forward
+                            router_out[path] = scores
                         else:
-                            fp_part = None if fp_weights is None else _experts_slice(fp_weights, e0, e1)
-                            self.add_experts_hidden(h.parts[k], key, x, sub_index, sub,
-                                                    _experts_slice(weights, e0, e1), self.low_experts(path, k),
-                                                    x_fp, fp_part, x_all, whole)
+                            record(i, scores)
 
-            def experts_hook(mod, args, kwargs_, path=path, keys=keys, ex=ex, moe=moe, i=len(appliers)):
+                    appliers.append(lambda scores, path=path: router_out.__setitem__(path, scores))
+                    handles.append(router.register_forward_hook(router_hook))
+
                 if ex.grouped:
-                    grouped_experts(args, kwargs_, path, keys, ex)
-                elif _stacked(ex):
-                    record(i, args[0], None, None)
-                else:
-                    record(i, *_routing(ex, args, kwargs_), fp_now.get(path))
-                done(path)
-                dead.consider(moe, needed - fired)
+                    # the block routes its tokens itself: its input is every token; the container holding the
+                    # gate/up rows is called with the routed rows grouped by expert, then the hook below runs
+                    def block_input_hook(mod, args, kwargs_, path=path):
+                        x = args[0] if args else next(iter(kwargs_.values()))
+                        block_in[path] = x.reshape(-1, x.shape[-1])
 
-            appliers.append(apply_experts)
-            hooked = get_path(module, ex.container(ex.first_role)) if ex.grouped else module
-            handles.append(hooked.register_forward_pre_hook(experts_hook, with_kwargs=True))
+                    handles.append(module.register_forward_pre_hook(block_input_hook, with_kwargs=True))
+
+                def grouped_experts(args, kwargs_, path, keys, ex):
+                    if cross:
+                        raise MoedslError(f"solver `{self.solver.name}` needs cross statistics, which moedsl does not "
+                                          f"collect for grouped expert containers (`{path}`, `:grouped`): use gptq, "
+                                          "mse or rtn for this model")
+                    x_all = block_in[path]
+                    if self.policy.kind in ("all", "topk"):
+                        x = x_all
+                        index = (router_out[path].topk(min(self.policy.top_k, ex.num_experts), dim=-1).indices
+                                 if self.policy.kind == "topk" else None)
+                    else:  # routed, auto: the rows of each expert, as the model routes them
+                        rows, sizes = _grouped_call(args, kwargs_, ex.num_experts,
+                                                    f"{path}.{ex.container(ex.first_role)}")
+                        x = rows
+                        index = torch.repeat_interleave(torch.arange(ex.num_experts, device=rows.device),
+                                                        torch.tensor(sizes, device=rows.device))[:, None]
+                    apply_experts(x, index, None, x_all, path=path, keys=keys, ex=ex)
+
+                def apply_experts(x, index, x_fp, x_all=None, path=path, keys=keys, ex=ex, module=module):
+                    """One batch's tokens at experts module `path` (index: the routing; x_fp: the full-precision
+                    tokens; x_all: every token, when x holds routed rows only), applied to the owned blocks."""
+                    blocks = self.owned_blocks(path)
+                    if not blocks:  # every expert of this module is another rank's
+                        return
+                    if _stacked(ex):
+                        self.add_stacked(hessians, keys, ex, module, x, router_out[path], block_in[path])
+                        return
+                    if self.policy.kind == "topk" and not ex.grouped:
+                        index = router_out[path].topk(min(self.policy.top_k, ex.num_experts), dim=-1).indices
+                    if path in all_tokens:
+                        all_tokens[path].add(x if x_all is None else x_all, x_fp)
+                    weights = fp_weights = None
+                    if any(key.capture.kind == "experts_hidden" for key in keys):
+                        weights = expert_weights.read(ex, module)
+                        if x_fp is not None:
+                            fp_weights = expert_weights.read(ex, get_path(self.fp_layer, ex.path))
+                    for key in keys:
+                        h = hessians[key.key]
+                        if not key.per_expert:
+                            if key.capture.kind != "experts_input":  # pragma: no cover (the compiler never plans it)
+                                raise MoedslError(f"plan error: `{key.key}` reads expert outputs but is not per expert")
+                            h.add(x, x_fp)
+                            continue
+                        for k, (e0, e1) in blocks.items():
+                            sub, sub_index = _block_view(ex, index, e0, e1)
+                            whole = None if index is None else (index, ex.num_experts)
+                            if key.capture.kind == "experts_input":
+                                self.add_experts_input(h.parts[k], key, x, sub_index, sub, x_fp, whole)
+                            else:
+                                fp_part = None if fp_weights is None else _experts_slice(fp_weights, e0, e1)
+                                self.add_experts_hidden(h.parts[k], key, x, sub_index, sub,
+                                                        _experts_slice(weights, e0, e1), self.low_experts(path, k),
+                                                        x_fp, fp_part, x_all, whole)
+
+                def experts_hook(mod, args, kwargs_, path=path, keys=keys, ex=ex, moe=moe, i=len(appliers)):
+                    if ex.grouped:
+                        grouped_experts(args, kwargs_, path, keys, ex)
+                    elif _stacked(ex):
+                        record(i, args[0], None, None)
+                    else:
+                        record(i, *_routing(ex, args, kwargs_), fp_now.get(path))
+                    done(path)
+                    dead.consider(moe, needed - fired)
+
+                appliers.append(apply_experts)
+                hooked = get_path(module, ex.container(ex.first_role)) if ex.grouped else module
+                handles.append(hooked.register_forward_pre_hook(experts_hook, with_kwargs=True))
+        except BaseException:
+            for h in handles:
+                h.remove()
+            dead.remove()
+            raise
         # grouped statistics are applied as their hooks fire, so a batch run again would count twice
         dead.enabled = not grouped_any
         ranks = self.ranks
