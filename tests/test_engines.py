@@ -234,7 +234,7 @@ def test_stacker_pairs_gate_and_up_per_expert_chunk():
     import torch
 
     from moedsl.errors import MoedslError
-    from moedsl.execute.layer import Quantized
+    from moedsl.execute.solving import Quantized
     from moedsl.execute.stacker import ExpertStacker
     from moedsl.write.engines import VLLM_STACKED_EXPERTS
 

@@ -110,7 +110,7 @@ def test_mse_grid_never_worse_than_min_max(sym):
 
 
 def test_mse_solver_lowers_the_output_error_at_3_bits():
-    from moedsl.execute.layer import output_error
+    from moedsl.execute.solving import output_error
 
     cfg = QuantConfig(bits=3, group_size=32)
     g = torch.Generator().manual_seed(5)

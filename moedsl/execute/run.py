@@ -612,7 +612,7 @@ class Runner:
         the full-precision model's last-layer outputs, for the cross term (or None)."""
         from moedsl.bind.binder import get_path
         from moedsl.execute.stats import Hessian
-        from moedsl.execute.layer import output_error
+        from moedsl.execute.solving import output_error
         from moedsl.plan.schema import Target
         from moedsl.solvers import Problem, check_results
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from moedsl.errors import MoedslError
-from moedsl.execute.layer import Quantized
+from moedsl.execute.solving import Quantized
 from moedsl.write.engines import StackedExperts, stack_gate_up
 
 

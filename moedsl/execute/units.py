@@ -57,7 +57,8 @@ def plan_units(kind: KindPlan, ranks: distributed.Ranks, expert_blocks: int) -> 
 
 def merge_reports(kind: KindPlan, units: list[Unit], by_unit: dict, seconds: dict[int, float]) -> list:
     """Every unit's target reports merged per target, per stage, in unit order (the sums one process makes)."""
-    from moedsl.execute.layer import StageReport, TargetReport
+    from moedsl.execute.layer import StageReport
+    from moedsl.execute.solving import TargetReport
 
     stages = []
     for stage in kind.stages:
