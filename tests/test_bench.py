@@ -73,3 +73,35 @@ def test_gil_bench_small_cpu():
     assert writer["modules"] == 4 + 3 * 4  # q, k, v, o and 4 experts × gate, up, down
     assert writer["packed_mib"] > 0 and writer["stage_s"] > 0 and writer["slowdown"] > 0
     assert "reader" not in out  # no --model
+
+
+def test_peak_bench_replays_an_allocator_trace_to_its_peak():
+    """bench/peak.py's replay: the blocks live when the most bytes were allocated, not those of the end."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import peak
+    finally:
+        sys.path.pop(0)
+    here = [{"filename": "/x/moedsl/execute/statistics.py", "line": 7, "name": "collect"}]
+    there = [{"filename": "/y/transformers/integrations/moe.py", "line": 9, "name": "forward"}]
+    events = [{"action": "alloc", "addr": 1, "size": 100, "frames": here},
+              {"action": "alloc", "addr": 2, "size": 300, "frames": there},
+              {"action": "free_requested", "addr": 2, "size": 300},
+              {"action": "free_completed", "addr": 2, "size": 300},
+              {"action": "alloc", "addr": 3, "size": 350, "frames": here},  # 450: the peak
+              {"action": "free_completed", "addr": 1, "size": 100},
+              {"action": "alloc", "addr": 4, "size": 50, "frames": there}]
+    top, blocks = peak.live_at_peak(events)
+    assert top == 450 and sorted(b["addr"] for b in blocks) == [1, 3]
+    groups = peak.by_frame(blocks, peak.innermost_moedsl)
+    assert groups == [{"where": "moedsl/execute/statistics.py:7 collect", "gib": round(450 / 2 ** 30, 3), "blocks": 2}]
+
+
+def test_peak_bench_says_it_needs_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run([sys.executable, "bench/peak.py", "--model", "x", "--out", "y"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
