@@ -424,6 +424,46 @@ def test_architecture_renamed_where_vllms_class_fits():
     written, added = engine_config("vllm", released)
     assert written["architectures"] == ["PhiMoEForCausalLM"] and "PhiMoEForCausalLM" in added[0]
     assert engine_config("none", released)[0]["architectures"] == ["PhimoeForCausalLM"]
+    # transformers' Kimi-K2.5 class name sends vLLM to its Transformers backend, which asks transformers for the
+    # torchvision-only image processor; vLLM's own class (the release's name) builds its tower from the config
+    kimi = {**tiny_config("kimi_k25").to_dict(), "architectures": ["Kimi_K25ForConditionalGeneration"]}
+    assert engine_config("vllm", kimi)[0]["architectures"] == ["KimiK25ForConditionalGeneration"]
+
+
+def test_unlimited_ocr_config_as_vllm_reads_it():
+    """vLLM's Unlimited-OCR config (DeepSeek-VL2's) builds the text model from the release's `language_config`
+    (a DeepSeek-V2 config): from transformers' `text_config` it has a dict ("The text_config extracted from the
+    model config does not have `num_attention_heads` attribute"). Written in the release's layout, with the
+    DeepSeek-V2 fields checked against the runtime model transformers builds; and transformers reads it back as
+    the same model."""
+    from transformers import AutoConfig
+
+    from moedsl.models.tiny import build_model, tiny_config
+    from moedsl.write.engines import engine_config
+
+    model = build_model(tiny_config("unlimited_ocr"), device="cpu")
+    config = {**tiny_config("unlimited_ocr").to_dict(), "architectures": [type(model).__name__]}
+    written, added = engine_config("vllm", config)
+    assert "text_config" not in written and any("language_config" in a for a in added)
+    assert written["architectures"] == ["UnlimitedOCRForCausalLM"]
+    language = written["language_config"]
+    layers = model.model.language_model.layers
+    moe = [hasattr(layer.mlp, "experts") for layer in layers]
+    assert moe == [i >= language["first_k_dense_replace"] for i in range(len(layers))] and any(moe)
+    attn = layers[0].self_attn
+    # vLLM's deepseek_v2.py: plain multi-head attention where both MLA head parts are 0 (and no kv latent)
+    assert (language["qk_nope_head_dim"], language["qk_rope_head_dim"], language["kv_lora_rank"]) == (0, 0, None)
+    assert attn.q_proj.out_features == language["num_attention_heads"] * attn.head_dim
+    assert attn.k_proj.out_features == language["num_key_value_heads"] * attn.head_dim
+    assert "layer_types" not in language and written["sliding_window"] == config["text_config"]["sliding_window"]
+    reread = AutoConfig.for_model(**written)
+    before, after = config["text_config"], reread.text_config.to_dict()
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert changed <= {"qk_nope_head_dim", "qk_rope_head_dim", "transformers_version"}  # extra fields it never reads
+    shapes = {n: p.shape for n, p in build_model(reread, device="meta").state_dict().items()}
+    assert shapes == {n: p.shape for n, p in model.state_dict().items()}
+    assert engine_config("vllm", written)[0] == written  # the release's layout is left as it is
+    assert engine_config("none", config) == (config, [])
 
 
 def test_run_writes_the_config_fields(tiny_model, tmp_path):

@@ -165,6 +165,14 @@ VLLM_ARCHITECTURES: dict[str, Architecture] = {
     # leave its own at random ("model.layers.0.self_attn.qkv_proj.bias" not loaded)
     "PhimoeForCausalLM": Architecture("PhiMoEForCausalLM",
                                       lambda c: bool(c.get("attention_bias") and c.get("lm_head_bias"))),
+    # Kimi-K2.5's config.json; vllm/.../models/kimi_k25.py builds its vision tower and projector from the config.
+    # Under transformers' name vLLM takes its Transformers backend, which asks transformers for the family's image
+    # processor (torchvision-only in transformers 5.2x); vLLM's own class has its own (numpy, numba)
+    "Kimi_K25ForConditionalGeneration": Architecture("KimiK25ForConditionalGeneration", lambda c: True),
+    # baidu/Unlimited-OCR's config.json; under transformers' name vLLM has no class at all ("are not supported for
+    # now"). vllm/.../models/deepseek_ocr.py builds DeepEncoder at its released sizes (SAM-ViT-B, CLIP-L) whatever
+    # the config says, as every Unlimited-OCR checkpoint has them
+    "UnlimitedOcrForConditionalGeneration": Architecture("UnlimitedOCRForCausalLM", lambda c: True),
 }
 
 # DeepSeek-V3's router as vLLM's deepseek_v2.py names it (see "deepseek_v3" below)
@@ -279,6 +287,32 @@ def _rotary_dim(config: dict) -> int:
     return int(head_dim * (config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
 
 
+def _unlimited_ocr_layout(config: dict) -> dict:
+    """vllm/transformers_utils/configs/unlimited_ocr.py (DeepSeek-VL2's config) builds the text model from
+    `language_config`, a DeepSeek-V2 config, as baidu/Unlimited-OCR's config.json has it, with `sliding_window` on
+    the top level; from transformers' `text_config` it gets a dict, not a config ("The text_config extracted from
+    the model config does not have `num_attention_heads` attribute"). transformers' UnlimitedOcrConfig reads this
+    layout back (its `language_config` compatibility). DeepSeek-V2's fields for plain multi-head attention
+    (vllm/.../models/deepseek_v2.py takes MHA where qk_nope_head_dim and qk_rope_head_dim are 0, MLA where
+    kv_lora_rank is set) and its dense layers as one count (`first_k_dense_replace`); transformers' per-layer
+    `layer_types` and `mlp_layer_types` are left out: the transformers vLLM pins refuses
+    "reference_sliding_attention" (the layers' types follow from `sliding_window` and `first_k_dense_replace`)."""
+    text = {k: v for k, v in config["text_config"].items() if k not in ("layer_types", "mlp_layer_types")}
+    dense = _leading_dense(config["text_config"])
+    language = {**text, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "kv_lora_rank": None, "q_lora_rank": None,
+                **({"first_k_dense_replace": dense} if dense is not None else {})}
+    out = {k: v for k, v in config.items() if k != "text_config"}
+    sliding = language.pop("sliding_window", None)
+    return {**out, "language_config": language, **({"sliding_window": sliding} if sliding is not None else {})}
+
+
+# model_type -> the config as the family's release lays it out, from the one transformers 5.x saves (a composite's
+# `text_config`), where vLLM reads only the release's
+VLLM_CONFIG_LAYOUTS: dict[str, Callable[[dict], dict]] = {
+    "unlimited_ocr": _unlimited_ocr_layout,
+}
+
+
 def _missing_fields(config: dict) -> dict:
     fields = VLLM_CONFIG_FIELDS.get(config.get("model_type"), {})
     values = {k: f(config) for k, f in fields.items() if config.get(k) is None}
@@ -298,6 +332,11 @@ def engine_config(engine: str, config: dict) -> tuple[dict, list[str]]:
     if renamed != archs:
         out["architectures"] = renamed
         added.append(f"architectures {archs} -> {out['architectures']} (the name vLLM {VLLM_VERSION} registers)")
+    layout = VLLM_CONFIG_LAYOUTS.get(out.get("model_type"))
+    if layout is not None and isinstance(out.get("text_config"), dict):
+        out = layout(out)
+        added.append(f"text_config as `language_config` (the layout of {out['model_type']}'s release, which vLLM "
+                     f"{VLLM_VERSION} reads)")
     missing = _missing_fields(out)
     out.update(missing)
     added += [f"{k} = {v!r}" for k, v in missing.items()]
