@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -200,6 +201,12 @@ _COMPOSITE_FAMILY: dict[str, dict] = {
     # the talker of transformers' default config does not build (its text config lacks
     # shared_expert_intermediate_size); real Thinking checkpoints have no talker either
     "qwen3_omni_moe": {"enable_audio_output": False},
+}
+# composite keys that must follow a shrunk sub-config's width, as they do in the releases: model_type -> key ->
+# its value from the composite's keyword arguments (unless overridden). Kimi-K2.5's projector norm is
+# `projection_hidden_size` wide in transformers and vision_config.hidden_size wide in vLLM (1152 both in the release)
+_COMPOSITE_TIED: dict[str, dict[str, Callable[[dict], Any]]] = {
+    "kimi_k25": {"projection_hidden_size": lambda kw: kw["vision_config"]["hidden_size"]},
 }
 
 SUPPORTED_TINY: tuple[str, ...] = MOE_TINY + MOE_EXTRA_TINY + DENSE_TINY  # causal LMs; composites are separate
@@ -568,6 +575,7 @@ def tiny_config(model_type: str, **overrides):
         ) from None
     if is_composite(base):
         kw = {**_shrink_composite(base), **_COMPOSITE_FAMILY.get(model_type, {}), **overrides}
+        kw.update({k: tie(kw) for k, tie in _COMPOSITE_TIED.get(model_type, {}).items() if k not in overrides})
         _fit_mrope_all(kw)  # after the overrides: a wider head needs wider sections
         config = _make_config(model_type, kw)
         _set_eager(config)
@@ -791,12 +799,22 @@ def build_model(config, device: str | torch.device = "meta", seed: int = 0, dtyp
 # ---------------------------------------------------------------------------------------------
 
 
-# model_type -> (pattern, replacement) on checkpoint keys, where transformers' save_pretrained does not write the
-# names the released checkpoints have. Kimi-Linear's release keeps the dense layers' MLP under `mlp.` and only
-# the MoE under `block_sparse_moe.` (as vLLM's class does); transformers loads `.block_sparse_moe.` as `.mlp.`
-# and, saving, turns every `.mlp.` back into `.block_sparse_moe.`
-RELEASED_KEYS: dict[str, tuple[str, str]] = {
-    "kimi_linear": (r"\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.", r".mlp.\1."),
+# model_type -> (pattern, replacement) pairs on checkpoint keys, where transformers' save_pretrained does not write
+# the names the released checkpoints have:
+# - Kimi-Linear's release keeps the dense layers' MLP under `mlp.` and only the MoE under `block_sparse_moe.` (as
+#   vLLM's class does); transformers loads `.block_sparse_moe.` as `.mlp.` and, saving, turns every `.mlp.` back
+#   into `.block_sparse_moe.`
+# - Kimi-K2.5's vision tower has `encoder.blocks.`, which transformers loads as `layers` by a rename of every
+#   `blocks` and, saving, reverses on every `layers`: the text model's too (`language_model.model.blocks.0...`,
+#   vLLM: "KeyError: 'blocks.0.input_layernorm.weight'"). Its projector's norm is `mm_projector.pre_norm` in the
+#   release (transformers' load renames `mm_projector.proj.*` only; it saves the norm under its runtime prefix),
+#   and its patch embedding `vision_tower.patch_embed.` (transformers loads `vision_tower.encoder.` and
+#   `vision_tower.` both as `model.vision_tower.`, and saves the patch embedding under the first)
+RELEASED_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
+    "kimi_linear": ((r"\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.", r".mlp.\1."),),
+    "kimi_k25": ((r"^language_model\.model\.blocks\.", "language_model.model.layers."),
+                 (r"^model\.mm_projector\.", "mm_projector."),
+                 (r"^vision_tower\.encoder\.patch_embed\.", "vision_tower.patch_embed.")),
 }
 
 
@@ -824,6 +842,20 @@ _IMAGE_BACKENDS = ("pil", "torchvision")
 # with the config key that holds its id: the byte tokenizer gets them, and the config their ids
 _PROCESSOR_TOKENS: dict[str, dict[str, tuple[str, str]]] = {
     "aria": {"image_token": ("<|img|>", "image_token_index")},
+    # vllm/.../models/kimi_k25.py resolves the media token from the tokenizer and builds its dummy prompts with it
+    "kimi_k25": {"image_token": ("<|media_pad|>", "image_token_id")},
+}
+# model_type -> preprocessor_config.json as the family's release ships it, where that is not transformers' class:
+# Kimi-K2.5's is its remote-code processor's `media_proc_cfg`, which vLLM's own image processor reads
+# (vllm/transformers_utils/processors/kimi_k25_vision_fused.py; no torchvision). Values: transformers'
+# Kimi_K25ImageProcessor and Kimi_K25VideoProcessor defaults (patch 14, merge 2, at most 16384 patches and 512 a
+# side; 4 frames a chunk, 4096 patches a frame; ImageNet-standard mean and std)
+_RELEASED_PREPROCESSORS: dict[str, dict] = {
+    "kimi_k25": {"media_proc_cfg": {"patch_size": 14, "merge_kernel_size": 2, "in_patch_limit": 16384,
+                                    "patch_limit_on_one_side": 512, "fixed_output_tokens": None,
+                                    "temporal_merge_kernel_size": 4, "in_patch_limit_each_frame": 4096,
+                                    "in_patch_limit_video": None, "image_mean": [0.5, 0.5, 0.5],
+                                    "image_std": [0.5, 0.5, 0.5]}},
 }
 
 
@@ -831,13 +863,21 @@ def save_processor(model_type: str, out_dir: str | Path) -> list[str]:
     """Write beside a tiny composite's checkpoint the processor files an engine serving it reads: the image
     processor of the family (transformers' own class, at its defaults, `save_pretrained`: preprocessor_config.json)
     and, where the family's processor reads special tokens off the tokenizer (`_PROCESSOR_TOKENS`), the byte
-    tokenizer again with them, their ids in config.json. Returns the files written; none for a family transformers
-    maps no image processor to (a text model). The processor's own processor_config.json is not written (its
-    defaults are the class's)."""
+    tokenizer again with them, their ids in config.json. Where the release's preprocessor_config.json is not
+    transformers' class (`_RELEASED_PREPROCESSORS`), that file as the release has it. Returns the files written;
+    none for a family transformers maps no image processor to (a text model). The processor's own
+    processor_config.json is not written (its defaults are the class's)."""
+    import json
+
     import transformers
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES as IMAGE
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES as PROCESSOR
 
+    if model_type in _RELEASED_PREPROCESSORS:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "preprocessor_config.json").write_text(json.dumps(_RELEASED_PREPROCESSORS[model_type], indent=2) + "\n")
+        return ["preprocessor_config.json"] + _save_processor_tokens(model_type, out)
     names = IMAGE.get(model_type)
     if not names and PROCESSOR.get(model_type):  # a processor shared with another family (glm4v_moe's is glm4v's,
         # Glm4vProcessor): that family's image processor, as the releases' preprocessor_config.json names it
@@ -896,15 +936,18 @@ def released_keys(out: Path, model_type: str) -> None:
 
     if model_type not in RELEASED_KEYS:
         return
-    pattern, replacement = RELEASED_KEYS[model_type]
+    def released(key: str) -> str:
+        for pattern, replacement in RELEASED_KEYS[model_type]:
+            key = re.sub(pattern, replacement, key)
+        return key
+
     for shard in sorted(Path(out).glob("*.safetensors")):
         tensors = load_file(str(shard))
-        renamed = {re.sub(pattern, replacement, k): v for k, v in tensors.items()}
-        save_file(renamed, str(shard), metadata={"format": "pt"})
+        save_file({released(k): v for k, v in tensors.items()}, str(shard), metadata={"format": "pt"})
     index = Path(out) / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
-        data["weight_map"] = {re.sub(pattern, replacement, k): v for k, v in data["weight_map"].items()}
+        data["weight_map"] = {released(k): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data, indent=2))
 
 

@@ -91,21 +91,30 @@ def serving_overrides(model_type: str) -> dict:
         return out
 
     out = fit(base)
-    if "qk_rope_head_dim" in base:  # MLA: fused_qkv_a_proj has q_lora_rank + kv_lora_rank + rope rows, and vLLM's
-        # CPU linear kernel takes multiples of 32 only (128 + 64 + 32 = 224)
-        out["qk_rope_head_dim"] = 32
-        if "head_dim" in base:  # transformers' rotary width for MLA; or, where it is the whole q/k head (dots3's
-            # sliding layers must have nope + rope), that
-            whole = base["head_dim"] == base.get("qk_nope_head_dim", 0) + base["qk_rope_head_dim"]
-            out["head_dim"] = base["qk_nope_head_dim"] + 32 if whole else 32
-        if "qk_head_dim" in base:
-            out["qk_head_dim"] = base["qk_nope_head_dim"] + 32
-        if "index_head_dim" in base:  # the sparse-attention indexer's heads hold a rotary part of the same width
-            # (transformers splits them at qk_rope_head_dim): wider than it, and whole multiples of 32
-            out["index_head_dim"] = 64
+    # MLA: fused_qkv_a_proj has q_lora_rank + kv_lora_rank + rope rows, and vLLM's CPU linear kernel takes
+    # multiples of 32 only (128 + 64 + 32 = 224); a composite's MLA is in its text_config (Kimi-K2.5's: 200 rows)
+    if "qk_rope_head_dim" in base:
+        out.update(mla_widths(base))
+    elif isinstance(base.get("text_config"), dict) and "qk_rope_head_dim" in base["text_config"]:
+        out["text_config"] = {**base["text_config"], **out.get("text_config", {}), **mla_widths(base["text_config"])}
     out.update(RELEASED.get(model_type, {}))
     out.update(MAMBA.get(model_type, {}))
     out["initializer_range"] = 0.08  # larger weights than the default init, so wrong ones show in log-probs
+    return out
+
+
+def mla_widths(base: dict) -> dict:
+    """An MLA config's rotary part at 32 and the head widths that hold it (see serving_overrides)."""
+    out = {"qk_rope_head_dim": 32}
+    if "head_dim" in base:  # transformers' rotary width for MLA; or, where it is the whole q/k head (dots3's
+        # sliding layers must have nope + rope), that
+        whole = base["head_dim"] == base.get("qk_nope_head_dim", 0) + base["qk_rope_head_dim"]
+        out["head_dim"] = base["qk_nope_head_dim"] + 32 if whole else 32
+    if "qk_head_dim" in base:
+        out["qk_head_dim"] = base["qk_nope_head_dim"] + 32
+    if "index_head_dim" in base:  # the sparse-attention indexer's heads hold a rotary part of the same width
+        # (transformers splits them at qk_rope_head_dim): wider than it, and whole multiples of 32
+        out["index_head_dim"] = 64
     return out
 
 

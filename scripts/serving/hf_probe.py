@@ -21,6 +21,18 @@ import traceback
 import torch
 
 
+def multimodal_class(model_type: str | None):
+    """transformers' multimodal LM class for `model_type`, or None (a text model)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping in ("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"):
+        name = getattr(modeling_auto, mapping, {}).get(model_type or "")
+        if name and getattr(transformers, name, None) is not None:
+            return getattr(transformers, name)
+    return None
+
+
 def logits_model(model):
     """The module whose forward gives the logits: the model itself, or, for a composite with no forward of
     its own (Qwen3-Omni's `…ForConditionalGeneration` holds a thinker, which reads and writes text, and a
@@ -83,10 +95,13 @@ def main() -> None:
                               "transformers": __import__("transformers").__version__}
         import transformers
 
-        # the class the checkpoint was saved from (a composite's `…ForConditionalGeneration`), else the causal LM
+        # the class the checkpoint was saved from (a composite's `…ForConditionalGeneration`); where config.json
+        # names vLLM's class instead (moedsl writes the name vLLM registers: Kimi-K2.5's, Unlimited-OCR's), the
+        # multimodal class transformers maps the model_type to; else the causal LM
         with open(os.path.join(ckpt, "config.json")) as f:
-            arch = (json.load(f).get("architectures") or [""])[0]
-        cls = getattr(transformers, arch, None) or AutoModelForCausalLM
+            config = json.load(f)
+        arch = (config.get("architectures") or [""])[0]
+        cls = getattr(transformers, arch, None) or multimodal_class(config.get("model_type")) or AutoModelForCausalLM
         model, info = cls.from_pretrained(ckpt, dtype=torch.float32, output_loading_info=True)
         report["unused"] = sorted(info.get("unexpected_keys", []))
         report["uninitialized"] = sorted(info.get("missing_keys", []))
