@@ -95,7 +95,11 @@ def test_quantize_composite(model_type, policy, tiny_model, tmp_path):
     config = json.loads((out / "config.json").read_text())
     source_config = json.loads((src / "config.json").read_text())
     assert config["model_type"] == source_config["model_type"] == model_type
-    assert config["architectures"] == source_config["architectures"]
+    # the class vLLM registers for the family where transformers' name differs (moedsl.write.engines)
+    from moedsl.write.engines import VLLM_ARCHITECTURES
+
+    assert config["architectures"] == [VLLM_ARCHITECTURES[a].name if a in VLLM_ARCHITECTURES else a
+                                       for a in source_config["architectures"]]
     assert config["quantization_config"]["quant_method"] == "gptq"
 
     # by model_type, not by name: the arch `qwen3_5_moe` is the text model's, `qwen3_5_moe_vl` matches the composite
@@ -267,6 +271,34 @@ def test_processor_files_are_written_and_reach_the_output(tiny_model, tmp_path):
     assert (out / "preprocessor_config.json").read_bytes() == (src / "preprocessor_config.json").read_bytes()
     again = AutoImageProcessor.from_pretrained(out)
     assert type(again) is type(loaded) and again.to_dict() == loaded.to_dict()
+
+
+def test_kimi_k25_processor_files_are_the_releases(tiny_model, tmp_path):
+    """Kimi-K2.5's release ships its remote-code processor's preprocessor_config.json (`media_proc_cfg`), which
+    vLLM's own image processor reads (transformers' class is torchvision-only), and vLLM finds the media token
+    `<|media_pad|>` in the tokenizer: both written, the token's id in config.json (quantize copies processor files:
+    test_processor_files_are_written_and_reach_the_output)."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from moedsl.models.tiny import save_processor
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("kimi_k25"), src)
+    assert save_processor("kimi_k25", src) == ["preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                                               "config.json"]
+    media = json.loads((src / "preprocessor_config.json").read_text())["media_proc_cfg"]
+    # the keys vllm/transformers_utils/processors/kimi_k25_vision_fused.py reads
+    assert {"patch_size", "merge_kernel_size", "in_patch_limit", "patch_limit_on_one_side", "fixed_output_tokens",
+            "temporal_merge_kernel_size", "in_patch_limit_each_frame", "in_patch_limit_video", "image_mean",
+            "image_std"} <= set(media)
+    config = json.loads((src / "config.json").read_text())
+    assert media["patch_size"] == config["vision_config"]["patch_size"]
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    assert tokenizer.convert_tokens_to_ids("<|media_pad|>") == config["image_token_id"]
+    assert config["image_token_id"] < config["text_config"]["vocab_size"]
 
 
 def test_processor_of_a_text_model_is_nothing_and_a_missing_backend_is_named(tmp_path):

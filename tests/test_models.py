@@ -66,24 +66,39 @@ def test_build_forward_and_round_trip(model_type, tmp_path):
     torch.testing.assert_close(again, logits, rtol=1e-5, atol=1e-5)
 
 
+# keys each family's release has where save_pretrained alone writes others (RELEASED_KEYS), and keys it keeps
+RELEASED_NAMES = {
+    "kimi_linear": ("model.layers.0.mlp.gate_proj.weight",  # layer 0 is dense
+                    "model.layers.1.block_sparse_moe.experts.0.w1.weight"),  # the MoE keeps its released names
+    "kimi_k25": ("language_model.model.layers.0.input_layernorm.weight", "mm_projector.pre_norm.weight",
+                 "vision_tower.patch_embed.proj.weight", "vision_tower.encoder.blocks.0.wqkv.weight"),
+}
+
+
 @pytest.mark.parametrize("model_type", sorted(RELEASED_KEYS))
 def test_saved_under_the_released_names(model_type, tmp_path):
-    """save_pretrained writes Kimi-Linear's dense MLP as `block_sparse_moe.*` (its load-time rename, reversed);
-    the release and vLLM have `mlp.*` there. The fixture is saved under the released names (and still loads
-    as the same model: test_build_forward_and_round_trip)."""
+    """save_pretrained writes Kimi-Linear's dense MLP as `block_sparse_moe.*` (its load-time rename, reversed),
+    and Kimi-K2.5's text layers as `blocks` (its vision tower's rename, reversed on every `layers`); the releases
+    and vLLM have `mlp.*` and `layers` there. The fixture is saved under the released names, and transformers
+    loads them as the same model."""
     import re
 
     from safetensors import safe_open
 
-    pattern, _ = RELEASED_KEYS[model_type]
+    from moedsl.models.tiny import model_class
+
     out = save_tiny(model_type, tmp_path / model_type, seed=0)
     keys = set()
     for shard in out.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as f:
             keys |= set(f.keys())
-    assert not [k for k in keys if re.search(pattern, k)]
-    assert "model.layers.0.mlp.gate_proj.weight" in keys  # layer 0 is dense
-    assert any(".block_sparse_moe.experts." in k for k in keys)  # the MoE keeps its released names
+    assert not [k for k in keys for pattern, _ in RELEASED_KEYS[model_type] if re.search(pattern, k)]
+    assert set(RELEASED_NAMES[model_type]) <= keys
+    config = tiny_config(model_type)
+    loaded = model_class(config).from_pretrained(out)
+    built = build_model(config, device="cpu", seed=0).state_dict()
+    assert loaded.state_dict().keys() == built.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in built.items())
 
 
 def test_sizes_are_tiny_and_distinct():
