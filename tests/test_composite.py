@@ -301,6 +301,45 @@ def test_kimi_k25_processor_files_are_the_releases(tiny_model, tmp_path):
     assert config["image_token_id"] < config["text_config"]["vocab_size"]
 
 
+def test_qwen3_omni_thinker_gets_qwen3_omnis_processor_files(tmp_path):
+    """Qwen3-Omni's thinker saved on its own has a model_type transformers maps no processor to: its
+    preprocessor_config.json names Qwen3OmniMoeProcessor and holds that processor's image processor and Whisper
+    feature extractor (each loads at its defaults), and the tokenizer carries the seven tokens the processor reads,
+    their ids in the config. Without it AutoProcessor returned the tokenizer, which vLLM refused ("found type
+    TokenizersBackend"); with it, where torchvision is missing, the processor fails on its torchvision-only video
+    processor, the engine limit the serving check names."""
+    pytest.importorskip("PIL", reason="transformers' PIL-backed image processors need pillow (requirements/cpu.txt)")
+    from transformers import (AutoConfig, AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer,
+                              Qwen2VLImageProcessorPil, WhisperFeatureExtractor)
+
+    from moedsl.models.tiny import save_processor, tiny_config
+
+    src = tmp_path / "thinker"
+    tiny_config("qwen3_omni_moe_thinker").save_pretrained(src)
+    written = save_processor("qwen3_omni_moe_thinker", src)
+    assert written == ["preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "config.json"]
+    assert json.loads((src / "preprocessor_config.json").read_text())["processor_class"] == "Qwen3OmniMoeProcessor"
+    image, features = AutoImageProcessor.from_pretrained(src), AutoFeatureExtractor.from_pretrained(src)
+    assert isinstance(image, Qwen2VLImageProcessorPil) and isinstance(features, WhisperFeatureExtractor)
+    for loaded, default in ((image, Qwen2VLImageProcessorPil()), (features, WhisperFeatureExtractor())):
+        mine = loaded.to_dict()
+        assert {k: mine[k] for k in default.to_dict()} == default.to_dict()
+    tokenizer, config = AutoTokenizer.from_pretrained(src), AutoConfig.from_pretrained(src)
+    ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, name)) for name in (
+        "image_token", "video_token", "audio_token", "audio_bos_token", "audio_eos_token", "vision_bos_token",
+        "vision_eos_token")}
+    assert len(set(ids.values())) == 7 and max(ids.values()) < config.text_config.vocab_size
+    assert (config.image_token_id, config.video_token_id, config.audio_token_id, config.audio_start_token_id) == (
+        ids["image_token"], ids["video_token"], ids["audio_token"], ids["audio_bos_token"])
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # PyPI's torchvision cannot even import on this torch: the serving check's state
+        with pytest.raises(ImportError, match="Qwen2VLVideoProcessor requires the Torchvision library"):
+            AutoProcessor.from_pretrained(src)
+    else:
+        assert type(AutoProcessor.from_pretrained(src)).__name__ == "Qwen3OmniMoeProcessor"
+
+
 def test_processor_of_a_text_model_is_nothing_and_a_missing_backend_is_named(tmp_path):
     from moedsl.models.tiny import save_processor
 

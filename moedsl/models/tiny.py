@@ -839,11 +839,20 @@ def save_tiny(model_type: str, out_dir: str | Path, seed: int = 0, **overrides) 
 # torchvision-backed classes need a torchvision built for the installed torch
 _IMAGE_BACKENDS = ("pil", "torchvision")
 # the special tokens a family's processor reads off its tokenizer (AriaProcessor: `tokenizer.image_token`), each
-# with the config key that holds its id: the byte tokenizer gets them, and the config their ids
-_PROCESSOR_TOKENS: dict[str, dict[str, tuple[str, str]]] = {
+# with the config key that holds its id (a dotted path into a nested config; None where the config holds none): the
+# byte tokenizer gets them, and the config their ids
+_OMNI_TOKENS = {  # Qwen3OmniMoeProcessor.__init__ reads all seven
+    "image_token": ("<|image_pad|>", "image_token_id"), "video_token": ("<|video_pad|>", "video_token_id"),
+    "audio_token": ("<|audio_pad|>", "audio_token_id"), "audio_bos_token": ("<|audio_start|>", "audio_start_token_id"),
+    "audio_eos_token": ("<|audio_end|>", None), "vision_bos_token": ("<|vision_start|>", None),
+    "vision_eos_token": ("<|vision_end|>", None),
+}
+_PROCESSOR_TOKENS: dict[str, dict[str, tuple[str, str | None]]] = {
     "aria": {"image_token": ("<|img|>", "image_token_index")},
     # vllm/.../models/kimi_k25.py resolves the media token from the tokenizer and builds its dummy prompts with it
     "kimi_k25": {"image_token": ("<|media_pad|>", "image_token_id")},
+    "qwen3_omni_moe": {name: (token, key and f"thinker_config.{key}") for name, (token, key) in _OMNI_TOKENS.items()},
+    "qwen3_omni_moe_thinker": _OMNI_TOKENS,
 }
 # model_type -> preprocessor_config.json as the family's release ships it, where that is not transformers' class:
 # Kimi-K2.5's is its remote-code processor's `media_proc_cfg`, which vLLM's own image processor reads
@@ -857,19 +866,28 @@ _RELEASED_PREPROCESSORS: dict[str, dict] = {
                                     "in_patch_limit_video": None, "image_mean": [0.5, 0.5, 0.5],
                                     "image_std": [0.5, 0.5, 0.5]}},
 }
+# a family whose checkpoint is one part of a composite that transformers maps the processor to: that composite's
+# processor. transformers maps none to `qwen3_omni_moe_thinker`; the thinker is served from Qwen3-Omni's release,
+# whose processor is Qwen3OmniMoeProcessor (vLLM's Qwen3-Omni class asks for exactly that class)
+_PROCESSOR_FAMILY = {"qwen3_omni_moe_thinker": "qwen3_omni_moe"}
 
 
 def save_processor(model_type: str, out_dir: str | Path) -> list[str]:
     """Write beside a tiny composite's checkpoint the processor files an engine serving it reads: the image
-    processor of the family (transformers' own class, at its defaults, `save_pretrained`: preprocessor_config.json)
-    and, where the family's processor reads special tokens off the tokenizer (`_PROCESSOR_TOKENS`), the byte
-    tokenizer again with them, their ids in config.json. Where the release's preprocessor_config.json is not
-    transformers' class (`_RELEASED_PREPROCESSORS`), that file as the release has it. Returns the files written;
-    none for a family transformers maps no image processor to (a text model). The processor's own
-    processor_config.json is not written (its defaults are the class's)."""
+    processor of the family (transformers' own class, at its defaults) and, for a family with audio input, its
+    feature extractor (at its defaults), both in preprocessor_config.json as the releases store them (one file, each
+    class reading its own keys); where the family's processor reads special tokens off the tokenizer
+    (`_PROCESSOR_TOKENS`), the byte tokenizer again with them, their ids in config.json. Where transformers maps
+    the processor to another family (`_PROCESSOR_FAMILY`), the file names it (`processor_class`), so that
+    AutoProcessor finds it. Returns the files written; none for a family transformers maps no image processor to
+    (a text model). Where the release's preprocessor_config.json is not transformers' class
+    (`_RELEASED_PREPROCESSORS`), that file as the release has it. Video processors are not written: every one of
+    transformers 5.2x is torchvision-backed only; transformers' AutoVideoProcessor reads preprocessor_config.json
+    where no video_preprocessor_config.json is. The processor's own processor_config.json is not written (its defaults are the class's)."""
     import json
 
     import transformers
+    from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES as FEATURES
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES as IMAGE
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES as PROCESSOR
 
@@ -878,10 +896,11 @@ def save_processor(model_type: str, out_dir: str | Path) -> list[str]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "preprocessor_config.json").write_text(json.dumps(_RELEASED_PREPROCESSORS[model_type], indent=2) + "\n")
         return ["preprocessor_config.json"] + _save_processor_tokens(model_type, out)
-    names = IMAGE.get(model_type)
-    if not names and PROCESSOR.get(model_type):  # a processor shared with another family (glm4v_moe's is glm4v's,
+    family = _PROCESSOR_FAMILY.get(model_type, model_type)
+    names = IMAGE.get(family)
+    if not names and PROCESSOR.get(family):  # a processor shared with another family (glm4v_moe's is glm4v's,
         # Glm4vProcessor): that family's image processor, as the releases' preprocessor_config.json names it
-        names = next((IMAGE[t] for t, p in PROCESSOR.items() if p == PROCESSOR[model_type] and IMAGE.get(t)), None)
+        names = next((IMAGE[t] for t, p in PROCESSOR.items() if p == PROCESSOR[family] and IMAGE.get(t)), None)
     if not names:
         return []
     # transformers 5.2x maps backend -> class name; earlier 5.x (slow, fast)
@@ -896,9 +915,23 @@ def save_processor(model_type: str, out_dir: str | Path) -> list[str]:
         except ImportError as exc:  # transformers' placeholder for a class whose backend is not installed
             failures.append(f"{name}: {' '.join(str(exc).split())[:160]}")
             continue
+        out = Path(out_dir)
         with quiet_transformers():
-            processor.save_pretrained(out_dir)
-        return ["preprocessor_config.json"] + _save_processor_tokens(model_type, Path(out_dir))
+            processor.save_pretrained(out)
+        if FEATURES.get(family) or family != model_type:
+            path = out / "preprocessor_config.json"
+            merged = json.loads(path.read_text())
+            if FEATURES.get(family):
+                features = getattr(transformers, FEATURES[family])().to_dict()
+                shared = sorted(set(merged) & set(features) - {"processor_class"})
+                if shared:  # one file holds both: each class would read the other's value
+                    raise MoedslError(f"{model_type}: {name} and {FEATURES[family]} both store {shared}",
+                                      notes=["preprocessor_config.json cannot hold both"])
+                merged.update(features)
+            if family != model_type:
+                merged["processor_class"] = PROCESSOR[family]
+            path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+        return ["preprocessor_config.json"] + _save_processor_tokens(model_type, out)
     raise MoedslError(f"{model_type}: no image processor of transformers {transformers.__version__} can be built here",
                       notes=failures or [f"transformers names {sorted(filter(None, ordered))} but has none of them"]
                       + ["PIL-backed image processors need pillow (requirements/cpu.txt installs it)"])
@@ -921,7 +954,13 @@ def _save_processor_tokens(model_type: str, out: Path) -> list[str]:
     path = out / "config.json"
     config = json.loads(path.read_text())
     for token, key in tokens.values():
-        config[key] = tokenizer.convert_tokens_to_ids(token)
+        if key is None:
+            continue
+        *parents, leaf = key.split(".")
+        holder = config
+        for part in parents:
+            holder = holder[part]
+        holder[leaf] = tokenizer.convert_tokens_to_ids(token)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return ["tokenizer.json", "tokenizer_config.json", "config.json"]
 

@@ -346,8 +346,15 @@ TORCHVISION = ("failed to be inspected|requires the Torchvision library",
                "published only on download.pytorch.org, which this machine cannot reach: the registry cannot "
                "inspect the class (`No module named 'torchvision'` in vLLM's log), or the processor vLLM builds "
                "from the checkpoint cannot be made")
+# Qwen3-Omni's thinker saved as a model of its own (architecture Qwen3OmniMoeThinkerForConditionalGeneration)
+THINKER = ("Qwen2VLVideoProcessor requires the Torchvision library",
+           "vLLM 0.32 registers its Qwen3-Omni class for the whole omni's architecture only "
+           "(Qwen3OmniMoeForConditionalGeneration), so it serves the thinker's through its Transformers backend "
+           "(TransformersMultiModalMoEForCausalLM), which builds the checkpoint's processor, Qwen3OmniMoeProcessor; "
+           "its video processor, Qwen2VLVideoProcessor, is torchvision-backed only in transformers, and this check's "
+           "venv has no torchvision that runs (see TORCHVISION)")
 # limits of where this check runs, not of vLLM or of the checkpoint: said as such in the cell
-ENVIRONMENT_LIMITS = (TORCHVISION[1],)
+ENVIRONMENT_LIMITS = (TORCHVISION[1], THINKER[1])
 VLLM_BUILD_LIMITS = {
     # relu² experts without a gate (`fn mlp(relu2)`): vLLM's FusedMoE refuses them on CPU at construction
     "nemotron_h": ("is_act_and_mul", "vLLM's CPU build has no MoE kernel for non-gated experts (is_act_and_mul=False); "
@@ -357,6 +364,7 @@ VLLM_BUILD_LIMITS = {
     "sarvam_mla": REMOTE_CONFIG,
     "dots3_note_text": REMOTE_CONFIG,
     "mistral_large4": REMOTE_CONFIG,
+    "qwen3_omni_moe_thinker": THINKER,
     **{name: TORCHVISION for name in ("llama4", "qwen3_vl_moe", "glm4v_moe", "qwen3_5_moe_vl", "qwen3_omni_moe",
                                       "ernie4_5_vl_moe", "unlimited_ocr")},
 }
