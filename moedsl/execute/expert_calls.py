@@ -7,8 +7,9 @@ looks it up before the class's) and take it off afterwards.
 pass runs the layer only until every capture of the stage has fired (statistics.py). When the
 routed experts' hook fires and all that the stage still needs lies in the block's shared experts
 (`:moe-share`), the routed experts' own forward is dead work: the shared experts read the block's
-input, not the routed output, and the pass stops before the block's output is used. At GLM-4.5-Air's shape that forward (transformers' grouped expert products on every routed
-token) held 6 GiB of intermediates per batch and was the layer's memory peak.
+input, not the routed output, and the pass stops before the block's output is used. At
+GLM-4.5-Air's shape that forward (transformers' grouped expert products on every routed token)
+held 6 GiB of intermediates per batch and was the layer's memory peak.
 
 So, for that call only, the experts module returns zeros shaped like its input (what transformers'
 expert modules return: one row per token). The skip must not change any statistic, and the shared

@@ -3,9 +3,10 @@
 For each stage: one forward of the layer over the calibration batches with hooks at the
 stage's capture points, stopped as soon as every capture has fired (the statistics:
 moedsl/execute/statistics.py); then the stage's solves, grouped by statistics key
-(moedsl/execute/solving.py); then the quantized weights are written back, so later stages (and the next layer) see
-quantized upstream weights, and handed on (`sink`: the packer) as stacks of every expert of a
-solve chunk.
+(moedsl/execute/solving.py), which write the quantized weights back, so later stages (and the next
+layer) see quantized upstream weights, and hand them on (`sink`: the packer) as stacks of every
+expert of a solve chunk. Then the replay with native routing (the experts in token chunks:
+moedsl/execute/expert_calls.py) makes the next layer's inputs.
 
 A solver that asks for cross statistics (GPTAQ) gets a second activation stream: the
 full-precision model's inputs to the layer (`fp_inputs`). A copy of the layer with its weights
@@ -79,7 +80,7 @@ class LayerQuantizer(LayerStatistics, LayerSolving):
         self.batched = batched
         self.measure_error = measure_error
         self.stop_early = True  # stop each stage's forward once its captures fired (tests turn it off)
-        self.skipped_expert_calls = 0  # routed experts' forwards skipped: only shared experts remained (expert_calls.py)
+        self.skipped_expert_calls = 0  # routed experts' forwards skipped, only shared experts left (expert_calls.py)
         self.replay_split_calls = 0  # replayed experts' calls run in token chunks (expert_calls.py)
         self.out_device = device  # where the replay leaves the next layer's inputs (the CPU when they don't fit)
         self.kind = kind

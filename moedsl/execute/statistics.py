@@ -225,7 +225,7 @@ class LayerStatistics:
         block_in: dict[str, torch.Tensor] = {}
         dead = DeadExperts(self.layer)  # the routed experts' forward, skipped while only shared experts remain
         grouped_any = any(key.capture.kind == "grouped_input" for key in stage.stats)
-        try:  # a refusal below must not leave hooks or the experts' forward override behind
+        try:  # a refusal while hooking, or any error in the forwards, leaves no hook or override behind
             for path, keys in experts_keys.items():
                 moe = _expert_bound(self.kind, path)
                 ex = moe.experts
@@ -362,15 +362,9 @@ class LayerStatistics:
                 appliers.append(apply_experts)
                 hooked = get_path(module, ex.container(ex.first_role)) if ex.grouped else module
                 handles.append(hooked.register_forward_pre_hook(experts_hook, with_kwargs=True))
-        except BaseException:
-            for h in handles:
-                h.remove()
-            dead.remove()
-            raise
-        # grouped statistics are applied as their hooks fire, so a batch run again would count twice
-        dead.enabled = not grouped_any
-        ranks = self.ranks
-        try:
+            # grouped statistics are applied as their hooks fire, so a batch run again would count twice
+            dead.enabled = not grouped_any
+            ranks = self.ranks
             for b, (x, kw) in enumerate(zip(inputs, kwargs)):
                 src = ranks.owner(b)
                 while src == ranks.rank:  # this batch's forward is ours (run again if a skip proved unsafe)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -883,7 +883,8 @@ def save_processor(model_type: str, out_dir: str | Path) -> list[str]:
     (a text model). Where the release's preprocessor_config.json is not transformers' class
     (`_RELEASED_PREPROCESSORS`), that file as the release has it. Video processors are not written: every one of
     transformers 5.2x is torchvision-backed only; transformers' AutoVideoProcessor reads preprocessor_config.json
-    where no video_preprocessor_config.json is. The processor's own processor_config.json is not written (its defaults are the class's)."""
+    where no video_preprocessor_config.json is. The processor's own processor_config.json is not written (its
+    defaults are the class's)."""
     import json
 
     import transformers
