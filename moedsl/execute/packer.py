@@ -31,15 +31,15 @@ class Packed:
     omit: tuple[str, ...] = ()  # local keys not stored (a stacked layout has no name for them)
 
     def modules(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """(module name, {local key: tensor}) per module; each tensor owns its storage (safetensors
-        refuses shared storage)."""
+        """(module name, {local key: tensor}) per module: views of the one host buffer, no copies (the
+        shard writer writes each tensor from its own memory)."""
         if self.ready is not None:
             self.ready.synchronize()
         for j, name in enumerate(self.names):
             tensors = {}
             for local, dtype, shape, offset, size in self.layout:
                 start = offset + j * size
-                tensors[local] = self.buffer[start:start + size].view(dtype).view(shape).clone()
+                tensors[local] = self.buffer[start:start + size].view(dtype).view(shape)
             yield name, tensors
 
 

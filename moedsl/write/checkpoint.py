@@ -125,7 +125,7 @@ class CheckpointWriter:
         else:
             tensors = ct_tensors(name, result, self.cfg, dtype, bias, expert)
         # every tensor is new (packed, or copied where it could share the caller's storage: one g_idx
-        # serves every matrix that shared a Hessian, and safetensors refuses shared storage)
+        # serves every matrix that shared a Hessian, and the caller keeps it)
         self.add_packed(name, tensors, join=join, omit=omit)
 
     def pack_stack(self, names: list[str], stack: QuantStack, dtype: torch.dtype = torch.bfloat16, *,
@@ -142,7 +142,7 @@ class CheckpointWriter:
     def add_packed(self, name: str, tensors: Mapping[str, torch.Tensor], *, join: str = ".",
                    omit: tuple[str, ...] = ()) -> None:
         """Add module `name` from its stored tensors by local key (`pack_stack`'s, one matrix of them),
-        which must be on the CPU and own their storage. join, omit: as for `add_quantized`."""
+        which must be on the CPU (views of one buffer are fine: each is written from its own memory). join, omit: as for `add_quantized`."""
         self._check_open()
         self._check_name(name)
         keys = {f"{name}{join}{local}": t for local, t in tensors.items() if local not in omit}

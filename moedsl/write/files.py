@@ -122,9 +122,9 @@ def write_all_atomic(files: list[tuple[Path, bytes]]) -> None:
 
 
 def save_atomic(path: str | os.PathLike, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from moedsl.write.safetensors_file import write_safetensors
 
-    _guarded(Path(path), lambda tmp: save_file(dict(tensors), str(tmp), metadata=dict(metadata or {})))
+    _guarded(Path(path), lambda tmp: write_safetensors(tmp, tensors, dict(metadata or {})))
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
