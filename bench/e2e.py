@@ -173,10 +173,25 @@ def run_moedsl(model_dir: Path, out: Path, calib: Path, args, nproc: int = 0) ->
         "phases_s": report["phases"],
         "phase_peak_gpu_gib": report.get("phase_peak_gpu_gib", {}),
         "layer_s": [round(l["seconds"], 3) for l in report["layers"]],
+        "steady_layer": steady_layer(report["layers"]),
         "peak_gpu_gib": round(max(peaks) / 2**30, 2) if peaks else None,
         "host_peak_gib": round(report["host_peak_bytes"] / 2**30, 2),
         "checkpoint_gib": round(out_bytes / 2**30, 2),
     }
+
+
+def steady_layer(layers: list[dict]) -> dict | None:
+    """A layer after the first (which waits for the first read and the first use of every kernel): its
+    mean seconds, and the mean seconds per phase added while it ran. Main-thread phases (read,
+    statistics, solve, pack, replay, write_wait) add up to about its seconds; the reader's and writer's
+    (read_ahead, write, resume_state) ran beside them, for the next and the previous layer."""
+    later = layers[1:]
+    if not later:
+        return None
+    names = sorted({k for l in later for k in l.get("phases_s", {})})
+    return {"layers": len(later), "seconds": round(sum(l["seconds"] for l in later) / len(later), 3),
+            "phases_s": {k: round(sum(l.get("phases_s", {}).get(k, 0.0) for l in later) / len(later), 3)
+                         for k in names}}
 
 
 IMPORT_FLOOR = r"""

@@ -14,7 +14,7 @@ import moedsl
 RUN = dict(group_size=-1, samples=4, seq_len=32, progress=False, resume_interval=0)  # a resume state per layer
 ARGS = ["--group-size", "-1", "--samples", "4", "--seq-len", "32", "--no-progress", "--resume-interval", "0"]
 REPORT = "moedsl-report.json"
-TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases", "phase_peak_gpu_gib"}
+TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases", "phases_s", "phase_peak_gpu_gib"}
 
 
 def _strip(obj):
@@ -61,6 +61,21 @@ def test_report_records_phases(overlapped):
     main_thread = sum(v for k, v in phases.items() if not k.startswith("startup.") and k not in (
         "read_ahead", "write", "resume_state", "gpu_idle", "wall", "startup"))
     assert main_thread <= phases["wall"]
+
+
+def test_report_records_each_layers_phases(overlapped):
+    """Each layer's own seconds per phase: its main-thread phases fit in its time, and over the layers
+    they add up to the run's."""
+    report = json.loads((overlapped / REPORT).read_text())
+    layers = report["layers"]
+    assert len(layers) == 3
+    for layer in layers:
+        own = layer["phases_s"]
+        assert own["read"] > 0 and own["statistics"] > 0 and own["solve"] > 0 and own["replay"] > 0, own
+        main_thread = sum(own.get(k, 0.0) for k in ("read", "statistics", "solve", "pack", "replay", "share_weights"))
+        assert main_thread <= layer["seconds"] + 1e-3, (main_thread, layer["seconds"])
+    for key in ("statistics", "solve", "replay"):
+        assert sum(layer["phases_s"][key] for layer in layers) == pytest.approx(report["phases"][key], abs=2e-3)
 
 
 @pytest.mark.parametrize("where", ["1:shard", "1:acts", "0:acts"])

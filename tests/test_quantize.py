@@ -222,7 +222,7 @@ def test_writers_equal_when_scale_dtype_equal(tmp_path, tiny_model):
 
 # ---- 4. resume -------------------------------------------------------------------------------
 
-_TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases", "phase_peak_gpu_gib"}
+_TIMING = {"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases", "phases_s", "phase_peak_gpu_gib"}
 
 
 def _strip_timing(obj):

@@ -63,6 +63,16 @@ class Phases:
         with self._lock:
             self.seconds[name] += seconds
 
+    def snapshot(self) -> dict[str, float]:
+        """The seconds per phase so far (a layer's own are the difference of two snapshots)."""
+        with self._lock:
+            return dict(self.seconds)
+
+    @staticmethod
+    def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """Seconds per phase added between two snapshots (phases that added none left out)."""
+        return {k: round(v - before.get(k, 0.0), 4) for k, v in sorted(after.items()) if v - before.get(k, 0.0) > 0}
+
     def peaks(self) -> dict[str, float]:
         """GiB per phase that raised the device's peak (CUDA; empty elsewhere)."""
         return {k: round(v / 2**30, 3) for k, v in sorted(self.peak_bytes.items())}

@@ -37,9 +37,12 @@ class Report:
                       options={k: str(v) for k, v in opts.model_dump().items()}, warnings=list(warnings))
 
     def add_layer(self, i: int, kind: str, seconds: float, peak_gpu: int | None, result: LayerResult,
-                  tokens: int) -> None:
+                  tokens: int, phases: dict[str, float] | None = None) -> None:
+        """phases: the seconds each phase added while this layer ran (the background reader's and writer's
+        included: the next layer's read, the previous layer's write)."""
         self.layers.append({
             "layer": i, "kind": kind, "seconds": seconds, "peak_gpu_bytes": peak_gpu, "tokens": tokens,
+            "phases_s": phases or {},
             "starved_experts": result.starved,
             "stages": [{
                 "stage": s.index, "seconds": s.seconds, "error": s.error, "rtn_error": s.rtn_error,

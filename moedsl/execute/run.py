@@ -452,6 +452,7 @@ class Runner:
                     if self.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(self.device)
                     t0 = time.perf_counter()
+                    phases_before = phases.snapshot()
                     with phases("read"):
                         layer = loader.load_layer(model, i, self.device, tensors=reader.get(i))
                     check_finite_layer(layer, kind, i, plan.layers_path)
@@ -493,7 +494,8 @@ class Runner:
                     if not ranks.main:  # rank 0 reports and writes the layer
                         bar.advance(i, seconds, tokens)
                         continue
-                    report.add_layer(i, kind.name, seconds, peak, result, tokens)
+                    report.add_layer(i, kind.name, seconds, peak, result, tokens,
+                                     Phases.since(phases_before, phases.snapshot()))
                     for msg in starved_warnings(i, result.starved, self.policy):
                         progress.warn(msg)
                         report.warnings.append(msg)
