@@ -128,6 +128,22 @@ def test_fast_moe_layer_equals_unbatched_on_cuda():
     assert out["weights_differing"] <= 1e-3 * out["weights_total"]
 
 
+@pytest.mark.parametrize("cfg", [dict(bits=4, group_size=128), dict(bits=2, group_size=64, sym=False)])
+def test_report_error_on_cuda_agrees_with_cpu(cfg):
+    """The report's output error runs its products on bf16 tensor cores on CUDA, in fp32 on the CPU."""
+    from moedsl.execute.solving import output_error
+    from moedsl.gptq.quantizer import rtn_quantize
+
+    W, H = _problem(6, 384, 512, seed=3)
+    W = W.bfloat16()
+    config = QuantConfig(**cfg)
+    Q = rtn_quantize(W.float().reshape(-1, 512), config).weight.reshape(W.shape) + 1e-3 * torch.randn_like(W.float())
+    gpu = output_error(W, Q, H, config)
+    cpu = output_error(W.cpu(), Q.cpu(), H.cpu(), config)
+    for g, c in zip(gpu, cpu):
+        torch.testing.assert_close(g.cpu(), c, rtol=2e-3, atol=0)
+
+
 def test_stored_format_dequantization_on_cuda_equals_cpu():
     """FP8 and MXFP4 source weights decode to the same bits on the device as on the CPU."""
     from moedsl.execute.dequant import fp8_block_dequantize, mxfp4_dequantize
