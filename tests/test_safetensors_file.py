@@ -62,3 +62,45 @@ def test_refuses_what_safetensors_cannot_hold(tmp_path):
         write_safetensors(tmp_path / "x.safetensors", {"c": torch.zeros(2, dtype=torch.complex128)})
     with pytest.raises(ValueError, match="`m` is on meta"):
         write_safetensors(tmp_path / "y.safetensors", {"m": torch.zeros(2, device="meta")})
+
+
+def test_short_writes_resume_where_they_stopped(tmp_path, monkeypatch):
+    """A system call may write less than asked (Linux stops at 2 GiB; a signal can cut one short): the
+    writer goes on from that byte. Here every call really writes, but at most 1000 bytes of it."""
+    import os
+
+    import moedsl.write.safetensors_file as stf
+
+    real = os.writev
+    calls = []
+
+    def short_writev(fd, buffers):
+        calls.append(len(buffers))
+        out, room = [], 1000
+        for b in buffers:
+            if room <= 0:
+                break
+            out.append(b[:room])
+            room -= len(out[-1])
+        return real(fd, out)
+
+    monkeypatch.setattr(stf.os, "writev", short_writev)
+    tensors = {f"t{i}": _tensor(torch.float32, (37, 11), i) for i in range(40)}
+    write_safetensors(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
+    save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    assert len(calls) > 60  # 65 kB in calls of 1000 bytes
+
+
+def test_many_tensors_take_few_system_calls(tmp_path, monkeypatch):
+    import os
+
+    import moedsl.write.safetensors_file as stf
+
+    real = os.writev
+    calls = []
+    monkeypatch.setattr(stf.os, "writev", lambda fd, bufs: calls.append(len(bufs)) or real(fd, bufs))
+    tensors = {f"m.{i}.qweight": _tensor(torch.int32, (4, 8), i) for i in range(1500)}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    assert calls == [1024, 478]  # the header's two buffers and 1,500 tensors
+    assert set(load_file(str(tmp_path / "x.safetensors"))) == set(tensors)
