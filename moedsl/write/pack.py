@@ -128,27 +128,27 @@ def check_stack(names: list[str], stack, cfg) -> tuple[int, int]:
     if stack.bias is not None and tuple(stack.bias.shape) != (n, out_features):
         raise bad(f"bias shape {tuple(stack.bias.shape[1:])} != ({out_features},)")
 
-    def outside(t: torch.Tensor, low: int, high: int) -> torch.Tensor | None:
-        """Per matrix: does any value lie outside [low, high]? None when all are inside (one sync)."""
+    def outside(t: torch.Tensor, low: int, high: int) -> torch.Tensor:
+        """Per matrix: does any value lie outside [low, high]?"""
         if not t.numel():
-            return None
+            return torch.zeros(n, dtype=torch.bool, device=t.device)
         flat = t.reshape(n, -1)
-        wrong = (flat.amin(dim=1) < low) | (flat.amax(dim=1) > high)
-        return wrong if bool(wrong.any()) else None
+        return (flat.amin(dim=1) < low) | (flat.amax(dim=1) > high)
 
-    if in_features and (w := outside(stack.g_idx, 0, groups - 1)) is not None:
-        raise bad(f"g_idx values must lie in [0, {groups})", w)
-    if (w := outside(stack.codes, 0, cfg.maxq)) is not None:
-        raise bad(f"codes must lie in [0, {cfg.maxq}] for {cfg.bits} bits", w)
-    if (w := outside(stack.zeros, 0, cfg.maxq)) is not None:
-        raise bad(f"zero-points must lie in [0, {cfg.maxq}] for {cfg.bits} bits", w)
-    if cfg.sym and (w := outside(stack.zeros, (cfg.maxq + 1) // 2, (cfg.maxq + 1) // 2)) is not None:
-        raise bad(f"a symmetric config needs every zero-point to be {(cfg.maxq + 1) // 2}; was it quantized with "
-                  "sym=False?", w)
+    half = (cfg.maxq + 1) // 2
+    checks = [(outside(stack.g_idx, 0, groups - 1) if in_features else None, f"g_idx values must lie in [0, {groups})"),
+              (outside(stack.codes, 0, cfg.maxq), f"codes must lie in [0, {cfg.maxq}] for {cfg.bits} bits"),
+              (outside(stack.zeros, 0, cfg.maxq), f"zero-points must lie in [0, {cfg.maxq}] for {cfg.bits} bits"),
+              (outside(stack.zeros, half, half) if cfg.sym else None,
+               f"a symmetric config needs every zero-point to be {half}; was it quantized with sym=False?")]
     scales = stack.scales.reshape(n, -1)
-    wrong = ~(torch.isfinite(scales) & (scales > 0)).all(dim=1)
-    if bool(wrong.any()):
-        raise bad("scales must be finite and positive", wrong)
+    checks.append((~(torch.isfinite(scales) & (scales > 0)).all(dim=1), "scales must be finite and positive"))
+    checks = [(w, msg) for w, msg in checks if w is not None]
+    # one synchronization for all of them (the packer runs this on the GPU for every stack it packs)
+    failed = torch.stack([w.any() for w, _ in checks]).tolist()
+    for (w, msg), fail in zip(checks, failed):
+        if fail:
+            raise bad(msg, w)
     return out_features, in_features
 
 
