@@ -173,6 +173,7 @@ def run_moedsl(model_dir: Path, out: Path, calib: Path, args, nproc: int = 0) ->
         "phases_s": report["phases"],
         "phase_peak_gpu_gib": report.get("phase_peak_gpu_gib", {}),
         "layer_s": [round(l["seconds"], 3) for l in report["layers"]],
+        "first_layer_phases_s": report["layers"][0].get("phases_s", {}) if report["layers"] else None,
         "steady_layer": steady_layer(report["layers"]),
         "peak_gpu_gib": round(max(peaks) / 2**30, 2) if peaks else None,
         "host_peak_gib": round(report["host_peak_bytes"] / 2**30, 2),

@@ -41,6 +41,10 @@ def test_e2e_bench_small_cpu(tmp_path):
     # (no `resume_state`: a run this short records none, --resume-interval)
     for phase in ("startup", "read", "statistics", "solve", "pack", "write", "gpu_idle"):
         assert phase in run["phases_s"], phase
+    steady = run["steady_layer"]  # the second layer, with the phases it added
+    assert steady["layers"] == 1 and steady["seconds"] == pytest.approx(run["layer_s"][1], abs=1e-3)
+    assert steady["phases_s"]["solve"] > 0 and steady["phases_s"]["statistics"] > 0
+    assert run["first_layer_phases_s"]["read"] > 0 and run["first_layer_phases_s"]["solve"] > 0
     # the built directory is a real transformers checkpoint: from_pretrained loads every weight from it
     model_dir = tmp_path / "small-2L-0D"
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, output_loading_info=True)
