@@ -28,7 +28,7 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack
-from moedsl.write.pack import check_scales_fit, check_stack, pack_last, shape_problems, single_stack
+from moedsl.write.pack import check_stack, pack_last, shape_problems, single_stack
 
 CT_BITS = (4, 8)
 FORMAT = "pack-quantized"
@@ -84,11 +84,10 @@ def ct_tensors_stacked(
         )
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise MoedslError(f"cannot write `{names[0]}`: scales in {dtype} are not supported", code="write")
-    out_features, in_features = check_stack(names, stack, cfg)
+    out_features, in_features = check_stack(names, stack, cfg, scales_stored_in=dtype)
     problems = shape_problems(out_features, in_features, cfg, "compressed-tensors")
     if problems:
         raise MoedslError(f"cannot write `{names[0]}` in compressed-tensors: " + "; ".join(problems), code="write")
-    check_scales_fit(names, stack.scales, dtype, cfg)
 
     n = len(names)
     tensors = {

@@ -21,7 +21,7 @@ import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack
-from moedsl.write.pack import check_scales_fit, check_stack, pack_last, shape_problems, single_stack
+from moedsl.write.pack import check_stack, pack_last, shape_problems, single_stack
 
 GPTQ_BITS = (2, 3, 4, 8)
 CheckpointFormat = Literal["gptq", "gptq_v2"]
@@ -68,12 +68,11 @@ def gptq_tensors_stacked(
     """The tensors of n modules at once (one name per matrix of the stack), each [n, ...] and on
     the stack's device: every expert of a target packed in one pass."""
     check_gptq_config(cfg, checkpoint_format)
-    out_features, in_features = check_stack(names, stack, cfg)
+    out_features, in_features = check_stack(names, stack, cfg, scales_stored_in=torch.float16)
     bits = cfg.bits
     problems = shape_problems(out_features, in_features, cfg, "gptq")
     if problems:
         raise MoedslError(f"cannot write `{names[0]}` as {bits}-bit GPTQ: " + "; ".join(problems), code="write")
-    check_scales_fit(names, stack.scales, torch.float16, cfg)
 
     zeros = stack.zeros
     if checkpoint_format == "gptq":

@@ -105,12 +105,13 @@ def _as_stack(result) -> QuantStack:
                       g_idx=result.g_idx[None])
 
 
-def check_stack(names: list[str], stack, cfg) -> tuple[int, int]:
+def check_stack(names: list[str], stack, cfg, scales_stored_in: torch.dtype | None = None) -> tuple[int, int]:
     """Shapes and value ranges of a QuantStack (one name per matrix) against its config; returns (out, in).
 
     Every writer calls this before packing: a wrong shape or an out-of-range code would
     otherwise be packed silently into a checkpoint that loads but computes garbage. The checks
-    cover the whole stack at once; a failure names the first matrix at fault."""
+    cover the whole stack at once, with one device synchronization; a failure names the first
+    matrix at fault. scales_stored_in: the dtype the checkpoint stores scales in (`scales_fit`)."""
     def bad(msg: str, per_matrix: torch.Tensor | None = None) -> MoedslError:
         at = int(per_matrix.int().argmax()) if per_matrix is not None and len(names) > 1 else 0
         return MoedslError(f"cannot write `{names[at]}`: {msg}", code="write")
@@ -143,6 +144,8 @@ def check_stack(names: list[str], stack, cfg) -> tuple[int, int]:
                f"a symmetric config needs every zero-point to be {half}; was it quantized with sym=False?")]
     scales = stack.scales.reshape(n, -1)
     checks.append((~(torch.isfinite(scales) & (scales > 0)).all(dim=1), "scales must be finite and positive"))
+    if scales_stored_in is not None:
+        checks.append(scales_fit(scales, scales_stored_in, cfg))
     checks = [(w, msg) for w, msg in checks if w is not None]
     # one synchronization for all of them (the packer runs this on the GPU for every stack it packs)
     failed = torch.stack([w.any() for w, _ in checks]).tolist()
@@ -152,20 +155,15 @@ def check_stack(names: list[str], stack, cfg) -> tuple[int, int]:
     return out_features, in_features
 
 
-def check_scales_fit(names: list[str] | str, scales: torch.Tensor, dtype: torch.dtype, cfg) -> None:
-    """The stored scales must be the quantizer's scales exactly, or the checkpoint would not
-    dequantize to the weights GPTQ produced (and compensated for). scales: [n, out, G] for n names."""
-    names = [names] if isinstance(names, str) else names
-    scales = scales.reshape(len(names), -1)
+def scales_fit(scales: torch.Tensor, dtype: torch.dtype, cfg) -> tuple[torch.Tensor, str]:
+    """Per matrix: are its scales [n, ...] not exactly representable in `dtype`, the dtype the checkpoint stores
+    them in? They must be the quantizer's scales exactly, or the checkpoint would not dequantize to the weights
+    GPTQ produced (and compensated for). With the message `check_stack` raises for a matrix that fails."""
+    scales = scales.reshape(scales.shape[0], -1)
     wrong = (scales.to(dtype).to(torch.float32) != scales.to(torch.float32)).any(dim=1)
-    if bool(wrong.any()):
-        stored = str(dtype).removeprefix("torch.")
-        raise MoedslError(
-            f"cannot write `{names[int(wrong.int().argmax())]}`: its scales are not exactly representable in {stored}, the dtype this "
-            f"checkpoint stores them in (the config rounds scales to {cfg.scale_dtype}); "
-            f"quantize with QuantConfig(scale_dtype='{stored}')",
-            code="write",
-        )
+    stored = str(dtype).removeprefix("torch.")
+    return wrong, (f"its scales are not exactly representable in {stored}, the dtype this checkpoint stores them in "
+                   f"(the config rounds scales to {cfg.scale_dtype}); quantize with QuantConfig(scale_dtype='{stored}')")
 
 
 def shape_problems(out_features: int, in_features: int, cfg: QuantConfig, fmt: str) -> list[str]:
