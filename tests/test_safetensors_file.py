@@ -9,16 +9,26 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from moedsl.errors import MoedslError
 from moedsl.write.safetensors_file import write_safetensors
 
-DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
-          torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64,
+          torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+          torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
+          torch.float4_e2m1fn_x2]
 
 
 def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if dtype == torch.bool:
         return torch.rand(shape, generator=g) > 0.5
+    if dtype in (torch.float4_e2m1fn_x2, torch.float8_e8m0fnu):  # no casts to them: any byte
+        shape = shape or (1,)  # (a 0-d F4 would hold half a byte)
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.int64).to(torch.uint8).view(dtype)
+    if dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=dtype)
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return torch.randint(0, 100, shape, generator=g, dtype=torch.int64).to(dtype)
     if dtype.is_floating_point:
         return (torch.randn(shape, generator=g) * 4).to(dtype)
     return torch.randint(-100 if dtype.is_signed else 0, 100, shape, generator=g, dtype=torch.int64).to(dtype)
@@ -58,7 +68,11 @@ def test_views_of_one_buffer_and_strided_tensors(tmp_path):
 
 
 def test_refuses_what_safetensors_cannot_hold(tmp_path):
-    with pytest.raises(TypeError, match="`c`: safetensors has no dtype for torch.complex128"):
+    with pytest.raises(MoedslError, match="cannot write `c` to .*x.safetensors: safetensors has no dtype for "
+                                          "torch.complex128"):
         write_safetensors(tmp_path / "x.safetensors", {"c": torch.zeros(2, dtype=torch.complex128)})
-    with pytest.raises(ValueError, match="`m` is on meta"):
+    with pytest.raises(MoedslError, match="cannot write `m` to .*y.safetensors: it is on meta, not on the CPU"):
         write_safetensors(tmp_path / "y.safetensors", {"m": torch.zeros(2, device="meta")})
+    half_byte = torch.zeros((), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    with pytest.raises(MoedslError, match="cannot write `f` to .*z.safetensors: a 0-d float4 tensor"):
+        write_safetensors(tmp_path / "z.safetensors", {"f": half_byte})

@@ -71,7 +71,8 @@ class Phases:
     @staticmethod
     def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         """Seconds per phase added between two snapshots (phases that added none left out)."""
-        return {k: round(v - before.get(k, 0.0), 4) for k, v in sorted(after.items()) if v - before.get(k, 0.0) > 0}
+        added = {k: v - before.get(k, 0.0) for k, v in sorted(after.items())}
+        return {k: round(v, 4) for k, v in added.items() if v > 0}
 
     def peaks(self) -> dict[str, float]:
         """GiB per phase that raised the device's peak (CUDA; empty elsewhere)."""

@@ -142,7 +142,8 @@ class CheckpointWriter:
     def add_packed(self, name: str, tensors: Mapping[str, torch.Tensor], *, join: str = ".",
                    omit: tuple[str, ...] = ()) -> None:
         """Add module `name` from its stored tensors by local key (`pack_stack`'s, one matrix of them),
-        which must be on the CPU (views of one buffer are fine: each is written from its own memory). join, omit: as for `add_quantized`."""
+        which must be on the CPU (views of one buffer are fine: each is written from its own memory).
+        join, omit: as for `add_quantized`."""
         self._check_open()
         self._check_name(name)
         keys = {f"{name}{join}{local}": t for local, t in tensors.items() if local not in omit}
