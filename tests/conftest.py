@@ -85,7 +85,8 @@ def one_thread():
 
 
 REPORT_NAME = "moedsl-report.json"
-TIMING = frozenset({"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases", "phases_s", "phase_peak_gpu_gib"})  # report keys that vary run to run
+# report keys that vary run to run
+TIMING = frozenset({"seconds", "host_peak_bytes", "peak_gpu_bytes", "phases", "phases_s", "phase_peak_gpu_gib"})
 
 
 def report_results(out: Path, skip: frozenset | set = frozenset()) -> dict:

@@ -162,8 +162,9 @@ def scales_fit(scales: torch.Tensor, dtype: torch.dtype, cfg) -> tuple[torch.Ten
     scales = scales.reshape(scales.shape[0], -1)
     wrong = (scales.to(dtype).to(torch.float32) != scales.to(torch.float32)).any(dim=1)
     stored = str(dtype).removeprefix("torch.")
-    return wrong, (f"its scales are not exactly representable in {stored}, the dtype this checkpoint stores them in "
-                   f"(the config rounds scales to {cfg.scale_dtype}); quantize with QuantConfig(scale_dtype='{stored}')")
+    return wrong, (f"its scales are not exactly representable in {stored}, the dtype this checkpoint stores them "
+                   f"in (the config rounds scales to {cfg.scale_dtype}); quantize with "
+                   f"QuantConfig(scale_dtype='{stored}')")
 
 
 def shape_problems(out_features: int, in_features: int, cfg: QuantConfig, fmt: str) -> list[str]:
