@@ -49,6 +49,7 @@ from moedsl.plan.schema import HookPlan
 
 log = logging.getLogger(__name__)
 
+REST_SHARD = "model-rest.safetensors"  # the tensors outside the decoder layers
 
 
 def pick_device(name: str) -> torch.device:
@@ -441,6 +442,12 @@ class Runner:
                 warm.join()
         phases.add("startup", time.perf_counter() - launched)
         last_record = time.perf_counter()  # the last resume state (--resume-interval)
+        # the shard of the tensors outside the layers is written after the last layer but one (see FinishedLayer):
+        # while the last layer is quantized, and late enough that the disk never holds more than at the end
+        # (every shard, the last resume state and the final files); a quantized lm_head joins that shard at the
+        # end, so then it is written there
+        rest = None if opts.quantize_lm_head else (REST_SHARD, loader.non_layer_keys())
+        rest_with = max(start_layer, plan.num_layers - 2)
         try:
             with progress.layers(plan.num_layers, start_layer) as bar:
                 for i in range(start_layer, plan.num_layers):
@@ -513,7 +520,9 @@ class Runner:
                     names = [n for p in packed for n in p.names]
                     done = FinishedLayer(i, f"layer-{i:05d}.safetensors", packed,
                                          self.layer_copies(loader, plan, i, kind, names, keep_slots), acts,
-                                         {"fingerprint": fingerprint, "layers": list(report.layers)}, acts_ready)
+                                         {"fingerprint": fingerprint, "layers": list(report.layers)}, acts_ready,
+                                         rest if i == rest_with else None)
+                    rest = None if i == rest_with else rest
                     with phases("write_wait", sync=False) if overlap else contextlib.nullcontext():
                         layer_writer.submit(done)
                     del packed, done, acts
@@ -533,8 +542,9 @@ class Runner:
             with phases("head"):
                 unpark(parked, self.device)
                 head_key = self.quantize_head(model, plan, hidden, cfg, writer, dtype, report, fp_hidden)
-        with phases("rest"):
-            self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
+        if rest is not None or head_key is not None:  # not written with a layer: no layer ran, or lm_head is quantized
+            with phases("rest"):
+                self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
         if opts.format == "compressed-tensors":
             writer.ignore(runtime_names(loader, writer.ignored()))
         report.finish(time.perf_counter() - t_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -605,7 +615,7 @@ class Runner:
     def write_rest(self, writer, loader, plan: HookPlan, skip: set[str]) -> None:
         # a composite's towers are among these: copied as the checkpoint stores them, under its names
         self.copy_keys(writer, loader, [k for k in loader.non_layer_keys() if k not in skip])
-        writer.flush_shard("model-rest.safetensors")
+        writer.flush_shard(REST_SHARD)
 
     @torch.no_grad()
     def quantize_head(self, model, plan: HookPlan, hidden: list[torch.Tensor], cfg, writer, dtype, report,

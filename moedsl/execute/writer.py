@@ -2,14 +2,15 @@
 
 For each `FinishedLayer` (plain data from the run loop): the packed modules (waiting for their
 copies from the device), the layer's unquantized tensors copied from the source shards, the
-layer's shard (`CheckpointWriter.flush_shard`: a hidden temporary, fsynced, renamed), and then
+layer's shard (`CheckpointWriter.flush_shard`: a hidden temporary, fsynced, renamed), then
 the resume state (`OutputDir.commit_layer`): the next layer's inputs as `acts-NNNNN.safetensors`
 (temporary, renamed) and `state.json` naming them (temporary, renamed), written last — after
 every layer with `--resume-interval 0`, else after the first layer that ends at least that many
 seconds after the last record (a layer's activations are as large as its shard: writing them
 for every fast layer doubled the disk traffic). A run killed at any moment finds either the old
 state (the layers since are redone and their shards rewritten byte for byte) or the new one,
-each pointing at inputs that were completely written.
+each pointing at inputs that were completely written. One layer near the end also carries the
+tensors outside the decoder layers, written into their own shard after its resume state.
 
 Overlapping (`overlap=True`), a background thread writes layer i−1 while layer i is quantized;
 `submit` first waits for the previous layer, so at most one layer is being written and host
@@ -43,6 +44,10 @@ class FinishedLayer:
     acts: dict[str, torch.Tensor] | None
     state: dict = field(default_factory=dict)  # state.json once this layer is on disk (without `acts`)
     acts_ready: torch.cuda.Event | None = None  # when `acts` are host copies still being filled
+    # (shard file name, checkpoint keys): the tensors outside the decoder layers (embeddings, norm, head),
+    # copied into their shard after this layer's resume state; one layer near the end carries them, so
+    # that they are written while the last layer is quantized and not after it
+    rest: tuple[str, list[str]] | None = None
 
 
 class HostCopier:
@@ -145,11 +150,16 @@ class LayerWriter:
         t1 = time.perf_counter()
         self.phases.add("write", t1 - t0)
         _kill_point("shard", layer.index)
-        if layer.acts is None:
-            return
-        if layer.acts_ready is not None:
-            layer.acts_ready.synchronize()
-        acts = {k: v.detach().contiguous().cpu() for k, v in layer.acts.items()}
-        _kill_point("acts", layer.index)
-        self.commit(layer.index + 1, acts, layer.state["fingerprint"], layer.state["layers"])
-        self.phases.add("resume_state", time.perf_counter() - t1)
+        if layer.acts is not None:
+            if layer.acts_ready is not None:
+                layer.acts_ready.synchronize()
+            acts = {k: v.detach().contiguous().cpu() for k, v in layer.acts.items()}
+            _kill_point("acts", layer.index)
+            self.commit(layer.index + 1, acts, layer.state["fingerprint"], layer.state["layers"])
+            self.phases.add("resume_state", time.perf_counter() - t1)
+        if layer.rest is not None:
+            t2 = time.perf_counter()
+            shard, keys = layer.rest
+            copy_keys(self.writer, self.loader, keys)
+            self.writer.flush_shard(shard)
+            self.phases.add("write", time.perf_counter() - t2)
