@@ -117,6 +117,9 @@ def cmd_schema(args) -> int:
 
 
 def cmd_quantize(args) -> int:
+    from moedsl.execute.pinned import configure_pinned_memory
+
+    configure_pinned_memory()  # before torch is imported: its allocator reads the settings once
     from moedsl.execute.cli import run_quantize
     from moedsl.execute.options import QuantizeOptions
 

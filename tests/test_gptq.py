@@ -262,14 +262,17 @@ def batch():
 def assert_same_result(a, b):
     """Equal up to fp32 rounding. On CPU the paths agree bit for bit in practice, but a batched
     matmul or Cholesky may round differently; near a rounding tie that flips a code, and the
-    flip moves the grids of later groups by an fp16 step. So: almost all codes equal, scales
-    within one fp16 step, weights within a small relative error."""
+    flip moves the grids of later groups by an fp16 step. With act_order one flip is carried into
+    every later column's update: on an AMD EPYC host (its BLAS sums in another order) that left
+    0.5 % of one member's codes and 0.2 % of its loss apart, from a single early flip. So: at most
+    1 % of codes different (and of groups' scales off by more than an fp16 step: the flip moved two
+    of 256 grids there), weights within 5 % (2.6 % there), losses within 0.5 %."""
     assert torch.equal(a.g_idx, b.g_idx)
-    assert (a.codes != b.codes).float().mean() <= 1e-3
-    assert (a.zeros != b.zeros).float().mean() <= 1e-3
-    torch.testing.assert_close(a.scales, b.scales, rtol=2e-3, atol=0)
-    assert float(torch.linalg.norm(a.weight - b.weight)) <= 1e-2 * float(torch.linalg.norm(b.weight))
-    assert a.loss == pytest.approx(b.loss, rel=1e-3)
+    assert (a.codes != b.codes).float().mean() <= 1e-2
+    assert (a.zeros != b.zeros).float().mean() <= 1e-2
+    assert ((a.scales - b.scales).abs() > 2e-3 * b.scales.abs()).float().mean() <= 1e-2
+    assert float(torch.linalg.norm(a.weight - b.weight)) <= 5e-2 * float(torch.linalg.norm(b.weight))
+    assert a.loss == pytest.approx(b.loss, rel=5e-3)
     assert a.damp == pytest.approx(b.damp)
 
 
