@@ -23,7 +23,7 @@ def with_pinned_settings(conf: str | None) -> str:
     """Allocator settings (`key:value,...`) with ours added; any `pinned_*` key already there keeps the
     given settings as they are."""
     parts = [p.strip() for p in (conf or "").split(",") if p.strip()]
-    if any(p.split(":", 1)[0].strip().startswith("pinned_") for p in parts):
+    if any(p.startswith("pinned_") for p in parts):
         return ",".join(parts)
     return ",".join(parts + [f"{key}:{value}" for key, value in PINNED_SETTINGS])
 

@@ -42,7 +42,7 @@ from moedsl.execute.phases import Phases
 from moedsl.execute.reader import LayerReader
 from moedsl.execute.stacker import ExpertStacker
 from moedsl.execute.report import Report, print_summary
-from moedsl.execute.writer import FinishedLayer, HostCopier, LayerWriter, copy_keys, runtime_names
+from moedsl.execute.writer import FinishedLayer, HostCopier, LayerWriter, copy_shard, runtime_names
 from moedsl.models import remote
 from moedsl.write.files import copy_atomic, stop_point, stop_requested
 from moedsl.plan.schema import HookPlan
@@ -445,9 +445,8 @@ class Runner:
         # the shard of the tensors outside the layers is written after the last layer but one (see FinishedLayer):
         # while the last layer is quantized, and late enough that the disk never holds more than at the end
         # (every shard, the last resume state and the final files); a quantized lm_head joins that shard at the
-        # end, so then it is written there
-        rest = None if opts.quantize_lm_head else (REST_SHARD, loader.non_layer_keys())
-        rest_with = max(start_layer, plan.num_layers - 2)
+        # end, so then it is written there, as it is when this run has no layer left to do
+        rest_with = None if opts.quantize_lm_head else max(start_layer, plan.num_layers - 2)
         try:
             with progress.layers(plan.num_layers, start_layer) as bar:
                 for i in range(start_layer, plan.num_layers):
@@ -521,8 +520,7 @@ class Runner:
                     done = FinishedLayer(i, f"layer-{i:05d}.safetensors", packed,
                                          self.layer_copies(loader, plan, i, kind, names, keep_slots), acts,
                                          {"fingerprint": fingerprint, "layers": list(report.layers)}, acts_ready,
-                                         rest if i == rest_with else None)
-                    rest = None if i == rest_with else rest
+                                         (REST_SHARD, loader.non_layer_keys()) if i == rest_with else None)
                     with phases("write_wait", sync=False) if overlap else contextlib.nullcontext():
                         layer_writer.submit(done)
                     del packed, done, acts
@@ -542,7 +540,7 @@ class Runner:
             with phases("head"):
                 unpark(parked, self.device)
                 head_key = self.quantize_head(model, plan, hidden, cfg, writer, dtype, report, fp_hidden)
-        if rest is not None or head_key is not None:  # not written with a layer: no layer ran, or lm_head is quantized
+        if rest_with is None or rest_with >= plan.num_layers:  # not written with a layer
             with phases("rest"):
                 self.write_rest(writer, loader, plan, skip={head_key} if head_key else set())
         if opts.format == "compressed-tensors":
@@ -614,8 +612,7 @@ class Runner:
 
     def write_rest(self, writer, loader, plan: HookPlan, skip: set[str]) -> None:
         # a composite's towers are among these: copied as the checkpoint stores them, under its names
-        self.copy_keys(writer, loader, [k for k in loader.non_layer_keys() if k not in skip])
-        writer.flush_shard(REST_SHARD)
+        copy_shard(writer, loader, REST_SHARD, [k for k in loader.non_layer_keys() if k not in skip])
 
     @torch.no_grad()
     def quantize_head(self, model, plan: HookPlan, hidden: list[torch.Tensor], cfg, writer, dtype, report,
@@ -654,10 +651,6 @@ class Runner:
                        "tokens": int(H.count)}
         writer.add_quantized(plan.lm_head, r, head.bias, dtype)
         return plan.lm_head + ".weight"
-
-    @staticmethod
-    def copy_keys(writer, loader, keys: list[str]) -> None:
-        copy_keys(writer, loader, keys)
 
     @staticmethod
     def copy_side_files(src: Path, out: Path) -> None:

@@ -87,6 +87,12 @@ def copy_keys(writer: CheckpointWriter, loader, keys: list[str]) -> None:
         writer.add_tensor(k, t)
 
 
+def copy_shard(writer: CheckpointWriter, loader, shard: str, keys: list[str]) -> None:
+    """Copy checkpoint tensors (see `copy_keys`) and write them, with whatever else is pending, as `shard`."""
+    copy_keys(writer, loader, keys)
+    writer.flush_shard(shard)
+
+
 def runtime_names(loader, modules: list[str]) -> list[str]:
     """The runtime module names of checkpoint modules (`X` for the tensor `X.weight`) where transformers'
     conversion renames them. transformers + compressed-tensors, and vLLM's generic Transformers backend,
@@ -159,7 +165,5 @@ class LayerWriter:
             self.phases.add("resume_state", time.perf_counter() - t1)
         if layer.rest is not None:
             t2 = time.perf_counter()
-            shard, keys = layer.rest
-            copy_keys(self.writer, self.loader, keys)
-            self.writer.flush_shard(shard)
+            copy_shard(self.writer, self.loader, *layer.rest)
             self.phases.add("write", time.perf_counter() - t2)
