@@ -141,10 +141,13 @@ def profile(model, plan, hidden, kwargs, original, device: torch.device, chunk: 
 
     model.model.layers[0].load_state_dict(original)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
+    with torch_profile(activities=activities, record_shapes=True) as prof:
         run_path(model, plan, hidden, kwargs, True, device, chunk)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60), file=sys.stderr)
+    # the same time by operator and input shapes: which call of an operator (which solve, which copy) took it
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=40, max_name_column_width=40,
+                                                             max_shapes_column_width=100), file=sys.stderr)
 
 
 def main(argv=None) -> dict:
