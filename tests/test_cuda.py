@@ -86,6 +86,25 @@ def test_triton_kernel_equals_torch_loop_on_a_short_last_block(cols):
             assert a.loss == b.loss
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("cols", [128, 72])
+def test_triton_kernel_writes_the_split_errors_the_torch_loop_gives(cols):
+    """The block kernel's errors in the split update's layout ([E_hi | E_hi | E_lo], lazy.py) are, to the bit,
+    `split_errors` of the torch loop's errors; and its plain errors are the loop's."""
+    from moedsl.gptq.block import solve_block
+    from moedsl.gptq.lazy import split_errors
+
+    W, H = _problem(2, 77, cols, seed=4)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    scale = W.abs().amax(dim=2, keepdim=True).expand_as(W) / 7
+    zero = torch.full_like(W, 8.0)
+    ref = _solve(solve_block, W, U, scale, zero, 15, False, triton=False)
+    for split in (False, True):
+        fast = _solve(solve_block, W, U, scale, zero, 15, split, triton=True)
+        assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]) and torch.equal(fast[3], ref[3])
+        assert torch.equal(fast[2], split_errors(ref[2]) if split else ref[2])
+
+
 @pytest.mark.parametrize("kw", CONFIGS[:3], ids=[str(c) for c in CONFIGS[:3]])
 def test_cuda_matches_cpu(kw):
     cfg = QuantConfig(**kw)
@@ -219,3 +238,22 @@ def test_report_names_the_phases_that_raised_the_peak(tiny_model, tmp_path):
     for phase, gib in peaks.items():
         if not phase.startswith("startup"):
             assert 0 < gib <= layer_peak + 2e-3, (phase, gib, layer_peak)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_half_precision_gram_added_in_the_product_equals_fp32_on_cpu(batched):
+    """Hessian statistics from bf16 rows on CUDA (the products on tensor cores, added into the fp32
+    accumulator by the product itself) against the CPU's fp32 products, over several additions."""
+    from moedsl.execute import stats
+
+    g = torch.Generator().manual_seed(6)
+    shape = (5, 3000, 384) if batched else (3000, 384)
+    xs = [torch.randn(*shape, generator=g).bfloat16() for _ in range(3)]
+    acc_gpu = torch.zeros(*shape[:-2], 384, 384, device="cuda")
+    acc_cpu = torch.zeros(*shape[:-2], 384, 384)
+    for x in xs:
+        stats.accumulate_gram(acc_gpu, x.cuda())
+        stats.accumulate_gram(acc_cpu, x)
+    assert stats._ACCUMULATING_PRODUCTS[0], "this torch has no bf16 addmm/baddbmm into fp32"
+    rel = ((acc_gpu.cpu() - acc_cpu).abs().max() / acc_cpu.abs().max()).item()
+    assert rel < 1e-5, rel

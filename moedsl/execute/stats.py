@@ -83,11 +83,21 @@ def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += xᵀx in fp32, for x [n, f] (acc [f, f]) or a batch x [E, n, f] (acc [E, f, f]).
 
     bf16/fp16 data on CUDA: the products run on the half-precision tensor cores straight into fp32
-    (`out_dtype`), then add to acc: a product of two bf16 values is exact in fp32, so this is the
-    TF32 path's arithmetic, faster and without an fp32 copy of x, for a temporary of at most
-    TEMPORARY_BYTES (one expert's, if larger). Elsewhere: fp32 products, in TF32 on CUDA where that
-    is exact (moedsl/precision.py)."""
+    (`out_dtype`): a product of two bf16 values is exact in fp32, so this is the TF32 path's arithmetic,
+    faster and without an fp32 copy of x. The product adds to acc in its own epilogue (`addmm`/`baddbmm`
+    into acc, in place) where this torch has that form; else it goes through a temporary of at most
+    TEMPORARY_BYTES (one expert's, if larger) that is then added, an extra pass over the accumulators (at
+    DeepSeek-V3's shape, 77 ms of a layer's down statistics on an H200). Elsewhere: fp32 products, in TF32
+    on CUDA where that is exact (moedsl/precision.py)."""
     xt = x.transpose(-1, -2)
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _ACCUMULATING_PRODUCTS[0]:
+        try:
+            (torch.addmm if x.dim() == 2 else torch.baddbmm)(acc, xt, x, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError) as exc:  # a torch without half-precision products added into fp32
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            _ACCUMULATING_PRODUCTS[0] = False
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _HALF_PRODUCTS[0]:
         try:
             if x.dim() == 2:
@@ -112,6 +122,7 @@ def accumulate_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
 
 TEMPORARY_BYTES = 256 << 20
 _HALF_PRODUCTS = [True]  # cleared once if this torch lacks `out_dtype` products
+_ACCUMULATING_PRODUCTS = [True]  # cleared once if it lacks them as addmm/baddbmm into the accumulator
 
 
 class BlockedHessian:

@@ -18,17 +18,14 @@ on the weights' device.
 
 from __future__ import annotations
 
-import math
-
 from typing import Sequence
 
 import torch
 
 from moedsl.errors import MoedslError
 from moedsl.gptq.block import solve_block
-from moedsl.gptq.lazy import SplitFactor
 from moedsl.gptq.gptq import (PreparedHessian, block_grid, check_finite, damp_error, damp_schedule, gptq_solve,
-                              upper_factor_of_inverse)
+                              lazy_factor, solve_block_width, upper_factor_of_inverse)
 from moedsl.gptq.quantizer import QuantConfig, QuantResult, find_params, group_grids
 from moedsl.precision import tf32
 
@@ -127,7 +124,8 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, g
         perm = torch.arange(columns, device=W.device).expand(B, columns)
 
     Hinv, damps = batched_inverse_hessian_factor(H, cfg)
-    factor = SplitFactor(Hinv)  # the lazy updates' product on tensor cores, at fp32 accuracy (lazy.py)
+    block = solve_block_width(cfg, columns)
+    factor = lazy_factor(Hinv, cfg)  # the lazy updates' product on tensor cores, at fp32 accuracy (lazy.py)
 
     if fixed_grids:
         group_of = perm // width  # [B, cols], differs between members under act_order
@@ -145,7 +143,6 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, g
     codes = torch.zeros_like(W, dtype=torch.uint8)
     losses = torch.zeros(B, rows, device=W.device)
 
-    block = cfg.block_size if fixed_grids else math.gcd(cfg.block_size, width)  # see gptq.py
     for i1 in range(0, columns, block):
         i2 = min(i1 + block, columns)
         if not fixed_grids and i1 % width == 0:
@@ -156,7 +153,8 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, g
             scale1, zero1 = col_scales[:, :, i1:i2], col_zeros[:, :, i1:i2]
         else:
             scale1, zero1 = block_grid(scales, zeros, group_of[0], i1, i2, width, moved=False)
-        Q1, codes1, Err1, loss1 = solve_block(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], scale1, zero1, maxq)
+        Q1, codes1, Err1, loss1 = solve_block(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], scale1, zero1, maxq,
+                                              factor.split)
         Q[:, :, i1:i2] = Q1
         codes[:, :, i1:i2] = codes1
         losses += loss1

@@ -14,7 +14,9 @@ barrier, and the per-row arithmetic (two correctly rounded divisions) ran redund
 thread, at every column. With a row per thread and the column loop unrolled at compile time,
 picking column i is a register read, and the update of the later columns touches only those.
 It uses round-to-nearest arithmetic op by op (no fused multiply-add), so it reproduces the torch
-loop bit for bit. MOEDSL_NO_TRITON=1 forces the torch loop.
+loop bit for bit. MOEDSL_NO_TRITON=1 forces the torch loop. When the lazy update runs split on tensor cores
+(lazy.py), the kernel also writes the errors in that update's layout, [E_hi | E_hi | E_lo], with the same
+integer and fp32 operations as `split_tf32`, so the update reads them as they are.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 
 import torch
 
+from moedsl.gptq.lazy import split_errors as split_layout
 from moedsl.gptq.quantizer import dequantize, quantize
 
 try:  # Triton comes with CUDA builds of torch; the CPU path never needs it
@@ -36,16 +39,19 @@ except Exception:  # pragma: no cover - CPU-only installs, or a Triton without G
     HAVE_TRITON = False
 
 
-def solve_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
+def solve_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                split_errors: bool = False):
     """W1 [B, R, C] (read, not changed), Hinv1 [B, C, C] upper triangular, scale/zero [B, R, C] per column
     (views are fine: a block in one group passes its grid line expanded over the columns).
 
     Returns Q1 (dequantized), codes (uint8) and Err1 (scaled errors), each [B, R, C] (on CUDA, transposed
     views of column-major results), and each row's loss summed over the block's columns in column order, [B, R].
+    With split_errors, Err1 is [B, R, 3C]: the errors as the split lazy update takes them (lazy.split_errors).
     """
     if W1.is_cuda and HAVE_TRITON and os.environ.get("MOEDSL_NO_TRITON") != "1":
-        return _solve_block_triton(W1, Hinv1, scale, zero, maxq)
-    return _solve_block_torch(W1, Hinv1, scale, zero, maxq)
+        return _solve_block_triton(W1, Hinv1, scale, zero, maxq, split_errors)
+    Q1, codes, Err1, loss = _solve_block_torch(W1, Hinv1, scale, zero, maxq)
+    return Q1, codes, split_layout(Err1) if split_errors else Err1, loss
 
 
 def _solve_block_torch(W1, Hinv1, scale, zero, maxq):
@@ -79,10 +85,11 @@ if HAVE_TRITON:
                do_not_specialize_on_alignment=["W", "H", "S", "Z"])
     def _block_kernel(W, H, S, Z, QT, CT, ET, L, R, maxq,
                       sw_b, sw_r, sh_b, sh_r, ss_b, ss_r, ss_c,
-                      NC: gl.constexpr, BC: gl.constexpr):
+                      NC: gl.constexpr, BC: gl.constexpr, SPLIT: gl.constexpr):
         # One program: 32 rows per warp, a row per thread, its NC columns in the thread's registers
         # (BC: NC rounded up to a power of two). The column loop is unrolled, so column i of the
-        # tile is a known register and `cols > i` a known set of them.
+        # tile is a known register and `cols > i` a known set of them. SPLIT: ET is [B, 3·NC, R],
+        # the error's TF32 high part in rows i and NC + i, the rest in row 2·NC + i (lazy.py).
         num_warps: gl.constexpr = gl.num_warps()
         layout: gl.constexpr = gl.BlockedLayout([1, BC], [32, 1], [num_warps, 1], [1, 0])
         per_row: gl.constexpr = gl.SliceLayout(1, layout)
@@ -97,7 +104,11 @@ if HAVE_TRITON:
         loss = gl.zeros([BR], gl.float32, per_row)
         grid = S + b * ss_b + rows.to(gl.int64) * ss_r  # each row's grid line (L1-resident after column 0)
         zgrid = Z + b * ss_b + rows.to(gl.int64) * ss_r
-        out = b * NC * R + rows  # QT, CT, ET [B, NC, R]: a warp stores column i of its 32 rows contiguously
+        out = b * NC * R + rows  # QT, CT [B, NC, R]: a warp stores column i of its 32 rows contiguously
+        if SPLIT:
+            eout = b * 3 * NC * R + rows
+        else:
+            eout = out
         for i in gl.static_range(NC):
             wi = gl.sum(gl.where(cols[None, :] == i, w, -0.0), axis=1)  # folds to the register: x + -0.0 == x
             s = gl.load(grid + i * ss_c, mask=rmask, other=1.0)
@@ -112,7 +123,13 @@ if HAVE_TRITON:
             err = libdevice.div_rn(t, d)
             gl.store(QT + out + i * R, q, mask=rmask)
             gl.store(CT + out + i * R, code.to(gl.uint8), mask=rmask)
-            gl.store(ET + out + i * R, err, mask=rmask)
+            if SPLIT:  # split_tf32: round to 10 significand bits on the bit pattern; the rest is exact in fp32
+                hi = ((err.to(gl.int32, bitcast=True) + 4096) & -8192).to(gl.float32, bitcast=True)
+                gl.store(ET + eout + i * R, hi, mask=rmask)
+                gl.store(ET + eout + (NC + i) * R, hi, mask=rmask)
+                gl.store(ET + eout + (2 * NC + i) * R, libdevice.sub_rn(err, hi), mask=rmask)
+            else:
+                gl.store(ET + eout + i * R, err, mask=rmask)
             if i + 1 < NC:  # the OBS update of the later columns (column i itself is never read again)
                 later = (cols > i) & (cols < NC)
                 h = gl.load(H + b * sh_b + i * sh_r + cols, mask=later, other=0.0)
@@ -120,7 +137,7 @@ if HAVE_TRITON:
         gl.store(L + b * R + rows, loss, mask=rmask)
 
 
-def _solve_block_triton(W1, Hinv1, scale, zero, maxq):
+def _solve_block_triton(W1, Hinv1, scale, zero, maxq, split_errors=False):
     B, R, NC = W1.shape
     if W1.stride(2) != 1:
         W1 = W1.contiguous()
@@ -131,14 +148,14 @@ def _solve_block_triton(W1, Hinv1, scale, zero, maxq):
         S, Z = S.contiguous(), Z.contiguous()
     QT = torch.empty(B, NC, R, device=W1.device, dtype=torch.float32)
     CT = torch.empty(B, NC, R, device=W1.device, dtype=torch.uint8)
-    ET = torch.empty_like(QT)
+    ET = torch.empty(B, 3 * NC if split_errors else NC, R, device=W1.device, dtype=torch.float32)
     loss = torch.empty(B, R, device=W1.device, dtype=torch.float32)
     num_warps = 1  # 32 rows a program: enough programs to fill the device even for a few thousand rows
     grid = (triton.cdiv(R, 32 * num_warps), B)
     _block_kernel[grid](W1, Hinv1, S, Z, QT, CT, ET, loss, R, float(maxq),
                         W1.stride(0), W1.stride(1), Hinv1.stride(0), Hinv1.stride(1),
                         S.stride(0), S.stride(1), S.stride(2),
-                        NC=NC, BC=triton.next_power_of_2(NC), num_warps=num_warps)
+                        NC=NC, BC=triton.next_power_of_2(NC), SPLIT=split_errors, num_warps=num_warps)
     return QT.transpose(1, 2), CT.transpose(1, 2), ET.transpose(1, 2), loss
 
 
@@ -152,5 +169,5 @@ def warm_up(device: torch.device, columns: int = 128) -> None:
     W = torch.zeros(B, R, columns, device=device)
     H = torch.eye(columns, device=device)[None]
     S = torch.ones(B, R, columns, device=device)
-    _solve_block_triton(W, H, S, torch.zeros_like(S), 15)
+    _solve_block_triton(W, H, S, torch.zeros_like(S), 15, split_errors=os.environ.get("MOEDSL_FP32_UPDATES") != "1")
     torch.cuda.synchronize(device)

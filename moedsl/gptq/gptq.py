@@ -59,6 +59,7 @@ class PreparedHessian:
     perm: torch.Tensor  # [in]: solve order (activation order, or the identity)
     Hinv: torch.Tensor  # [in, in]: upper Cholesky factor of (H + λI)⁻¹, in solve order
     damp: float  # the damp_percent λ was taken from
+    factor: SplitFactor  # Hinv as the lazy updates read it (lazy.py)
 
 
 def prepare_hessian(H: torch.Tensor, cfg: QuantConfig) -> PreparedHessian:
@@ -77,7 +78,7 @@ def prepare_hessian(H: torch.Tensor, cfg: QuantConfig) -> PreparedHessian:
         else:
             perm = torch.arange(columns, device=H.device)
         Hinv, damp = inverse_hessian_factor(H, cfg)
-        return PreparedHessian(dead, perm, Hinv, damp)
+        return PreparedHessian(dead, perm, Hinv, damp, lazy_factor(Hinv, cfg))
 
 
 def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, grid) -> tuple[QuantResult, torch.Tensor]:
@@ -86,7 +87,8 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
     maxq = cfg.maxq
     dead, perm, Hinv = prepared.dead.to(W.device), prepared.perm.to(W.device), prepared.Hinv.to(W.device)
     W[:, dead] = 0
-    factor = SplitFactor(Hinv)  # the lazy updates' product on tensor cores, at fp32 accuracy (lazy.py)
+    # the lazy updates' product on tensor cores, at fp32 accuracy (lazy.py)
+    factor = prepared.factor if prepared.Hinv.device == W.device else lazy_factor(Hinv, cfg)
 
     # Grids fixed before any update: per-channel (-1), or static groups, always over the
     # original contiguous column groups.
@@ -110,9 +112,7 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
     else:
         group_of = torch.arange(columns, device=W.device) // width
 
-    # Blocks start wherever a dynamic group starts, so each group's grid is taken once, at the
-    # start of a block, from its weights with every earlier update applied.
-    block = cfg.block_size if fixed_grids else math.gcd(cfg.block_size, width)
+    block = solve_block_width(cfg, columns)
     for i1 in range(0, columns, block):
         i2 = min(i1 + block, columns)
         if not fixed_grids and i1 % width == 0:
@@ -120,7 +120,7 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
             scales[:, g], zeros[:, g] = grid(W[:, i1 : i1 + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype)
         scale1, zero1 = block_grid(scales, zeros, group_of, i1, i2, width, moved=fixed_grids and cfg.act_order)
         Q1, codes1, Err1, loss1 = solve_block(W[None, :, i1:i2], Hinv[None, i1:i2, i1:i2], scale1[None], zero1[None],
-                                              maxq)
+                                              maxq, factor.split)
         Q[:, i1:i2] = Q1[0]
         codes[:, i1:i2] = codes1[0]
         losses += loss1[0]
@@ -141,6 +141,18 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
         damp=prepared.damp,
     )
     return result, losses
+
+
+def solve_block_width(cfg: QuantConfig, columns: int) -> int:
+    """The columns of one lazy batch. Blocks start wherever a dynamic group starts, so each group's grid is
+    taken once, at the start of a block, from its weights with every earlier update applied."""
+    fixed_grids = cfg.group_size == -1 or cfg.static_groups
+    return cfg.block_size if fixed_grids else math.gcd(cfg.block_size, cfg.group_width(columns))
+
+
+def lazy_factor(Hinv: torch.Tensor, cfg: QuantConfig) -> SplitFactor:
+    """Hinv [.., n, n] laid out for the lazy updates of a solve by cfg (lazy.py)."""
+    return SplitFactor(Hinv, solve_block_width(cfg, Hinv.shape[-1]))
 
 
 def block_grid(scales: torch.Tensor, zeros: torch.Tensor, group_of: torch.Tensor, i1: int, i2: int, width: int,

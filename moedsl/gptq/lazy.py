@@ -20,7 +20,11 @@ inner dimension,
 
     [E_hi | E_hi | E_lo] · [H_hi ; H_lo ; H_hi],
 
-so W is read and written once, as in the plain update.
+so W is read and written once, as in the plain update. Both operands are laid out once, not at every
+block: the factor's [H_hi ; H_lo ; H_hi] slice of each block when the solve starts (`SplitFactor`), and the
+error's [E_hi | E_hi | E_lo] by the block kernel itself as it computes the errors (block.py), since cutting,
+splitting and concatenating them per block took about 0.5 s of a DeepSeek-V3 layer's 8.3 s on an H200
+(thousands of small copies). `split_errors` is the torch form of that layout (the CPU's, and the reference).
 
 Only on CUDA: the CPU has no TF32, and its fp32 update is the reference. `split=True` runs the
 split on any device (tests check it against the fp32 product on the CPU); MOEDSL_FP32_UPDATES=1
@@ -46,33 +50,49 @@ def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, x - hi
 
 
-class SplitFactor:
-    """The inverse-Hessian factor of one solve (U [n, n], or [B, n, n]), split once for all its
-    blocks' updates."""
+def split_errors(Err: torch.Tensor) -> torch.Tensor:
+    """A block's scaled errors [..., R, C] as the split update's left operand [E_hi | E_hi | E_lo] [..., R, 3C]."""
+    hi, lo = split_tf32(Err)
+    return torch.cat([hi, hi, lo], dim=-1)
 
-    def __init__(self, U: torch.Tensor, split: bool | None = None):
+
+class SplitFactor:
+    """The inverse-Hessian factor of one solve (U [n, n], or [B, n, n]) and its blocks' right operands of the
+    lazy update, [U_hi ; U_lo ; U_hi] over rows [i1, i2) and columns [i2, n), laid out once for all the blocks
+    of `block` columns (and all the chunks of experts that share U): 1.5 n² numbers, where U_hi and U_lo
+    whole would be 2 n².
+
+    `split`: whether the update runs split (`update_` then takes the errors as `split_errors` lays them out)."""
+
+    def __init__(self, U: torch.Tensor, block: int, split: bool | None = None):
         self.U = U
         if split is None:
             split = U.is_cuda and os.environ.get("MOEDSL_FP32_UPDATES") != "1"
         self.split = split
-        self.hi, self.lo = split_tf32(U) if self.split else (None, None)
+        self.right: dict[int, torch.Tensor] = {}
+        if split:
+            n = U.shape[-1]
+            hi, lo = split_tf32(U)
+            for i1 in range(0, n, block):
+                i2 = min(i1 + block, n)
+                if i2 < n:
+                    self.right[i1] = torch.cat([hi[..., i1:i2, i2:], lo[..., i1:i2, i2:], hi[..., i1:i2, i2:]], dim=-2)
 
     def update_(self, W: torch.Tensor, Err: torch.Tensor, i1: int, i2: int) -> None:
-        """W[..., i2:] -= Err · U[..., i1:i2, i2:], in place (W [rows, n] or [B, rows, n]; Err [..., rows, i2−i1])."""
+        """W[..., i2:] -= Err · U[..., i1:i2, i2:], in place (W [rows, n] or [B, rows, n]). Err: the block's scaled
+        errors [..., rows, i2 − i1], or, when the factor is split, `split_errors` of them [..., rows, 3(i2 − i1)]."""
         if i2 >= W.shape[-1]:
             return
-        rest = W[..., i2:]
         if not self.split:
-            if W.dim() == 2:
-                rest.addmm_(Err, self.U[i1:i2, i2:], alpha=-1)
-            else:
-                rest.baddbmm_(Err, self.U[:, i1:i2, i2:], alpha=-1)
+            _sub_product(W[..., i2:], Err, self.U[..., i1:i2, i2:])
             return
-        e_hi, e_lo = split_tf32(Err)
-        a = torch.cat([e_hi, e_hi, e_lo], dim=-1)
-        b = torch.cat([self.hi[..., i1:i2, i2:], self.lo[..., i1:i2, i2:], self.hi[..., i1:i2, i2:]], dim=-2)
         with tf32(True):
-            if W.dim() == 2:
-                rest.addmm_(a, b, alpha=-1)
-            else:
-                rest.baddbmm_(a, b, alpha=-1)
+            _sub_product(W[..., i2:], Err, self.right[i1])
+
+
+def _sub_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out -= a · b in place (2-D, or batched along the first axis)."""
+    if out.dim() == 2:
+        out.addmm_(a, b, alpha=-1)
+    else:
+        out.baddbmm_(a, b, alpha=-1)
