@@ -26,6 +26,7 @@ import os
 import torch
 
 from moedsl.gptq.lazy import split_errors as split_layout
+from moedsl.gptq.lazy import splits_on
 from moedsl.gptq.quantizer import dequantize, quantize
 
 try:  # Triton comes with CUDA builds of torch; the CPU path never needs it
@@ -169,5 +170,5 @@ def warm_up(device: torch.device, columns: int = 128) -> None:
     W = torch.zeros(B, R, columns, device=device)
     H = torch.eye(columns, device=device)[None]
     S = torch.ones(B, R, columns, device=device)
-    _solve_block_triton(W, H, S, torch.zeros_like(S), 15, split_errors=os.environ.get("MOEDSL_FP32_UPDATES") != "1")
+    _solve_block_triton(W, H, S, torch.zeros_like(S), 15, split_errors=splits_on(device))
     torch.cuda.synchronize(device)

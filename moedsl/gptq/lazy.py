@@ -50,6 +50,11 @@ def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, x - hi
 
 
+def splits_on(device: torch.device) -> bool:
+    """Whether lazy updates on `device` run split by default: on CUDA, unless MOEDSL_FP32_UPDATES=1."""
+    return device.type == "cuda" and os.environ.get("MOEDSL_FP32_UPDATES") != "1"
+
+
 def split_errors(Err: torch.Tensor) -> torch.Tensor:
     """A block's scaled errors [..., R, C] as the split update's left operand [E_hi | E_hi | E_lo] [..., R, 3C]."""
     hi, lo = split_tf32(Err)
@@ -67,7 +72,7 @@ class SplitFactor:
     def __init__(self, U: torch.Tensor, block: int, split: bool | None = None):
         self.U = U
         if split is None:
-            split = U.is_cuda and os.environ.get("MOEDSL_FP32_UPDATES") != "1"
+            split = splits_on(U.device)
         self.split = split
         self.right: dict[int, torch.Tensor] = {}
         if split:
