@@ -6,6 +6,8 @@
    `from_pretrained` reads: transformers' own conversion mapping, reversed, gives them), and an
    index. Nothing is materialized as a whole model, so a 23 GB DeepSeek-V3 layer costs its disk
    write only. The directory is kept in --work and reused by later runs of the same shape.
+   `--source fp8` writes DeepSeek-V3's released FP8 layout instead (e4m3 linear weights in the
+   decoder layers, a `weight_scale_inv` per 128 × 128 block): half the disk, so twice the layers.
 2. Writes `--seqs` × `--seq-len` random calibration token ids (.npy).
 3. On CUDA, compiles GPTQ's block kernel in a process of its own (`kernel_compile_s`; Triton keeps it
    in its cache, so only a machine's first run pays it; `--cold-kernels` leaves it to the run).
@@ -26,6 +28,7 @@ Prints ONE JSON line. Shapes:
 
     python bench/e2e.py --shape qwen3_30b --layers 8
     python bench/e2e.py --shape deepseek_v3 --layers 2 --dense 0 --vocab 32000
+    python bench/e2e.py --shape deepseek_v3 --layers 4 --vocab 32000 --source fp8 --no-llmcompressor
     python bench/e2e.py --small --device cpu
     python bench/e2e.py --shape glm45_air --layers 4 --nproc 1,2,4,8 --no-llmcompressor
 """
@@ -71,8 +74,12 @@ def model_config(shape: str, layers: int, dense: int, vocab: int | None):
     return config
 
 
-def build_checkpoint(directory: Path, config, device: str, seed: int = 0) -> float:
-    """Write a loadable checkpoint of `config` with random bf16 weights; returns the seconds it took."""
+def build_checkpoint(directory: Path, config, device: str, source: str = "bf16", seed: int = 0) -> float:
+    """Write a loadable checkpoint of `config` with random weights; returns the seconds it took.
+
+    source: `bf16` (a shard per layer), or `fp8`: DeepSeek-V3's released layout (the decoder layers'
+    linear weights in e4m3 with a `weight_scale_inv` per 128 × 128 block, the rest bf16), which halves
+    a layer on disk and is read and dequantized on the device by the run."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -83,7 +90,6 @@ def build_checkpoint(directory: Path, config, device: str, seed: int = 0) -> flo
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     config.architectures = [type(model).__name__]
-    config.save_pretrained(directory)
     # the checkpoint's names and shapes: the runtime state dict through the reversed conversion (on meta)
     runtime = {k: v for k, v in model.state_dict().items()}
     on_disk = revert_weight_conversion(model, runtime)
@@ -93,25 +99,35 @@ def build_checkpoint(directory: Path, config, device: str, seed: int = 0) -> flo
         m = layer_re.search(key)
         groups.setdefault(int(m.group(1)) if m else -1, {})[key] = t
     g = torch.Generator(device=device).manual_seed(seed)
-    weight_map, total = {}, 0
-    names = sorted(groups)
-    for n, layer in enumerate(names):
-        shard = f"model-{n + 1:05d}-of-{len(names):05d}.safetensors"
-        tensors = {}
+
+    def random_tensors(layer: int):
         for key, meta in sorted(groups[layer].items()):
             if meta.dim() == 1:  # norms 1, biases (and DeepSeek's routing-score correction) 0
                 t = torch.ones if "norm" in key else torch.zeros
-                value = t(meta.shape, dtype=meta.dtype)
+                yield key, t(meta.shape, dtype=meta.dtype)
             else:
-                value = (torch.randn(meta.shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(
-                    meta.dtype).cpu()
-            tensors[key] = value
-            weight_map[key] = shard
-            total += value.numel() * value.element_size()
-        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
-        del tensors
-    (directory / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+                yield key, (torch.randn(meta.shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(
+                    meta.dtype)
+
+    names = sorted(groups)
+    if source == "fp8":
+        from moedsl.models.stored_formats import write_stored
+
+        saved = json.loads(config.to_json_string(use_diff=False))
+        write_stored((kv for layer in names for kv in random_tensors(layer)), directory, saved, "fp8")
+    else:
+        config.save_pretrained(directory)
+        weight_map, total = {}, 0
+        for n, layer in enumerate(names):
+            shard = f"model-{n + 1:05d}-of-{len(names):05d}.safetensors"
+            tensors = {key: value.cpu() for key, value in random_tensors(layer)}
+            for key, value in tensors.items():
+                weight_map[key] = shard
+                total += value.numel() * value.element_size()
+            save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+            del tensors
+        (directory / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     (directory / "bench-complete").write_text("")
     return time.perf_counter() - t0
 
@@ -296,6 +312,8 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; --small: 2)")
     p.add_argument("--dense", type=int, default=0, help="how many first layers are dense (DeepSeek-V3 has 3)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the shape's; smaller saves disk)")
+    p.add_argument("--source", default="bf16", choices=["bf16", "fp8"],
+                   help="the checkpoint's weights: bf16, or FP8 in DeepSeek-V3's block-scaled layout (half the disk)")
     p.add_argument("--seqs", type=int, default=None, help="calibration sequences (default 64; --small: 8)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; --small: 64)")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward")
@@ -342,18 +360,19 @@ def main(argv=None) -> dict:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     gen_device = "cuda" if cuda else "cpu"
     config = model_config(shape, layers, args.dense, args.vocab)
-    name = f"{shape}-{layers}L-{args.dense}D" + (f"-v{args.vocab}" if args.vocab else "")
+    name = (f"{shape}-{layers}L-{args.dense}D" + (f"-v{args.vocab}" if args.vocab else "")
+            + ("-fp8" if args.source == "fp8" else ""))
     model_dir = args.work / name
     args.work.mkdir(parents=True, exist_ok=True)
     build_seconds = None
     if not (model_dir / "bench-complete").is_file():
         shutil.rmtree(model_dir, ignore_errors=True)
-        build_seconds = round(build_checkpoint(model_dir, config, gen_device), 1)
+        build_seconds = round(build_checkpoint(model_dir, config, gen_device, args.source), 1)
     calib = calibration(args.work / f"calib-{args.seqs}x{args.seq_len}-v{config.vocab_size}.npy", args.seqs,
                         args.seq_len, config.vocab_size)
     out = {"shape": shape, "model_type": config.model_type, "layers": layers, "dense_layers": args.dense,
            "hidden_size": config.hidden_size, "tokens": args.seqs * args.seq_len, "policy": args.policy,
-           "bits": args.bits, "group_size": args.group_size, "pipeline": args.pipeline,
+           "bits": args.bits, "group_size": args.group_size, "pipeline": args.pipeline, "source": args.source,
            "switch_interval": args.switch_interval, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "model_gib": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**30, 2),
            "build_s": build_seconds}
@@ -379,7 +398,9 @@ def main(argv=None) -> dict:
         else:
             out["moedsl"] = run_moedsl(model_dir, args.work / f"{name}-moedsl-out", calib, args)
         shutil.rmtree(args.work / f"{name}-moedsl-out", ignore_errors=True)
-        if not args.no_llmcompressor:
+        if not args.no_llmcompressor and args.source == "fp8":  # the side-by-side figure is the bf16 source's
+            out["llmcompressor"] = {"not_run": "an FP8 source: compare on the bf16 one (--source bf16)"}
+        elif not args.no_llmcompressor:
             out["llmcompressor"] = run_llmcompressor(model_dir, args.work / f"{name}-llmc-out", calib, args)
             llmc = out["llmcompressor"]
             if llmc and "wall_s" in llmc:

@@ -52,6 +52,33 @@ def test_e2e_bench_small_cpu(tmp_path):
     experts = model.model.layers[1].mlp.experts.gate_up_proj
     assert experts.shape == (16, 256, 256) and float(experts.detach().float().std()) > 0.01
     assert torch.equal(model.model.norm.weight, torch.ones(256, dtype=torch.bfloat16))
+def test_e2e_bench_fp8_source_small_cpu(tmp_path):
+    """bench/e2e.py --source fp8: the decoder layers' linear weights stored as e4m3 with a scale per
+    128 × 128 block (DeepSeek-V3's layout, in about half the bytes), which the run reads and quantizes."""
+    from safetensors import safe_open
+
+    proc = subprocess.run([sys.executable, "bench/e2e.py", "--small", "--device", "cpu", "--seqs", "4", "--seq-len",
+                           "32", "--work", str(tmp_path), "--source", "fp8"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["source"] == "fp8" and len(out["moedsl"]["layer_s"]) == 2
+    assert "not_run" in out["llmcompressor"]  # asked for, and said why it is not run on this source
+    model_dir = tmp_path / "small-2L-0D-fp8"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    stored = {}
+    for shard in set(weight_map.values()):
+        with safe_open(str(model_dir / shard), "pt") as f:
+            stored |= {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    experts = [k for k in stored if ".experts." in k and k.endswith(".weight")]
+    assert len(experts) == 2 * 16 * 3
+    for k in experts + [k for k in stored if k.endswith("self_attn.q_proj.weight")]:
+        assert stored[k] == "F8_E4M3" and stored[k.removesuffix("weight") + "weight_scale_inv"] == "F32", k
+    assert stored["model.embed_tokens.weight"] == "BF16" and stored["model.layers.0.mlp.gate.weight"] == "BF16"
+
+
 def test_fp8_layer_bench_small_cpu():
     """The DeepSeek-V3-shaped FP8 bench, shrunk: writes the FP8 layer, streams and dequantizes it."""
     proc = subprocess.run([sys.executable, "bench/fp8_layer.py", "--small", "--device", "cpu", "--no-quantize"],
