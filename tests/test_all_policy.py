@@ -58,31 +58,3 @@ def test_all_policy_keeps_block_output_and_counts_every_token(model_type):
         counts = counts.tolist() if counts.dim() else [int(counts)] * moe.experts.num_experts
         print(f"{model_type}: {key.key}: tokens per expert {counts[:8]}… of {tokens}")
         assert counts == [tokens] * len(counts)
-
-
-@pytest.mark.parametrize("model_type, fused", [("qwen3_moe", True), ("deepseek_v3", True), ("gpt_oss", False),
-                                               ("dbrx", False)])
-def test_gate_and_up_halves_of_one_tensor_run_as_one_product(model_type, fused):
-    """Where gate and up are the two halves of one fused tensor (transformers' `gate_up_proj`), the
-    experts' hidden values come from one product over both halves; it equals the two products' values
-    exactly on the CPU. gpt-oss interleaves gate and up rows and dbrx keeps them in two tensors, so
-    they keep two products."""
-    from moedsl.experts import fn as expert_fn
-    from moedsl.experts import weights as expert_weights
-
-    torch.manual_seed(0)
-    model = build_model(tiny_config(model_type), device="cpu")
-    plan = compile_plan(for_model(model), model, policy=Policy(kind="all"), tokens=64)
-    i = next(n for n, k in enumerate(plan.kind_of_layer) if plan.kind(k).moe)
-    moe = plan.kind_for_layer(i).moe[0]
-    ex = moe.experts
-    module = get_path(get_path(model, plan.layers_path)[i], ex.path)
-    w, b = expert_weights.read(ex, module)
-    assert (expert_fn._adjacent(w["gate"], w["up"]) is not None) == fused
-    x = torch.randn(24, w["up"].shape[-1])
-    with torch.no_grad():
-        got = expert_fn.hidden(x, ex.fn, w, b)
-        apart = {r: t.contiguous() for r, t in w.items()}  # separate storage: two products
-        assert expert_fn._adjacent(apart["gate"], apart["up"]) is None
-        want = expert_fn.hidden(x, ex.fn, apart, b)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)

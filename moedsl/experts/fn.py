@@ -37,35 +37,12 @@ def _proj(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
     return y if b is None else y + b[:, None, :]
 
 
-def _adjacent(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor | None:
-    """`[E, 2·out, in]` over both when second's rows follow first's in one tensor, else None.
-
-    Fused checkpoints (transformers' `gate_up_proj`) hold gate and up as the two halves of one
-    `[E, 2I, H]` tensor; one product over it reads x once and gives the tensor cores twice the width.
-    """
-    if (first.shape != second.shape or first.stride() != second.stride() or first.dim() != 3
-            or first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
-            or second.storage_offset() != first.storage_offset() + first.shape[1] * first.stride(1)):
-        return None
-    E, out, inner = first.shape
-    return first.as_strided((E, 2 * out, inner), first.stride())
-
-
-def _gate_up(x: torch.Tensor, w: dict[str, torch.Tensor], b: dict[str, torch.Tensor | None]
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    both = _adjacent(w["gate"], w["up"])
-    if both is None:
-        return _proj(x, w["gate"], b.get("gate")), _proj(x, w["up"], b.get("up"))
-    gate, up = torch.matmul(x, both.transpose(1, 2)).chunk(2, dim=-1)
-    gb, ub = b.get("gate"), b.get("up")
-    return (gate if gb is None else gate + gb[:, None, :]), (up if ub is None else up + ub[:, None, :])
-
-
 def hidden(x: torch.Tensor, fn: ir.ExpertFn, w: dict[str, torch.Tensor], b: dict[str, torch.Tensor | None]) -> torch.Tensor:
     """The down projection's input for every expert: `[E, T, I]` from x `[T, H]` (or `[E, T, H]`)."""
+    up = _proj(x, w["up"], b.get("up"))
     if fn.form == "mlp":
-        return activation(fn.act, _proj(x, w["up"], b.get("up")))
-    gate, up = _gate_up(x, w, b)
+        return activation(fn.act, up)
+    gate = _proj(x, w["gate"], b.get("gate"))
     if fn.form == "glu":
         return activation(fn.act, gate) * up
     g = gate.clamp(max=fn.limit)
