@@ -7,7 +7,8 @@
    index. Nothing is materialized as a whole model, so a 23 GB DeepSeek-V3 layer costs its disk
    write only. The directory is kept in --work and reused by later runs of the same shape.
    `--source fp8` writes DeepSeek-V3's released FP8 layout instead (e4m3 linear weights in the
-   decoder layers, a `weight_scale_inv` per 128 × 128 block): half the disk, so twice the layers.
+   decoder layers, a `weight_scale_inv` per 128 × 128 block): half the disk a layer (three DeepSeek-V3
+   layers and their output fit a 64 GiB disk, against two from bf16).
 2. Writes `--seqs` × `--seq-len` random calibration token ids (.npy).
 3. On CUDA, compiles GPTQ's block kernel in a process of its own (`kernel_compile_s`; Triton keeps it
    in its cache, so only a machine's first run pays it; `--cold-kernels` leaves it to the run).
@@ -28,7 +29,7 @@ Prints ONE JSON line. Shapes:
 
     python bench/e2e.py --shape qwen3_30b --layers 8
     python bench/e2e.py --shape deepseek_v3 --layers 2 --dense 0 --vocab 32000
-    python bench/e2e.py --shape deepseek_v3 --layers 4 --vocab 32000 --source fp8 --no-llmcompressor
+    python bench/e2e.py --shape deepseek_v3 --layers 3 --vocab 32000 --source fp8 --no-llmcompressor
     python bench/e2e.py --small --device cpu
     python bench/e2e.py --shape glm45_air --layers 4 --nproc 1,2,4,8 --no-llmcompressor
 """
