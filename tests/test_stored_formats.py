@@ -205,6 +205,32 @@ def test_fp8_source_loads_as_its_bf16_values(fp8_dirs):
             assert (p.float() - o.float()).abs().max() <= o.float().abs().max() / 8 + 1e-6, name
 
 
+@pytest.mark.parametrize("which", ["fp8", "mxfp4"])
+def test_stored_layers_read_ahead_load_without_their_shards(which, fp8_dirs, mxfp4_dirs, tmp_path):
+    """A layer read ahead (`read_layer`, as the background reader does) carries the stored FP8/MXFP4
+    bytes of its quantized tensors, so `load_layer` dequantizes them without reading a shard on the
+    main thread: with the shards gone, the layers load to the same values as straight from the shards."""
+    from moedsl.execute.loader import StoredParts
+
+    _, source, _ = fp8_dirs if which == "fp8" else mxfp4_dirs
+    copy = tmp_path / which
+    shutil.copytree(source, copy)
+    loader = LayerwiseLoader(copy, strict=True)
+    model = loader.skeleton()
+    loader.load_non_layer(model)
+    ahead = [loader.read_layer(i) for i in range(loader.num_layers)]
+    parts = [t for layer in ahead for t in layer.values() if isinstance(t, StoredParts)]
+    assert parts and all(len(t.tensors) == 2 for t in parts)
+    _, direct = _layers(source)
+    for shard in copy.glob("*.safetensors"):
+        shard.unlink()
+    for i, tensors in enumerate(ahead):
+        loader.load_layer(model, i, tensors=tensors)
+    layers = {k: v for k, v in model.state_dict().items() if ".layers." in k}
+    want = direct.state_dict()
+    assert layers and all(torch.equal(v, want[k]) for k, v in layers.items())
+
+
 def test_mxfp4_source_loads_as_its_bf16_values(mxfp4_dirs):
     src, mx, twin = mxfp4_dirs
     files = stored(mx)

@@ -136,7 +136,7 @@ def read(logical: str, parts: tuple[str, ...], get: Callable[[str], object], fmt
          device: torch.device | str, where: str):
     """The tensor a bf16 checkpoint would hold under `logical`: a safetensors slice (read lazily by
     the caller) for a plain tensor, or a dequantized tensor on `device`. `get(name)` gives the
-    stored slice of a stored name."""
+    stored slice of a stored name (or the stored tensor itself, read ahead)."""
     if len(parts) == 1:
         sl = get(parts[0])
         if sl.get_dtype() in FP8_DTYPES:
@@ -145,7 +145,8 @@ def read(logical: str, parts: tuple[str, ...], get: Callable[[str], object], fmt
                 notes=["moedsl reads block-scaled FP8 (config quantization_config.quant_method \"fp8\" with "
                        "weight_block_size, and a weight_scale_inv per weight)"])
         return sl
-    a, b = (get(p)[...].to(device) for p in parts)
+    # from pinned host memory (parts read ahead) the copies are asynchronous, ordered before the dequantization
+    a, b = (get(p)[...].to(device, non_blocking=True) for p in parts)
     try:
         if fmt.method == "fp8":
             return fp8_block_dequantize(a, b, fmt.block, fmt.dtype)

@@ -34,6 +34,7 @@ import json
 import logging
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -199,6 +200,14 @@ def _check_index_keys(index: Path, shard_of: dict[str, Path]) -> None:
             raise MoedslError(f"{index}: {len(absent)} tensor(s) listed for {path.name} are not in it: "
                               + ", ".join(absent[:6]) + (f" and {len(absent) - 6} more" if len(absent) > 6 else ""),
                               notes=["the index does not belong to these shards (an interrupted download?)"])
+
+
+@dataclass(frozen=True)
+class StoredParts:
+    """A checkpoint tensor stored quantized (FP8 and its block scales, MXFP4 blocks and scales), as read
+    ahead into host memory: its stored tensors by stored name. `load_layer` dequantizes them on the device."""
+
+    tensors: dict[str, torch.Tensor]
 
 
 class LayerwiseLoader:
@@ -507,24 +516,28 @@ class LayerwiseLoader:
 
     # ------------------------------------------------------------------ loading
 
-    def read_keys(self, keys: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
+    def read_keys(self, keys: list[str], pin: bool = False) -> dict[str, torch.Tensor | StoredParts]:
         """The checkpoint tensors `keys`, read from their shards into host memory (pinned when `pin`,
         for fast asynchronous copies to the GPU). Touches no model, so a background thread may read
-        the next layer while the current one is worked on. Tensors stored as FP8/MXFP4 are left out:
-        `load_layer` reads those itself and dequantizes them on the device."""
+        the next layer while the current one is worked on. A tensor stored as FP8/MXFP4 comes as its
+        `StoredParts` (the stored bytes, half or a quarter of bf16's), which `load_layer` dequantizes on
+        the device: reading them here keeps the shards' bytes off the main thread."""
         from safetensors import safe_open
 
         by_shard: dict[Path, list[str]] = defaultdict(list)
         for key in keys:
-            stored = self.stored_keys(key)
-            if stored == (key,):
-                by_shard[self._shard_of[key]].append(key)
-        out: dict[str, torch.Tensor] = {}
-        for shard, shard_keys in by_shard.items():
+            for name in self.stored_keys(key):
+                by_shard[self._shard_of[name]].append(name)
+        raw: dict[str, torch.Tensor] = {}
+        for shard, names in by_shard.items():
             with safe_open(str(shard), framework="pt", device="cpu") as f:
-                for key in shard_keys:
-                    t = f.get_tensor(key)
-                    out[key] = t.pin_memory() if pin else t
+                for name in names:
+                    t = f.get_tensor(name)
+                    raw[name] = t.pin_memory() if pin else t
+        out: dict[str, torch.Tensor | StoredParts] = {}
+        for key in keys:
+            stored = self.stored_keys(key)
+            out[key] = raw[key] if stored == (key,) else StoredParts({n: raw[n] for n in stored})
         return out
 
     def read_layer(self, i: int, pin: bool = False) -> dict[str, torch.Tensor]:
@@ -560,9 +573,17 @@ class LayerwiseLoader:
         on_cuda = torch.device(device).type == "cuda"
         mismatched, errors = [], {}
         with self._reader(device) as get:
+            def value(k: str):
+                t = tensors.get(k)
+                if t is None:
+                    return get(k)
+                if isinstance(t, StoredParts):
+                    return dequant.read(k, self.stored_keys(k), t.tensors.__getitem__, self.stored_format,
+                                        device, str(self.model_dir))
+                return t.to(device, non_blocking=True) if on_cuda else t
+
             for group in sorted(groups.values(), key=len, reverse=True):
-                state = {k: (tensors[k].to(device, non_blocking=True) if on_cuda else tensors[k]) if k in tensors
-                         else get(k) for k in sorted(group, key=lambda k: str(self.shard_of(k)))}
+                state = {k: value(k) for k in sorted(group, key=lambda k: str(self.shard_of(k)))}
                 with quiet_transformers():
                     info, _ = api["convert_and_load"](model, state, load_config)
                 del state
