@@ -524,9 +524,10 @@ class LayerwiseLoader:
         the device: reading them here keeps the shards' bytes off the main thread."""
         from safetensors import safe_open
 
+        stored = {key: self.stored_keys(key) for key in keys}
         by_shard: dict[Path, list[str]] = defaultdict(list)
-        for key in keys:
-            for name in self.stored_keys(key):
+        for names in stored.values():
+            for name in names:
                 by_shard[self._shard_of[name]].append(name)
         raw: dict[str, torch.Tensor] = {}
         for shard, names in by_shard.items():
@@ -534,13 +535,10 @@ class LayerwiseLoader:
                 for name in names:
                     t = f.get_tensor(name)
                     raw[name] = t.pin_memory() if pin else t
-        out: dict[str, torch.Tensor | StoredParts] = {}
-        for key in keys:
-            stored = self.stored_keys(key)
-            out[key] = raw[key] if stored == (key,) else StoredParts({n: raw[n] for n in stored})
-        return out
+        return {key: raw[key] if names == (key,) else StoredParts({n: raw[n] for n in names})
+                for key, names in stored.items()}
 
-    def read_layer(self, i: int, pin: bool = False) -> dict[str, torch.Tensor]:
+    def read_layer(self, i: int, pin: bool = False) -> dict[str, torch.Tensor | StoredParts]:
         """Every checkpoint tensor of decoder layer `i`, in host memory (see `read_keys`); hand the
         result to `load_layer(..., tensors=)`."""
         self.layers_path  # noqa: B018 - raises before skeleton()

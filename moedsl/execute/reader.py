@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from moedsl.execute.loader import LayerwiseLoader
+from moedsl.execute.loader import LayerwiseLoader, StoredParts
 from moedsl.execute.phases import NO_PHASES
 
 
@@ -37,7 +37,7 @@ class LayerReader:
         self._ahead: dict[int, Future] = {}
         self._first = True  # the run's first read: not pinned (see above)
 
-    def _read(self, i: int, pin: bool) -> dict[str, torch.Tensor]:
+    def _read(self, i: int, pin: bool) -> dict[str, torch.Tensor | StoredParts]:
         t0 = time.perf_counter()
         tensors = self.loader.read_layer(i, pin=pin)
         if self._pool is not None:  # step by step, reading is part of the main thread's `read`
@@ -53,7 +53,7 @@ class LayerReader:
         if self._pool is not None and i < self.stop and i not in self._ahead:
             self._ahead[i] = self._submit(i)
 
-    def get(self, i: int) -> dict[str, torch.Tensor]:
+    def get(self, i: int) -> dict[str, torch.Tensor | StoredParts]:
         """Layer i's tensors (waiting for them if they are being read); starts reading layer i+1."""
         ahead = self._ahead.pop(i, None)
         for j in [j for j in self._ahead if j != i + 1]:  # a wrong guess of where a resumed run starts
