@@ -103,7 +103,8 @@ def run_path(model, plan, hidden, kwargs, batched: bool, device: torch.device, c
     peak = None
     if device.type == "cuda":  # the phases reset the peak as they start: the layer's is the largest of theirs
         peak = max([torch.cuda.max_memory_allocated(device) / 2**30] + [gib for _, gib in q.phases.peaks])
-    return seconds, peak, result, {"phase_peak_gpu_gib": q.phases.peaks or None, "matrices": sum(matrices)}
+    return seconds, peak, result, {"phase_peak_gpu_gib": q.phases.peaks or None, "phase_seconds": q.phases.seconds,
+                                   "matrices": sum(matrices)}
 
 
 class PeakPhases:
@@ -115,18 +116,24 @@ class PeakPhases:
         self.cuda = device.type == "cuda"
         self.device = device
         self.peaks: list[tuple[str, float]] = []
+        self.seconds: list[tuple[str, float]] = []  # (statistics.S | solve.S | replay, wall seconds) in order
 
     @contextlib.contextmanager
     def __call__(self, name: str, sync: bool = True, peak: str | None = None):
+        label = peak or name
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
         try:
-            yield
+            # the range lets `profile` charge each kernel to its phase
+            with torch.profiler.record_function(f"phase:{label}"):
+                yield
         finally:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
                 self.peaks.append((name, round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)))
+            self.seconds.append((label, round(time.perf_counter() - t0, 4)))
 
     def add(self, name: str, seconds: float) -> None:
         pass
@@ -148,6 +155,42 @@ def profile(model, plan, hidden, kwargs, original, device: torch.device, chunk: 
     # the same time by operator and input shapes: which call of an operator (which solve, which copy) took it
     print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=40, max_name_column_width=40,
                                                              max_shapes_column_width=100), file=sys.stderr)
+    print(phase_table(prof.events(), device.type == "cuda"), file=sys.stderr)
+
+
+def phase_table(events, cuda: bool, rows: int = 12) -> str:
+    """Kernel time per phase (statistics.S, solve.S, replay: `PeakPhases`' ranges), and within each phase its
+    largest operators by input shapes: which stage's products, copies or solves took the device time
+    (on the CPU: each operator's own CPU time)."""
+    from collections import defaultdict
+
+    def phase_of(evt) -> str:
+        while evt is not None:
+            if evt.name.startswith("phase:"):
+                return evt.name[len("phase:"):]
+            evt = evt.cpu_parent
+        return "outside"
+
+    per_phase: dict[str, float] = defaultdict(float)
+    per_op: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    for evt in events:
+        phase = phase_of(evt)
+        if cuda:
+            # a kernel launched outside any operator (Triton, Gluon) is charged to the range: name it
+            costs = [(k.name[:60] if evt.name.startswith("phase:") else None, k.duration) for k in evt.kernels]
+        else:
+            costs = [] if evt.name.startswith("phase:") else [(None, evt.self_cpu_time_total)]
+        for name, us in costs:
+            op = name or f"{evt.name} {evt.input_shapes}"[:110]
+            per_op[phase][op][0] += us
+            per_op[phase][op][1] += 1
+            per_phase[phase] += us
+    lines = [f"{'kernel' if cuda else 'CPU'} time per phase (ms), and its largest operators:"]
+    for phase, total in per_phase.items():
+        lines.append(f"{phase:<16} {total / 1e3:10.1f}")
+        top = sorted(per_op[phase].items(), key=lambda kv: -kv[1][0])[:rows]
+        lines += [f"    {us / 1e3:9.1f} ms {n:6d}×  {op}" for op, (us, n) in top]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -161,7 +204,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-unbatched", action="store_true", help="skip timing the unbatched path on the full shape")
     p.add_argument("--policy", default="all", help="MoE policy: all (default), routed, topk=N, auto(min_tokens=N)")
     p.add_argument("--chunk-gib", type=float, default=None,
-                   help="memory bound of one solve or statistics chunk (default: the run's, a quarter of the layer)")
+                   help="memory bound of one solve or statistics chunk (default: the run's, half of the layer, 2-12 GiB)")
     p.add_argument("--profile", action="store_true",
                    help="run the layer once more under torch.profiler and print its top kernels (stderr)")
     p.add_argument("--solver", default="gptq", help="gptq (default), rtn, mse, gptaq, gptaq-mse, gptaq(alpha=A), "
