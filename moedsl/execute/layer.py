@@ -173,11 +173,12 @@ class LayerQuantizer(LayerStatistics, LayerSolving):
         return outs, carried
 
 def default_chunk_bytes(layer: nn.Module) -> int:
-    """The memory bound of one solve, statistics or replay chunk: a quarter of the layer's own weights,
-    between 2 and 8 GiB. Larger chunks mean fewer, larger products and kernel launches (a DeepSeek-V3
-    layer's gate/up solve in 1 GiB chunks was 256 solves of one expert each); the layer's weights
-    are on the device anyway, so the peak grows by at most a quarter of them."""
+    """The memory bound of one solve, statistics or replay chunk: half of the layer's own weights,
+    between 2 and 12 GiB. Larger chunks mean fewer, larger products and kernel launches, and more rows
+    for each launch of GPTQ's block kernel to hide its latency with: on an H200 a DeepSeek-V3 layer
+    took 8.19 s with a quarter of its weights (5.4 GiB chunks of 6 experts' gate and up) and 7.71 s
+    with 11 GiB (docs/benchmarks.md). The layer's weights are on the device anyway, so the peak grows
+    by about half of them (36.7 → 42.6 GiB there); a small layer (Qwen3-30B-A3B's 1.1 GiB,
+    GLM-4.5-Air's 4.2 GiB) keeps about the 2 GiB floor."""
     size = sum(p.numel() * p.element_size() for p in layer.parameters())
-    return int(min(8 << 30, max(2 << 30, size // 4)))
-
-
+    return int(min(12 << 30, max(2 << 30, size // 2)))
