@@ -318,3 +318,20 @@ def test_shared_rejects_mismatched_inputs(problem):
     _, _, H = problem
     with pytest.raises(MoedslError, match="same number of input columns"):
         gptq_quantize_shared([weight(1), weight(2, n=64)], H, QuantConfig(bits=4))
+
+
+@pytest.mark.parametrize("bad", ["weight", "Hessian"])
+def test_non_finite_inputs_are_refused_by_name(bad):
+    """A NaN weight or an infinite Hessian entry stops GPTQ with an error that says which of the two it is, on the
+    single, shared and batched paths alike."""
+    g = torch.Generator().manual_seed(0)
+    W, H = torch.randn(2, 8, 128, generator=g), torch.eye(128).repeat(2, 1, 1)
+    if bad == "weight":
+        W[1, 3, 5] = float("nan")
+    else:
+        H[:, 7, 7] = float("inf")
+    cfg = QuantConfig(bits=4, group_size=128)
+    for solve in (lambda: gptq_quantize(W[1], H[1], cfg), lambda: gptq_quantize_shared(W, H[1], cfg),
+                  lambda: gptq_quantize_batched(W, H, cfg)):
+        with pytest.raises(MoedslError, match=f"{bad} contains NaN or infinite values"):
+            solve()

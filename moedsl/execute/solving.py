@@ -21,7 +21,7 @@ import torch
 from moedsl.bind.binder import get_path
 from moedsl.execute.statistics import _expert_bound
 from moedsl.experts import weights as expert_weights
-from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack, rtn_quantize
+from moedsl.gptq.quantizer import QuantConfig, QuantResult, QuantStack, rtn_weight
 from moedsl.lang.ckpt_name import expand
 from moedsl.plan.schema import Stage, StatsKey, Target
 from moedsl.solvers import Problem, check_results
@@ -209,7 +209,7 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg: QuantCo
     cores, with fp32 accumulation and an fp32 sum: the roundings of ΔW, H and the products are
     unbiased and average out over the matrix, so the figure moves in about the fourth digit, at
     half the cost of TF32 (at DeepSeek-V3's gate/up, 2 × 10¹⁴ FLOP per layer). On the CPU, fp32."""
-    rtn = rtn_quantize(W.reshape(-1, W.shape[-1]), cfg).weight.reshape(W.shape)
+    rtn = rtn_weight(W.reshape(-1, W.shape[-1]), cfg).reshape(W.shape)
     dtype = torch.bfloat16 if W.device.type == "cuda" else torch.float32
     Hx = H.to(dtype)
     out = []

@@ -58,9 +58,11 @@ def gptq_quantize_shared(
         stacked = mats[0] if len(mats) == 1 else torch.cat([m.to(device=mats[0].device, dtype=torch.float32) for m in mats])
 
     whole, row_losses = gptq_solve(stacked, H, cfg, grid, prepared)
+    # every matrix's loss in one transfer: a float per matrix would wait for the device once per matrix
+    losses = torch.stack([part.sum() for part in row_losses.split(sizes)]).tolist()
     out = []
     start = 0
-    for n in sizes:
+    for n, loss in zip(sizes, losses):
         rows = slice(start, start + n)
         out.append(
             QuantResult(
@@ -69,7 +71,7 @@ def gptq_quantize_shared(
                 scales=whole.scales[rows],
                 zeros=whole.zeros[rows],
                 g_idx=whole.g_idx,
-                loss=float(row_losses[rows].sum()),
+                loss=loss,
                 damp=whole.damp,
             )
         )
@@ -139,8 +141,9 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, g
         col_scales = scales.gather(2, col_index)
         col_zeros = zeros.gather(2, col_index)
 
-    Q = torch.zeros_like(W)
-    codes = torch.zeros_like(W, dtype=torch.uint8)
+    # column-major underneath: the block kernel stores each column of every row into them, no copy per block
+    Q = torch.empty(B, columns, rows, device=W.device).transpose(1, 2)
+    codes = torch.empty(B, columns, rows, device=W.device, dtype=torch.uint8).transpose(1, 2)
     losses = torch.zeros(B, rows, device=W.device)
 
     for i1 in range(0, columns, block):
@@ -153,10 +156,8 @@ def _gptq_quantize_batched(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, g
             scale1, zero1 = col_scales[:, :, i1:i2], col_zeros[:, :, i1:i2]
         else:
             scale1, zero1 = block_grid(scales, zeros, group_of[0], i1, i2, width, moved=False)
-        Q1, codes1, Err1, loss1 = solve_block(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], scale1, zero1, maxq,
-                                              factor.split)
-        Q[:, :, i1:i2] = Q1
-        codes[:, :, i1:i2] = codes1
+        _, _, Err1, loss1 = solve_block(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], scale1, zero1, maxq, factor.split,
+                                        out=(Q[:, :, i1:i2], codes[:, :, i1:i2]))
         losses += loss1
         factor.update_(W, Err1, i1, i2)
 

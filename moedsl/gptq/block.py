@@ -41,17 +41,24 @@ except Exception:  # pragma: no cover - CPU-only installs, or a Triton without G
 
 
 def solve_block(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
-                split_errors: bool = False):
+                split_errors: bool = False, out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """W1 [B, R, C] (read, not changed), Hinv1 [B, C, C] upper triangular, scale/zero [B, R, C] per column
     (views are fine: a block in one group passes its grid line expanded over the columns).
 
     Returns Q1 (dequantized), codes (uint8) and Err1 (scaled errors), each [B, R, C] (on CUDA, transposed
     views of column-major results), and each row's loss summed over the block's columns in column order, [B, R].
     With split_errors, Err1 is [B, R, 3C]: the errors as the split lazy update takes them (lazy.split_errors).
+    out: (Q, codes) [B, R, C] views that Q1 and the codes are written into, and returned as: the block's
+    columns of the solve's whole outputs. Where their rows are contiguous (the outputs column-major
+    underneath), the kernel stores into them directly, with no copy per block.
     """
     if W1.is_cuda and HAVE_TRITON and os.environ.get("MOEDSL_NO_TRITON") != "1":
-        return _solve_block_triton(W1, Hinv1, scale, zero, maxq, split_errors)
+        return _solve_block_triton(W1, Hinv1, scale, zero, maxq, split_errors, out)
     Q1, codes, Err1, loss = _solve_block_torch(W1, Hinv1, scale, zero, maxq)
+    if out is not None:
+        out[0].copy_(Q1)
+        out[1].copy_(codes)
+        Q1, codes = out
     return Q1, codes, split_layout(Err1) if split_errors else Err1, loss
 
 
@@ -82,15 +89,17 @@ if HAVE_TRITON:
     # No specialization on the integer arguments' values or the pointers' alignment: each variant is
     # a fresh compile of an unrolled kernel (tens of seconds at 128 columns), and the row counts,
     # strides and grid offsets of a run's solves differ from one matrix to the next.
-    @gluon.jit(do_not_specialize=["R", "sw_b", "sw_r", "sh_b", "sh_r", "ss_b", "ss_r", "ss_c"],
-               do_not_specialize_on_alignment=["W", "H", "S", "Z"])
+    @gluon.jit(do_not_specialize=["R", "sw_b", "sw_r", "sh_b", "sh_r", "ss_b", "ss_r", "ss_c",
+                                  "sq_b", "sq_c", "sc_b", "sc_c"],
+               do_not_specialize_on_alignment=["W", "H", "S", "Z", "QT", "CT"])
     def _block_kernel(W, H, S, Z, QT, CT, ET, L, R, maxq,
-                      sw_b, sw_r, sh_b, sh_r, ss_b, ss_r, ss_c,
+                      sw_b, sw_r, sh_b, sh_r, ss_b, ss_r, ss_c, sq_b, sq_c, sc_b, sc_c,
                       NC: gl.constexpr, BC: gl.constexpr, SPLIT: gl.constexpr):
         # One program: 32 rows per warp, a row per thread, its NC columns in the thread's registers
         # (BC: NC rounded up to a power of two). The column loop is unrolled, so column i of the
-        # tile is a known register and `cols > i` a known set of them. SPLIT: ET is [B, 3·NC, R],
-        # the error's TF32 high part in rows i and NC + i, the rest in row 2·NC + i (lazy.py).
+        # tile is a known register and `cols > i` a known set of them. QT, CT: the block's first
+        # column of Q and the codes, rows contiguous (batch and column strides sq_*, sc_*). SPLIT: ET is
+        # [B, 3·NC, R], the error's TF32 high part in rows i and NC + i, the rest in row 2·NC + i (lazy.py).
         num_warps: gl.constexpr = gl.num_warps()
         layout: gl.constexpr = gl.BlockedLayout([1, BC], [32, 1], [num_warps, 1], [1, 0])
         per_row: gl.constexpr = gl.SliceLayout(1, layout)
@@ -105,11 +114,13 @@ if HAVE_TRITON:
         loss = gl.zeros([BR], gl.float32, per_row)
         grid = S + b * ss_b + rows.to(gl.int64) * ss_r  # each row's grid line (L1-resident after column 0)
         zgrid = Z + b * ss_b + rows.to(gl.int64) * ss_r
-        out = b * NC * R + rows  # QT, CT [B, NC, R]: a warp stores column i of its 32 rows contiguously
-        if SPLIT:
+        # a warp stores column i of its 32 rows contiguously
+        qout = b * sq_b + rows
+        cout = b * sc_b + rows
+        if SPLIT:  # ET [B, 3·NC, R]
             eout = b * 3 * NC * R + rows
-        else:
-            eout = out
+        else:  # ET [B, NC, R]
+            eout = b * NC * R + rows
         for i in gl.static_range(NC):
             wi = gl.sum(gl.where(cols[None, :] == i, w, -0.0), axis=1)  # folds to the register: x + -0.0 == x
             s = gl.load(grid + i * ss_c, mask=rmask, other=1.0)
@@ -122,8 +133,8 @@ if HAVE_TRITON:
             loss = libdevice.add_rn(loss, libdevice.div_rn(libdevice.div_rn(libdevice.mul_rn(t, t),
                                                                             libdevice.mul_rn(d, d)), 2.0))
             err = libdevice.div_rn(t, d)
-            gl.store(QT + out + i * R, q, mask=rmask)
-            gl.store(CT + out + i * R, code.to(gl.uint8), mask=rmask)
+            gl.store(QT + qout + i * sq_c, q, mask=rmask)
+            gl.store(CT + cout + i * sc_c, code.to(gl.uint8), mask=rmask)
             if SPLIT:  # split_tf32: round to 10 significand bits on the bit pattern; the rest is exact in fp32
                 hi = ((err.to(gl.int32, bitcast=True) + 4096) & -8192).to(gl.float32, bitcast=True)
                 gl.store(ET + eout + i * R, hi, mask=rmask)
@@ -138,7 +149,7 @@ if HAVE_TRITON:
         gl.store(L + b * R + rows, loss, mask=rmask)
 
 
-def _solve_block_triton(W1, Hinv1, scale, zero, maxq, split_errors=False):
+def _solve_block_triton(W1, Hinv1, scale, zero, maxq, split_errors=False, out=None):
     B, R, NC = W1.shape
     if W1.stride(2) != 1:
         W1 = W1.contiguous()
@@ -147,17 +158,25 @@ def _solve_block_triton(W1, Hinv1, scale, zero, maxq, split_errors=False):
     S, Z = scale, zero  # one set of strides for both (expanded views of one group's line, or gathered)
     if S.stride() != Z.stride():
         S, Z = S.contiguous(), Z.contiguous()
-    QT = torch.empty(B, NC, R, device=W1.device, dtype=torch.float32)
-    CT = torch.empty(B, NC, R, device=W1.device, dtype=torch.uint8)
+    direct = out is not None and out[0].stride(1) == 1 and out[1].stride(1) == 1
+    if direct:
+        Q1, C1 = out
+    else:  # [B, R, NC] views of column-major results
+        Q1 = torch.empty(B, NC, R, device=W1.device, dtype=torch.float32).transpose(1, 2)
+        C1 = torch.empty(B, NC, R, device=W1.device, dtype=torch.uint8).transpose(1, 2)
     ET = torch.empty(B, 3 * NC if split_errors else NC, R, device=W1.device, dtype=torch.float32)
     loss = torch.empty(B, R, device=W1.device, dtype=torch.float32)
     num_warps = 1  # 32 rows a program: enough programs to fill the device even for a few thousand rows
     grid = (triton.cdiv(R, 32 * num_warps), B)
-    _block_kernel[grid](W1, Hinv1, S, Z, QT, CT, ET, loss, R, float(maxq),
+    _block_kernel[grid](W1, Hinv1, S, Z, Q1, C1, ET, loss, R, float(maxq),
                         W1.stride(0), W1.stride(1), Hinv1.stride(0), Hinv1.stride(1),
-                        S.stride(0), S.stride(1), S.stride(2),
+                        S.stride(0), S.stride(1), S.stride(2), Q1.stride(0), Q1.stride(2), C1.stride(0), C1.stride(2),
                         NC=NC, BC=triton.next_power_of_2(NC), SPLIT=split_errors, num_warps=num_warps)
-    return QT.transpose(1, 2), CT.transpose(1, 2), ET.transpose(1, 2), loss
+    if out is not None and not direct:
+        out[0].copy_(Q1)
+        out[1].copy_(C1)
+        Q1, C1 = out
+    return Q1, C1, ET.transpose(1, 2), loss
 
 
 def warm_up(device: torch.device, columns: int = 128) -> None:

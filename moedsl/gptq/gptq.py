@@ -69,7 +69,7 @@ def prepare_hessian(H: torch.Tensor, cfg: QuantConfig) -> PreparedHessian:
         # An input that was always zero carries no information: give it a unit Hessian entry so
         # H stays invertible, and a zero weight (the reference GPTQ convention).
         dead = torch.diag(H) == 0
-        H[dead, dead] = 1
+        H.diagonal().masked_fill_(dead, 1)  # H[dead, dead] = 1, without the device sync of a boolean index
         # Activation order: the columns with the largest Hessian diagonal (the most used inputs)
         # are quantized first, while many columns remain to absorb their error.
         if cfg.act_order:
@@ -86,7 +86,7 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
     rows, columns = W.shape
     maxq = cfg.maxq
     dead, perm, Hinv = prepared.dead.to(W.device), prepared.perm.to(W.device), prepared.Hinv.to(W.device)
-    W[:, dead] = 0
+    W.masked_fill_(dead, 0)  # W[:, dead] = 0, without the device sync of a boolean index
     # the lazy updates' product on tensor cores, at fp32 accuracy (lazy.py)
     factor = prepared.factor if prepared.Hinv.device == W.device else lazy_factor(Hinv, cfg)
 
@@ -103,8 +103,9 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
     if cfg.act_order:
         W = W[:, perm]
 
-    Q = torch.zeros_like(W)
-    codes = torch.zeros_like(W, dtype=torch.uint8)
+    # column-major underneath: the block kernel stores each column of every row into them, no copy per block
+    Q = torch.empty(columns, rows, device=W.device).t()
+    codes = torch.empty(columns, rows, device=W.device, dtype=torch.uint8).t()
     losses = torch.zeros(rows, device=W.device)
     # Group of each column position in solve order.
     if fixed_grids:
@@ -119,10 +120,8 @@ def _gptq_solve(W: torch.Tensor, prepared: PreparedHessian, cfg: QuantConfig, gr
             g = i1 // width
             scales[:, g], zeros[:, g] = grid(W[:, i1 : i1 + width], cfg.bits, cfg.sym, cfg.torch_scale_dtype)
         scale1, zero1 = block_grid(scales, zeros, group_of, i1, i2, width, moved=fixed_grids and cfg.act_order)
-        Q1, codes1, Err1, loss1 = solve_block(W[None, :, i1:i2], Hinv[None, i1:i2, i1:i2], scale1[None], zero1[None],
-                                              maxq, factor.split)
-        Q[:, i1:i2] = Q1[0]
-        codes[:, i1:i2] = codes1[0]
+        _, _, Err1, loss1 = solve_block(W[None, :, i1:i2], Hinv[None, i1:i2, i1:i2], scale1[None], zero1[None],
+                                        maxq, factor.split, out=(Q[None, :, i1:i2], codes[None, :, i1:i2]))
         losses += loss1[0]
         # ...and the block's accumulated error over all later columns at once (lazy batch), in place.
         factor.update_(W, Err1[0], i1, i2)
@@ -228,7 +227,9 @@ def check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
 
 
 def check_finite(W: torch.Tensor, H: torch.Tensor) -> None:
-    if not bool(torch.isfinite(W).all()):
+    # both checks in one transfer: each would make the caller wait for the device
+    w_ok, h_ok = torch.stack([torch.isfinite(W).all(), torch.isfinite(H.to(W.device)).all()]).tolist()
+    if not w_ok:
         raise MoedslError("weight contains NaN or infinite values", code="gptq")
-    if not bool(torch.isfinite(H).all()):
+    if not h_ok:
         raise MoedslError("Hessian contains NaN or infinite values", code="gptq")

@@ -248,14 +248,7 @@ def group_grids(W: torch.Tensor, cfg: QuantConfig, grid=find_params) -> tuple[to
 
 def rtn_quantize(W: torch.Tensor, cfg: QuantConfig, grid=find_params) -> QuantResult:
     """Round-to-nearest on the same grids GPTQ uses: the baseline. act_order has no meaning here."""
-    if W.dim() != 2:
-        raise MoedslError(f"expected a 2-D weight [out, in], got shape {tuple(W.shape)}")
-    W = W.detach().to(torch.float32)
-    scales, zeros = group_grids(W, cfg, grid)
-    g_idx = trivial_g_idx(W.shape[1], cfg, W.device)
-    g = g_idx.long()
-    codes = quantize(W, scales[:, g], zeros[:, g], cfg.maxq)
-    Q = dequantize(codes, scales[:, g], zeros[:, g])
+    W, codes, Q, scales, zeros, g_idx = _rtn(W, cfg, grid)
     loss = float(((W - Q) ** 2).sum() / 2)
     return QuantResult(
         weight=Q,
@@ -266,3 +259,20 @@ def rtn_quantize(W: torch.Tensor, cfg: QuantConfig, grid=find_params) -> QuantRe
         loss=loss,
         damp=0.0,
     )
+
+
+def rtn_weight(W: torch.Tensor, cfg: QuantConfig, grid=find_params) -> torch.Tensor:
+    """rtn_quantize's dequantized weight alone: without its loss, a figure that would make the caller wait
+    for the device (the report's RTN error needs only the weight)."""
+    return _rtn(W, cfg, grid)[2]
+
+
+def _rtn(W: torch.Tensor, cfg: QuantConfig, grid):
+    if W.dim() != 2:
+        raise MoedslError(f"expected a 2-D weight [out, in], got shape {tuple(W.shape)}")
+    W = W.detach().to(torch.float32)
+    scales, zeros = group_grids(W, cfg, grid)
+    g_idx = trivial_g_idx(W.shape[1], cfg, W.device)
+    g = g_idx.long()
+    codes = quantize(W, scales[:, g], zeros[:, g], cfg.maxq)
+    return W, codes, dequantize(codes, scales[:, g], zeros[:, g]), scales, zeros, g_idx
