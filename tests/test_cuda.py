@@ -1,7 +1,8 @@
 """CUDA-only speedups against the plain path. Skipped where there is no GPU (CI); run on the H100.
 
 - the block kernel (Gluon) reproduces the torch column loop bit for bit (single, shared and batched solves,
-  short last blocks);
+  short last blocks, outputs stored in place or copied);
+- the glu experts' silu(gate) ⊙ up kernel gives torch's values to the bit;
 - GPTQ on CUDA agrees with GPTQ on the CPU to fp32 rounding (a few codes may flip by one step);
 - its lazy updates on tensor cores (3×TF32) agree with the plain fp32 product the same way;
 - the fast MoE layer path equals the unbatched path on CUDA, to fp32 rounding.
@@ -103,6 +104,53 @@ def test_triton_kernel_writes_the_split_errors_the_torch_loop_gives(cols):
         fast = _solve(solve_block, W, U, scale, zero, 15, split, triton=True)
         assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]) and torch.equal(fast[3], ref[3])
         assert torch.equal(fast[2], split_errors(ref[2]) if split else ref[2])
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs Triton")
+def test_triton_kernel_stores_into_the_outputs_it_is_given():
+    """`out` views with contiguous rows (the solve's column-major outputs) are stored into by the kernel; row-major
+    ones get a copy: both hold the torch loop's values, and are what solve_block returns."""
+    from moedsl.gptq.block import solve_block
+
+    W, H = _problem(2, 77, 200, seed=5)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    scale = W.abs().amax(dim=2, keepdim=True).expand_as(W) / 7
+    zero = torch.full_like(W, 8.0)
+    ref = _solve(solve_block, W[..., 64:192], U[:, 64:192, 64:192], scale[..., 64:192], zero[..., 64:192], 15,
+                 triton=False)
+    for column_major in (True, False):
+        shape = (2, 200, 77) if column_major else (2, 77, 200)
+        Q = torch.full(shape, -1.0, device="cuda")
+        C = torch.zeros(shape, dtype=torch.uint8, device="cuda")
+        if column_major:
+            Q, C = Q.transpose(1, 2), C.transpose(1, 2)
+        out = (Q[..., 64:192], C[..., 64:192])
+        fast = _solve(solve_block, W[..., 64:192], U[:, 64:192, 64:192], scale[..., 64:192], zero[..., 64:192], 15,
+                      True, out, triton=True)
+        assert fast[0] is out[0] and fast[1] is out[1]
+        assert torch.equal(Q[..., 64:192], ref[0]) and torch.equal(C[..., 64:192], ref[1])
+        assert bool((Q[..., :64] == -1).all()) and bool((Q[..., 192:] == -1).all())  # nothing outside the block
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_silu_mul_kernel_equals_torch(dtype):
+    """silu(gate) ⊙ up in one kernel against F.silu(gate) * up, to the bit: for bf16 over every bit pattern of
+    gate (infinities and NaN among them), for fp16 and fp32 over random values of a wide range."""
+    import torch.nn.functional as F
+
+    from moedsl.experts.silu_mul import HAVE_TRITON as kernel, silu_mul
+
+    if not kernel:
+        pytest.skip("needs Triton")
+    g = torch.Generator().manual_seed(7)
+    if dtype == torch.bfloat16:
+        gate = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).repeat(3)
+    else:
+        gate = (torch.randn(300_000, generator=g) * torch.exp(torch.randn(300_000, generator=g) * 3)).to(dtype)
+    up = torch.randn(gate.shape, generator=g).to(dtype)
+    gate, up = gate.reshape(3, -1, 4).cuda(), up.reshape(3, -1, 4).cuda()
+    fast = _solve(silu_mul, gate, up, triton=True)
+    torch.testing.assert_close(fast, F.silu(gate) * up, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("kw", CONFIGS[:3], ids=[str(c) for c in CONFIGS[:3]])
