@@ -32,6 +32,7 @@ from moedsl.bind.binder import get_path
 from moedsl.bind.bound import BoundExperts, BoundMoe
 from moedsl.errors import MoedslError
 from moedsl.execute import distributed
+from moedsl.execute.block_inputs import BlockInputs, block_for_next_stage, fits
 from moedsl.execute.expert_calls import DeadExperts, SharedReadsRoutedOutput
 from moedsl.execute.stats import BlockedHessian, Hessian
 from moedsl.experts import fn as expert_fn
@@ -122,12 +123,26 @@ class LayerStatistics:
     used here: layer, kind, policy, device, chunk_bytes, batched, stop_early, skipped_expert_calls,
     routed_counts, fp_layer, ranks, and the ownership of work units (`owns_key`, `owned_blocks`)."""
 
+    reuse_block_inputs = True  # a stage inside one MoE block runs the block alone when it can (block_inputs.py)
+    block_runs = 0  # batches whose statistics pass ran the MoE block alone, not the layer
+    _kept: BlockInputs | None = None  # the block inputs the last stage kept for the next one
+
     @torch.no_grad()
     def collect(self, stage: Stage, inputs: list[torch.Tensor], kwargs: list[dict],
                 fp_inputs: list[torch.Tensor] | None = None) -> dict[str, Hessian | BlockedHessian]:
         """fp_inputs: the full-precision model's inputs to this layer, per batch, when the cross term is wanted.
         Returns the statistics of the keys (and expert blocks) this rank owns."""
         cross = fp_inputs is not None
+        # the block inputs the stage before kept for this one (block_inputs.py), and whether this one keeps its own
+        replay, self._kept = self._kept, None
+        if replay is not None and replay.stage != stage.index:
+            replay = None
+        keep = None
+        if self.reuse_block_inputs and not cross and inputs and inputs[0].device.type == self.device.type \
+                and fits(inputs, self.chunk_bytes):
+            found = block_for_next_stage(self.kind, stage)
+            if found is not None:
+                keep = BlockInputs(self.layer, *found, len(inputs))
         hessians: dict[str, Hessian | BlockedHessian] = {}
         for key in stage.stats:
             if key.capture.kind == "linear_input":
@@ -225,6 +240,8 @@ class LayerStatistics:
         block_in: dict[str, torch.Tensor] = {}
         dead = DeadExperts(self.layer)  # the routed experts' forward, skipped while only shared experts remain
         grouped_any = any(key.capture.kind == "grouped_input" for key in stage.stats)
+        if keep is not None:
+            handles.append(keep.hook())
         try:  # a refusal while hooking, or any error in the forwards, leaves no hook or override behind
             for path, keys in experts_keys.items():
                 moe = _expert_bound(self.kind, path)
@@ -377,7 +394,13 @@ class LayerStatistics:
                         fp_now.clear()
                         fp_now.update(self.record_fp(stage, fp_inputs[b], kw))
                     try:
-                        self.layer(x.to(self.device), **kw)
+                        if keep is not None:
+                            keep.batch = b
+                        if replay is not None:
+                            self.block_runs += 1
+                            replay.run(b)  # stops at the last capture, as the layer's forward would
+                        else:
+                            self.layer(x.to(self.device), **kw)
                     except StopForward:
                         pass
                     except SharedReadsRoutedOutput:
@@ -406,6 +429,8 @@ class LayerStatistics:
                 h.remove()
             dead.remove()
             self.skipped_expert_calls += dead.skipped
+        if keep is not None and keep.complete([b for b in range(len(inputs)) if self.ranks.owner(b) == self.ranks.rank]):
+            self._kept = keep
         # policy for experts that saw too few tokens
         for path, keys in experts_keys.items():
             for key in keys:
