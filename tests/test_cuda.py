@@ -132,10 +132,9 @@ def test_triton_kernel_stores_into_the_outputs_it_is_given():
         assert bool((Q[..., :64] == -1).all()) and bool((Q[..., 192:] == -1).all())  # nothing outside the block
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_silu_mul_kernel_equals_torch(dtype):
-    """silu(gate) ⊙ up in one kernel against F.silu(gate) * up, to the bit: for bf16 over every bit pattern of
-    gate (infinities and NaN among them), for fp16 and fp32 over random values of a wide range."""
+def test_silu_mul_kernel_equals_torch():
+    """silu(gate) ⊙ up in one kernel against F.silu(gate) * up, to the bit, for every bf16 bit pattern of gate
+    (subnormals, infinities and NaN among them), each with three values of up."""
     import torch.nn.functional as F
 
     from moedsl.experts.silu_mul import HAVE_TRITON as kernel, silu_mul
@@ -143,11 +142,8 @@ def test_silu_mul_kernel_equals_torch(dtype):
     if not kernel:
         pytest.skip("needs Triton")
     g = torch.Generator().manual_seed(7)
-    if dtype == torch.bfloat16:
-        gate = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).repeat(3)
-    else:
-        gate = (torch.randn(300_000, generator=g) * torch.exp(torch.randn(300_000, generator=g) * 3)).to(dtype)
-    up = torch.randn(gate.shape, generator=g).to(dtype)
+    gate = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).repeat(3)
+    up = torch.randn(gate.shape, generator=g).bfloat16()
     gate, up = gate.reshape(3, -1, 4).cuda(), up.reshape(3, -1, 4).cuda()
     fast = _solve(silu_mul, gate, up, triton=True)
     torch.testing.assert_close(fast, F.silu(gate) * up, rtol=0, atol=0, equal_nan=True)
