@@ -335,3 +335,40 @@ def test_non_finite_inputs_are_refused_by_name(bad):
                   lambda: gptq_quantize_batched(W, H, cfg)):
         with pytest.raises(MoedslError, match=f"{bad} contains NaN or infinite values"):
             solve()
+
+
+def _textbook_grid(w, bits, sym, scale_dtype):
+    """GPTQ's min/max grid as the reference code writes it: the range holds 0; symmetric: [-m, m]."""
+    from moedsl.gptq.quantizer import round_scale
+
+    maxq = 2**bits - 1
+    xmin, xmax = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+    scale = round_scale((xmax - xmin) / maxq, scale_dtype)
+    zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_find_params_is_the_textbook_grid_to_the_bit(sym, scale_dtype):
+    """The grid's fewer-kernel form (max|w| for the symmetric range, one aminmax otherwise) gives the textbook
+    formula's scales and zeros bit for bit: all-zero rows, signed zeros, one-signed rows, tiny and huge ranges."""
+    from moedsl.gptq.quantizer import find_params
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 300, 128, generator=g) * torch.exp(torch.randn(3, 300, 1, generator=g) * 4)
+    w[0, :5] = 0
+    w[0, 5:10] = w[0, 5:10].abs()
+    w[0, 10:15] = -w[0, 10:15].abs()
+    w[0, 15] = -0.0
+    w[0, 16, ::2] = -0.0
+    w[1, :3] *= 1e-38
+    w[1, 3:6] *= 1e30
+    for bits in (2, 3, 4, 8):
+        for got, want in zip(find_params(w, bits, sym, scale_dtype), _textbook_grid(w, bits, sym, scale_dtype)):
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), bits

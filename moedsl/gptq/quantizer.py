@@ -195,19 +195,20 @@ def find_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype 
     all positive (the reference code halves it there).
     """
     maxq = 2**bits - 1
-    xmin = w.amin(dim=-1).clamp(max=0)
-    xmax = w.amax(dim=-1).clamp(min=0)
+    # GPTQ sweeps call this once per group of every chunk: few kernels each (one launch is most of a call's cost)
     if sym:
-        xmax = torch.maximum(-xmin, xmax)
-        xmin = -xmax
+        # the range [-m, m], m = max|w|: the same number as max(-min(w, 0), max(w, 0))
+        xmax = w.abs().amax(dim=-1)
+        xmax = torch.where(xmax == 0, 1.0, xmax)  # an all-zero row: any grid will do
+        scale = round_scale((xmax + xmax) / maxq, scale_dtype)  # xmax − (−xmax), exactly
+        return scale, torch.full_like(scale, (maxq + 1) // 2)
+    xmin, xmax = torch.aminmax(w, dim=-1)
+    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     empty = (xmin == 0) & (xmax == 0)  # an all-zero row: any grid will do
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
     scale = round_scale((xmax - xmin) / maxq, scale_dtype)
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
 
 
