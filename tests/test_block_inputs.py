@@ -70,3 +70,36 @@ def test_inputs_larger_than_the_chunk_bound_are_not_kept():
     assert q.block_runs == 0
     _, _, plain, _ = _quantize("qwen3_moe", Policy(kind="all"), reuse=False, chunk_bytes=1024)
     assert all(torch.equal(weights[k], plain[k]) for k in weights)
+
+
+def test_a_block_called_twice_in_one_forward_is_not_stood_in_for():
+    """A layer (as remote code might write one) that calls its MoE block twice: one kept call could not replace
+    both, so the down stage runs the whole layer, and the result is the same as without the reuse."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("qwen3_moe"), device="cpu").eval()
+    plan = compile_plan(for_model(model), model, policy=Policy(kind="all"), tokens=64)
+    i = next(n for n, k in enumerate(plan.kind_of_layer) if plan.kind(k).moe)
+    layer = get_path(model, plan.layers_path)[i]
+
+    class TwiceMoe(type(layer)):
+        def forward(self, hidden_states, **kwargs):
+            hidden_states = super().forward(hidden_states, **kwargs)
+            hidden_states = hidden_states[0] if isinstance(hidden_states, tuple) else hidden_states
+            return hidden_states + 0.5 * self.mlp(self.post_attention_layernorm(hidden_states))
+
+    layer.__class__ = TwiceMoe
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    hidden, kwargs = capture_layer_inputs(model, plan, list(ids.split(2)), torch.device("cpu"), torch.device("cpu"))
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    runs = {}
+    for reuse in (True, False):
+        layer.load_state_dict(original)
+        q = LayerQuantizer(plan.kind_for_layer(i), layer, QuantConfig(bits=4, group_size=-1), Policy(kind="all"),
+                           torch.device("cpu"))
+        q.reuse_block_inputs = reuse
+        q.stop_early = False  # both calls run, so both feed the statistics
+        q.run(hidden, kwargs[i])
+        runs[reuse] = q.block_runs, {k: v.clone() for k, v in layer.state_dict().items()}
+    assert runs[True][0] == 0
+    for k, v in runs[True][1].items():
+        assert torch.equal(v, runs[False][1][k]), k

@@ -57,12 +57,20 @@ class BlockInputs:
         self.module = get_path(layer, moe.path)
         self.stage = later.index  # the stage they are for
         self.batches: list[tuple[tuple, dict] | None] = [None] * batches
+        self.calls = [0] * batches  # the block's calls in each batch's forward: one, or nothing is kept
         self.batch = 0  # the batch whose forward runs now
+
+    def start(self, b: int) -> None:
+        """Batch b's forward begins (again, when a skip proved unsafe): what an earlier try kept is dropped."""
+        self.batch = b
+        self.batches[b] = None
+        self.calls[b] = 0
 
     def hook(self) -> torch.utils.hooks.RemovableHandle:
         def keep(mod, args, kwargs):
             # copies: the layer may reuse its buffers once the block has run
             self.batches[self.batch] = (tuple(_copy(a) for a in args), {k: _copy(v) for k, v in kwargs.items()})
+            self.calls[self.batch] += 1
 
         return self.module.register_forward_pre_hook(keep, with_kwargs=True)
 
@@ -72,7 +80,9 @@ class BlockInputs:
         self.module(*args, **kwargs)
 
     def complete(self, own: list[int]) -> bool:
-        return all(self.batches[b] is not None for b in own)
+        """Whether every batch this rank ran called the block exactly once (a block called twice in one forward
+        could not be stood in for by one call)."""
+        return all(self.calls[b] == 1 for b in own)
 
 
 def _copy(value):

@@ -395,7 +395,7 @@ class LayerStatistics:
                         fp_now.update(self.record_fp(stage, fp_inputs[b], kw))
                     try:
                         if keep is not None:
-                            keep.batch = b
+                            keep.start(b)
                         if replay is not None:
                             self.block_runs += 1
                             replay.run(b)  # stops at the last capture, as the layer's forward would
