@@ -7,10 +7,10 @@ that and up and writes again, five passes over values of that size. This kernel 
 once and writes once. It rounds as torch does, step by step: silu in fp32 as x / (1 + exp(−x))
 (IEEE division and addition, libdevice's expf), rounded to the data's dtype as F.silu's output is,
 then the product in fp32 rounded once more; so it gives torch's values to the bit
-(tests/test_cuda.py, over every bf16 value). Only for bf16: torch's fp32 exp differs from libdevice's
-in the last bit now and then, which bf16's rounding never shows (every bf16 input checked on an H200)
-but fp16's and fp32's do (9 of 300,000 fp16 results, a fifth of fp32 ones, one ulp apart), so those
-keep torch's two kernels, as does MOEDSL_NO_TRITON=1.
+(tests/test_cuda.py, over every bf16 value). Only for bf16: torch's fp32 silu differs from this one in
+the last bit now and then (its exp or its division; not traced), which bf16's rounding never shows (every
+bf16 input checked on an H200) but fp16's and fp32's do (9 of 300,000 fp16 results, a fifth of fp32 ones,
+one ulp apart), so those keep torch's two kernels, as does MOEDSL_NO_TRITON=1.
 """
 
 from __future__ import annotations
