@@ -8,15 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moedsl.bind.binder import get_path
 from moedsl.execute.block_inputs import block_for_next_stage
 from moedsl.execute.layer import LayerQuantizer
-from moedsl.execute.run import capture_layer_inputs
 from moedsl.gptq.quantizer import QuantConfig
 from moedsl.lang.library import for_model
 from moedsl.models.tiny import MOE_TINY, available_tiny, build_model, tiny_config
 from moedsl.plan.compiler import compile_plan
 from moedsl.plan.schema import Policy
+from tests.test_expert_calls import first_moe_layer
 
 FAMILIES = available_tiny(MOE_TINY)
 
@@ -24,16 +23,11 @@ FAMILIES = available_tiny(MOE_TINY)
 def _quantize(model_type: str, policy: Policy, reuse: bool, chunk_bytes: int | None = None):
     torch.manual_seed(0)
     model = build_model(tiny_config(model_type), device="cpu").eval()
-    plan = compile_plan(for_model(model), model, policy=policy, tokens=64)
-    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
-    hidden, kwargs = capture_layer_inputs(model, plan, list(ids.split(2)), torch.device("cpu"), torch.device("cpu"))
-    i = next(n for n, k in enumerate(plan.kind_of_layer) if plan.kind(k).moe)
-    kind = plan.kind_for_layer(i)
-    layer = get_path(model, plan.layers_path)[i]
+    kind, layer, hidden, kwargs = first_moe_layer(model, policy)
     q = LayerQuantizer(kind, layer, QuantConfig(bits=4, group_size=-1), policy, torch.device("cpu"),
                        chunk_bytes=chunk_bytes)
     q.reuse_block_inputs = reuse
-    result = q.run(hidden, kwargs[i])
+    result = q.run(hidden, kwargs)
     return q, kind, layer.state_dict(), result
 
 
@@ -77,9 +71,7 @@ def test_a_block_called_twice_in_one_forward_is_not_stood_in_for():
     both, so the down stage runs the whole layer, and the result is the same as without the reuse."""
     torch.manual_seed(0)
     model = build_model(tiny_config("qwen3_moe"), device="cpu").eval()
-    plan = compile_plan(for_model(model), model, policy=Policy(kind="all"), tokens=64)
-    i = next(n for n, k in enumerate(plan.kind_of_layer) if plan.kind(k).moe)
-    layer = get_path(model, plan.layers_path)[i]
+    kind, layer, hidden, kwargs = first_moe_layer(model, Policy(kind="all"))
 
     class TwiceMoe(type(layer)):
         def forward(self, hidden_states, **kwargs):
@@ -87,18 +79,15 @@ def test_a_block_called_twice_in_one_forward_is_not_stood_in_for():
             hidden_states = hidden_states[0] if isinstance(hidden_states, tuple) else hidden_states
             return hidden_states + 0.5 * self.mlp(self.post_attention_layernorm(hidden_states))
 
-    layer.__class__ = TwiceMoe
-    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
-    hidden, kwargs = capture_layer_inputs(model, plan, list(ids.split(2)), torch.device("cpu"), torch.device("cpu"))
+    layer.__class__ = TwiceMoe  # after the inputs were captured: the layers before it are unchanged
     original = {k: v.clone() for k, v in layer.state_dict().items()}
     runs = {}
     for reuse in (True, False):
         layer.load_state_dict(original)
-        q = LayerQuantizer(plan.kind_for_layer(i), layer, QuantConfig(bits=4, group_size=-1), Policy(kind="all"),
-                           torch.device("cpu"))
+        q = LayerQuantizer(kind, layer, QuantConfig(bits=4, group_size=-1), Policy(kind="all"), torch.device("cpu"))
         q.reuse_block_inputs = reuse
         q.stop_early = False  # both calls run, so both feed the statistics
-        q.run(hidden, kwargs[i])
+        q.run(hidden, kwargs)
         runs[reuse] = q.block_runs, {k: v.clone() for k, v in layer.state_dict().items()}
     assert runs[True][0] == 0
     for k, v in runs[True][1].items():

@@ -48,18 +48,23 @@ def _hessians(q: LayerQuantizer, stage, hidden, kwargs) -> dict[str, torch.Tenso
     return out
 
 
-def _stage_statistics(model, policy: Policy, stop_early: bool):
-    """Every stage's statistics of the first MoE layer, and how many expert calls were skipped."""
+def first_moe_layer(model, policy: Policy):
+    """The first MoE layer of a tiny model on the CPU: its kind, module, and inputs (4 random sequences of 16
+    tokens, in batches of 2) with their keyword arguments."""
     plan = compile_plan(for_model(model), model, policy=policy, tokens=64)
     ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
     hidden, kwargs = capture_layer_inputs(model, plan, list(ids.split(2)), torch.device("cpu"), torch.device("cpu"))
     i = next(n for n, k in enumerate(plan.kind_of_layer) if plan.kind(k).moe)
-    kind = plan.kind_for_layer(i)
-    layer = get_path(model, plan.layers_path)[i]
+    return plan.kind_for_layer(i), get_path(model, plan.layers_path)[i], hidden, kwargs[i]
+
+
+def _stage_statistics(model, policy: Policy, stop_early: bool):
+    """Every stage's statistics of the first MoE layer, and how many expert calls were skipped."""
+    kind, layer, hidden, kwargs = first_moe_layer(model, policy)
     q = LayerQuantizer(kind, layer, QuantConfig(bits=4, group_size=-1), policy, torch.device("cpu"))
     q.stop_early = stop_early
     with torch.no_grad():
-        stats = [_hessians(q, stage, hidden, kwargs[i]) for stage in kind.stages]
+        stats = [_hessians(q, stage, hidden, kwargs) for stage in kind.stages]
     return stats, q.skipped_expert_calls, layer, kind
 
 

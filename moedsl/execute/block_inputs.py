@@ -53,7 +53,6 @@ class BlockInputs:
     """One stage's inputs to one MoE block, batch by batch, for the stage after it."""
 
     def __init__(self, layer: nn.Module, moe: BoundMoe, later: Stage, batches: int):
-        self.path = moe.path
         self.module = get_path(layer, moe.path)
         self.stage = later.index  # the stage they are for
         self.batches: list[tuple[tuple, dict] | None] = [None] * batches

@@ -228,7 +228,7 @@ def check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
 
 def check_finite(W: torch.Tensor, H: torch.Tensor) -> None:
     # both checks in one transfer: each would make the caller wait for the device
-    w_ok, h_ok = torch.stack([torch.isfinite(W).all(), torch.isfinite(H.to(W.device)).all()]).tolist()
+    w_ok, h_ok = torch.stack([torch.isfinite(W).all(), torch.isfinite(H).all().to(W.device)]).tolist()
     if not w_ok:
         raise MoedslError("weight contains NaN or infinite values", code="gptq")
     if not h_ok:
